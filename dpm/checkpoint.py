@@ -1,0 +1,135 @@
+"""Atomic files, checkpoints, RNG state and the shared cache of pretrained baselines."""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results should read like any other file
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save through a temporary file and a rename."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    # Our own checkpoints hold RNG states and plain containers: weights_only=False is needed, and
+    # only files this suite wrote are loaded this way.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive advisory lock (flock) held for the duration of the block; waits if taken."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for %s: another run holds it", path)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def config_key(obj: Any) -> str:
+    """A short stable hash of a JSON-able object (the identity of a pretrained baseline)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class PretrainCache:
+    """Pretrained baselines keyed by (model, dataset, seed, recipe), shared by every run on a machine.
+
+    `cache_dir/pretrained/<key>/` holds `model.pt` (published by an atomic rename, so a reader sees
+    all or nothing), `key.json` (what the key stands for) and, while a pretrain is in progress,
+    `last.pt` (its per-epoch checkpoint, so a killed pretrain continues where it stopped).
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike, key_fields: dict):
+        self.key = config_key(key_fields)
+        self.key_fields = key_fields
+        self.dir = Path(cache_dir) / "pretrained" / self.key
+
+    @property
+    def model_path(self) -> Path:
+        return self.dir / "model.pt"
+
+    @property
+    def progress_path(self) -> Path:
+        return self.dir / "last.pt"
+
+    def lock(self):
+        """Held while pretraining: a second run with the same key waits, then reuses the result."""
+        return file_lock(self.dir.parent / f"{self.key}.lock")
+
+    def load(self) -> dict | None:
+        return load_checkpoint(self.model_path) if self.model_path.exists() else None
+
+    def publish(self, entry: dict) -> None:
+        atomic_write_json(self.dir / "key.json", self.key_fields)
+        atomic_torch_save(entry, self.model_path)
+        with contextlib.suppress(FileNotFoundError):
+            self.progress_path.unlink()

@@ -1,0 +1,206 @@
+"""Typed schema of the Hydra configuration, registered in Hydra's ConfigStore.
+
+`conf/config.yaml` lists `schema` first in its defaults, so every group file is merged onto these
+dataclasses: a misspelt key or a value of the wrong type fails at composition with Hydra's own
+message. Semantic checks (ranges, names) live in `validate`, run before any work starts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # CIFAR ResNets only: 1x1-conv projection (DepGraph's ResNet-56) or zero-padding shortcuts.
+    shortcut: Optional[str] = None
+    # VGGs only: `mlp` (512-512-512-classes, OTOv2) or `linear` (one Linear(512, classes), Gate Decorator).
+    classifier: Optional[str] = None
+    # Optional state_dict to start from (e.g. a torchvision checkpoint on disk); never downloaded.
+    weights: Optional[str] = None
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    root: Optional[str] = None
+    num_classes: int = MISSING
+    in_channels: int = 3
+    image_size: int = 32
+    # Held out of the training set to choose hyperparameters on; 0 = no validation split.
+    val_size: int = 0
+    # Use only the first n (stratified, seeded) training / test images: 0 = all.
+    train_subset: int = 0
+    test_subset: int = 0
+    download: bool = False
+    augment: bool = True
+    mean: List[float] = field(default_factory=list)
+    std: List[float] = field(default_factory=list)
+    # synthetic only
+    synthetic_train: int = 512
+    synthetic_test: int = 256
+
+
+@dataclass
+class PhaseConfig:
+    """One training phase (pretrain or fine-tune): optimizer and learning-rate schedule."""
+
+    epochs: int = 0
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine | step | constant
+    milestones: List[int] = field(default_factory=list)
+    gamma: float = 0.1
+    batch_size: int = 128
+
+
+@dataclass
+class TrainerConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    eval_batch_size: int = 1024
+    num_workers: int = 0
+    deterministic: bool = False
+    bf16: bool = False  # bf16 autocast, CUDA only
+    channels_last: bool = False
+    progress: bool = True
+    # Cap on optimizer steps per epoch (0 = whole epoch): for smoke runs only.
+    max_steps_per_epoch: int = 0
+    pretrain: PhaseConfig = field(default_factory=PhaseConfig)
+    finetune: PhaseConfig = field(default_factory=lambda: PhaseConfig(lr=0.01))
+
+
+@dataclass
+class PrunerConfig:
+    name: str = "none"
+
+
+@dataclass
+class DPMConfig:
+    """Decay Pruning Method settings (method.md sections 3-4); used once a base pruner exists."""
+
+    variant: str = "base"  # base | sp | sr
+    N: int = 1
+    N_epochs: Optional[float] = None
+    interval: int = 1
+    schedule: str = "linear"
+    c_rate_form: str = "radial"
+    T_rate: float = float("inf")
+    T_len: float = float("inf")
+    release_rule: str = "and"
+    release_cooldown: Optional[int] = None
+    budget: str = "base"
+    include_consumers: bool = False
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # none | wandb
+    project: str = "dpm"
+    entity: Optional[str] = None
+    mode: str = "online"  # online | offline | disabled
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class PretrainConfig:
+    """Where the pretrained baseline comes from."""
+
+    # A state_dict or run checkpoint to start from instead of pretraining.
+    checkpoint: Optional[str] = None
+    # Pretrained baselines are shared between runs with the same (model, dataset, seed, recipe).
+    cache: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    dpm: DPMConfig = field(default_factory=DPMConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    name: str = "default"
+    seed: int = 0
+    # Output tree and shared cache; both relative to the directory the command runs in.
+    output_root: str = "outputs"
+    cache_dir: str = ".cache/dpm"
+    run_id: str = MISSING
+    # true: continue the newest unfinished run of the same name and config if this run dir has none.
+    resume: bool = False
+    # Re-estimate BatchNorm statistics on a few training batches before each stage-boundary eval.
+    recalibrate_bn: bool = False
+    # Free-form tags copied into metrics.json (e.g. which paper table a run belongs to).
+    table: Optional[str] = None
+
+
+def register_configs() -> None:
+    """Register the schema under the name `schema` (used first in conf/config.yaml's defaults)."""
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+register_configs()
+
+
+PRUNER_NAMES = ("none",)
+VARIANTS = ("base",)
+DATASET_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000}
+
+
+def validate(cfg) -> None:
+    """Semantic checks before any work starts; raises UserError naming the key, the value and the fix."""
+    from dpm.data import DATASET_NAMES
+    from dpm.errors import UserError
+    from dpm.models import MODEL_NAMES
+
+    def fail(key: str, value, fix: str) -> None:
+        raise UserError(f"{key}={value!r}: {fix}")
+
+    if cfg.model.name not in MODEL_NAMES:
+        fail("model.name", cfg.model.name, f"unknown model; valid: {', '.join(MODEL_NAMES)}")
+    if cfg.model.shortcut not in (None, "projection", "zeropad"):
+        fail("model.shortcut", cfg.model.shortcut, "use projection or zeropad")
+    if cfg.model.classifier not in (None, "mlp", "linear"):
+        fail("model.classifier", cfg.model.classifier, "use mlp or linear")
+    if cfg.dataset.name not in DATASET_NAMES:
+        fail("dataset.name", cfg.dataset.name, f"unknown dataset; valid: {', '.join(DATASET_NAMES)}")
+    expected = DATASET_CLASSES.get(cfg.dataset.name)
+    if expected is not None and cfg.dataset.num_classes != expected:
+        fail("dataset.num_classes", cfg.dataset.num_classes, f"{cfg.dataset.name} has {expected} classes")
+    for key in ("val_size", "train_subset", "test_subset"):
+        if cfg.dataset[key] < 0:
+            fail(f"dataset.{key}", cfg.dataset[key], "must be >= 0 (0 = none / all)")
+    if cfg.pruner.name not in PRUNER_NAMES:
+        fail("pruner.name", cfg.pruner.name, f"unknown pruner; valid: {', '.join(PRUNER_NAMES)}")
+    if cfg.dpm.variant not in VARIANTS:
+        fail("dpm.variant", cfg.dpm.variant, f"valid: {', '.join(VARIANTS)}")
+    if cfg.dpm.N < 1:
+        fail("dpm.N", cfg.dpm.N, "N counts decay steps and must be >= 1 (N = 1 is the base method)")
+    if cfg.dpm.interval < 1:
+        fail("dpm.interval", cfg.dpm.interval, "must be >= 1")
+    for key in ("T_rate", "T_len"):
+        if not cfg.dpm[key] >= 0:
+            fail(f"dpm.{key}", cfg.dpm[key], "thresholds must be >= 0 or inf")
+    for phase in ("pretrain", "finetune"):
+        p = cfg.trainer[phase]
+        if p.epochs < 0:
+            fail(f"trainer.{phase}.epochs", p.epochs, "must be >= 0")
+        if not p.lr > 0:
+            fail(f"trainer.{phase}.lr", p.lr, "must be > 0")
+        if p.batch_size < 1:
+            fail(f"trainer.{phase}.batch_size", p.batch_size, "must be >= 1")
+        if p.schedule not in ("cosine", "step", "constant"):
+            fail(f"trainer.{phase}.schedule", p.schedule, "valid: cosine, step, constant")
+        if list(p.milestones) != sorted(p.milestones):
+            fail(f"trainer.{phase}.milestones", list(p.milestones), "must be increasing")
+    if cfg.trainer.max_steps_per_epoch < 0:
+        fail("trainer.max_steps_per_epoch", cfg.trainer.max_steps_per_epoch, "must be >= 0 (0 = whole epoch)")
+    if cfg.logger.mode not in ("online", "offline", "disabled"):
+        fail("logger.mode", cfg.logger.mode, "valid: online, offline, disabled")

@@ -1,0 +1,323 @@
+"""Hydra entry point. One run = pretrain | load -> (prune, with DPM) -> fine-tune -> evaluate -> measure.
+
+    python -m dpm                                   # the quickstart (digits, tiny CNN, CPU)
+    python -m dpm experiment=cifar10_resnet20_cpu   # a real CIFAR-10 run
+
+`run(cfg, run_dir)` does the work and is what tests call; `main` adds Hydra's CLI and output dirs.
+Every run ends with `metrics.json` in its run dir, written atomically, `complete` or `failed`.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dpm.checkpoint import PretrainCache, atomic_write_bytes, atomic_write_json, load_checkpoint, seed_everything
+from dpm.config import validate
+from dpm.errors import UserError
+
+log = logging.getLogger("dpm")
+
+CHECKPOINT = "checkpoint.pt"
+PRETRAIN_PROGRESS = "pretrain_last.pt"
+# Keys that may change between a run and its resumption without changing its result.
+RUNTIME_KEYS = ("run_id", "resume", "trainer.device", "trainer.progress", "trainer.num_workers",
+                "trainer.eval_batch_size", "logger", "output_root", "cache_dir", "dataset.root")
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Execute one run described by a composed config and return its metrics (also in metrics.json).
+
+    Raises UserError for bad input (after writing a `failed` metrics.json); the CLI turns it into
+    one line on stderr.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    metrics: dict[str, Any] = identity_fields(cfg)
+    metrics.update(run_dir=str(run_dir), git_sha=git_sha(), status="running")
+    previous = run_dir / "metrics.json"
+    if previous.exists() and json.loads(previous.read_text()).get("status") == "complete":
+        log.info("run already complete: %s", previous)
+        return json.loads(previous.read_text())
+    logger = None
+    try:
+        validate(cfg)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(resolved).encode())
+        if cfg.resume:
+            adopt_unfinished_run(cfg, run_dir)
+        from dpm.loggers import make_logger
+
+        logger = make_logger(cfg.logger, resolved, run_dir)
+        metrics.update(execute(cfg, run_dir, logger.log))
+        metrics["status"] = "complete"
+    except BaseException as err:
+        metrics["status"] = "failed"
+        metrics["error"] = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+        raise
+    finally:
+        metrics["wall_time_s"] = round(time.time() - t0, 3)
+        atomic_write_json(run_dir / "metrics.json", metrics)
+        if logger is not None:
+            logger.finish(metrics)
+    return metrics
+
+
+def identity_fields(cfg: DictConfig) -> dict:
+    """What a run is, recorded even when it fails before doing anything."""
+    def get(key: str) -> Any:
+        return OmegaConf.select(cfg, key, throw_on_missing=False, default=None)
+
+    return {"name": get("name"), "table": get("table"), "model": get("model.name"),
+            "dataset": get("dataset.name"), "pruner": get("pruner.name"), "variant": get("dpm.variant"),
+            "seed": get("seed"), "N": get("dpm.N"), "T_rate": get("dpm.T_rate"), "T_len": get("dpm.T_len")}
+
+
+def execute(cfg: DictConfig, run_dir: Path, log_metrics) -> dict:
+    """The stages of a run; returns the metrics they produce."""
+    from dpm import data as dpm_data
+    from dpm.measure import compare_models, count_macs_params, native_macs_params
+    from dpm.train import evaluate, recalibrate_bn, resolve_device, train_phase
+
+    tcfg = cfg.trainer
+    device = resolve_device(tcfg.device)
+    if tcfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    seed_everything(cfg.seed)
+    data = dpm_data.build_data(cfg.dataset, cache_dir=cfg.cache_dir)
+    model = build_configured_model(cfg).to(device)
+    if tcfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    eval_loaders = {"test": dpm_data.eval_loader(data, "test", tcfg.eval_batch_size, device, tcfg.channels_last,
+                                                 tcfg.num_workers)}
+    if data.val is not None:
+        eval_loaders["val"] = dpm_data.eval_loader(data, "val", tcfg.eval_batch_size, device, tcfg.channels_last,
+                                                   tcfg.num_workers)
+
+    def phase_loader(phase: str):
+        return dpm_data.train_loader(data, tcfg[phase].batch_size, device, cfg.seed, phase,
+                                     tcfg.max_steps_per_epoch, tcfg.channels_last, tcfg.num_workers)
+
+    def run_phase(phase: str, checkpoint_path: Path) -> dict:
+        return train_phase(model, phase, tcfg[phase], phase_loader(phase), eval_loaders, device,
+                           checkpoint_path=checkpoint_path, progress=tcfg.progress, bf16=tcfg.bf16,
+                           log_metrics=log_metrics)
+
+    metrics: dict[str, Any] = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+                               "train_size": len(data.train) if hasattr(data.train, "__len__") else None,
+                               "val_size": len(data.val) if data.val is not None else 0}
+    # Stage 1: the pretrained baseline (a given checkpoint, the shared cache, or trained here).
+    metrics.update(pretrained_baseline(cfg, model, run_dir, run_phase))
+    metrics["top1_before_prune"], _ = evaluate(model, eval_loaders["test"], device, tcfg.bf16)
+    example = torch.zeros(data.example_shape, device=device)
+    base_counts = count_macs_params(model, example)
+    native_base = native_macs_params(model, example, cfg.pruner.name)
+
+    # Stage 2: pruning (base pruner + DPM) plugs in here with the pruner issues.
+
+    # Stage 3: fine-tune.
+    final_phase = metrics.pop("pretrain_summary")
+    pretrain_history = final_phase["history"]
+    if tcfg.finetune.epochs > 0:
+        final_phase = run_phase("finetune", run_dir / CHECKPOINT)
+        final_phase["phase"] = "finetune"
+
+    # Stage 4: evaluate and measure the final model.
+    if cfg.recalibrate_bn:
+        recalibrate_bn(model, phase_loader("finetune"))
+    metrics["top1_final"], metrics["test_loss_final"] = evaluate(model, eval_loaders["test"], device, tcfg.bf16)
+    if "val" in eval_loaders:
+        metrics["val_top1_final"], _ = evaluate(model, eval_loaders["val"], device, tcfg.bf16)
+    if final_phase["epochs"]:
+        metrics["top1_best"] = final_phase["test_top1_best"]
+        metrics["top1_best_epoch"] = final_phase["test_top1_best_epoch"]
+        if "val" in eval_loaders:
+            metrics["val_top1_best"] = final_phase["val_top1_best"]
+            metrics["val_top1_best_epoch"] = final_phase["val_top1_best_epoch"]
+    else:  # a given checkpoint and no training: the only model seen is the final one
+        metrics["top1_best"], metrics["top1_best_epoch"] = metrics["top1_final"], 0
+    metrics["top1_best_phase"] = final_phase.get("phase", "pretrain")
+    metrics.update(compare_models(base_counts, count_macs_params(model, example)))
+    metrics["counter"] = "thop_conv_linear"
+    counter, native_macs, native_params = native_macs_params(model, example, cfg.pruner.name)
+    metrics.update(native_counter=counter, native_base_macs=native_base[1], native_base_params=native_base[2],
+                   native_pruned_macs=native_macs, native_pruned_params=native_params)
+    metrics["epochs"] = {"pretrain": metrics.pop("pretrain_epochs"), "finetune": tcfg.finetune.epochs}
+    metrics["history"] = {"pretrain": pretrain_history,
+                          "finetune": final_phase["history"] if final_phase.get("phase") == "finetune" else []}
+    return metrics
+
+
+def build_configured_model(cfg: DictConfig) -> torch.nn.Module:
+    from dpm.models import build_model
+
+    options = {k: cfg.model[k] for k in ("shortcut", "classifier") if cfg.model[k] is not None}
+    try:
+        model = build_model(cfg.model.name, cfg.dataset.num_classes, cfg.dataset.in_channels, **options)
+    except ValueError as err:
+        raise UserError(f"model: {err}") from None
+    if cfg.model.weights:
+        load_weights(model, cfg.model.weights, "model.weights")
+    return model
+
+
+def load_weights(model: torch.nn.Module, path: str, key: str) -> None:
+    """Load a state_dict (or a dpm checkpoint holding one under "model") and insist that it fits."""
+    if not Path(path).is_file():
+        raise UserError(f"{key}={path} does not exist: give the path of a saved state_dict")
+    state = load_checkpoint(path)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, AttributeError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{key}={path} does not match the model ({first}): pick the checkpoint of this "
+                        f"model and dataset") from None
+
+
+def pretrain_key_fields(cfg: DictConfig) -> dict:
+    """What determines a pretrained baseline: model, data, seed and the pretrain recipe (not where
+    the files live or which device runs it)."""
+    d = cfg.dataset
+    return {"model": OmegaConf.to_container(cfg.model, resolve=True),
+            "dataset": {k: OmegaConf.to_container(d, resolve=True)[k] for k in
+                        ("name", "num_classes", "in_channels", "image_size", "val_size", "train_subset",
+                         "augment", "mean", "std", "synthetic_train", "synthetic_test")},
+            "seed": cfg.seed,
+            "recipe": OmegaConf.to_container(cfg.trainer.pretrain, resolve=True),
+            "max_steps_per_epoch": cfg.trainer.max_steps_per_epoch, "bf16": cfg.trainer.bf16}
+
+
+def pretrained_baseline(cfg: DictConfig, model: torch.nn.Module, run_dir: Path, run_phase) -> dict:
+    """Stage 1. Returns metrics about where the weights came from, and the pretrain phase summary."""
+    pcfg = cfg.pretrain
+    if pcfg.checkpoint:
+        load_weights(model, pcfg.checkpoint, "pretrain.checkpoint")
+        log.info("pretrained weights from %s", pcfg.checkpoint)
+        return {"pretrain_source": "checkpoint", "pretrain_checkpoint": pcfg.checkpoint,
+                "pretrain_epochs": 0, "pretrain_summary": {"epochs": 0, "history": []}}
+    if cfg.trainer.pretrain.epochs == 0:
+        return {"pretrain_source": "scratch", "pretrain_epochs": 0,
+                "pretrain_summary": {"epochs": 0, "history": []}}
+    if not pcfg.cache:
+        summary = run_phase("pretrain", run_dir / PRETRAIN_PROGRESS)
+        return {"pretrain_source": "trained", "pretrain_epochs": summary["epochs"], "pretrain_summary": summary}
+    cache = PretrainCache(cfg.cache_dir, pretrain_key_fields(cfg))
+    with cache.lock():
+        entry = cache.load()
+        if entry is not None:
+            model.load_state_dict(entry["model"])
+            source = "cache"
+            summary = entry["summary"]
+            log.info("reusing the cached pretrained baseline %s (%s)", cache.key, cache.model_path)
+        else:
+            summary = run_phase("pretrain", cache.progress_path)
+            cache.publish({"model": model.state_dict(), "summary": summary, "key": cache.key_fields})
+            source = "trained"
+            log.info("pretrained baseline cached as %s", cache.model_path)
+    summary["phase"] = "pretrain"
+    return {"pretrain_source": source, "pretrain_key": cache.key, "pretrain_checkpoint": str(cache.model_path),
+            "pretrain_epochs": summary["epochs"], "pretrain_summary": summary,
+            "pretrain_top1": summary.get("test_top1_final")}
+
+
+def adopt_unfinished_run(cfg: DictConfig, run_dir: Path) -> None:
+    """resume=true in a fresh run dir: continue the newest unfinished run of the same name whose
+    config matches (apart from run-time keys) by copying its checkpoints here."""
+    if any((run_dir / f).exists() for f in (CHECKPOINT, PRETRAIN_PROGRESS)):
+        return  # this run dir has its own checkpoint: resumed in place
+    wanted = comparable_config(OmegaConf.to_container(cfg, resolve=True))
+    candidates = sorted((p.parent for p in Path(cfg.output_root, cfg.name).glob(f"*/config.yaml")
+                         if p.parent.resolve() != run_dir.resolve()),
+                        key=lambda p: p.stat().st_mtime, reverse=True)
+    for other in candidates:
+        status = json.loads((other / "metrics.json").read_text()).get("status") if (other / "metrics.json").exists() else None
+        if status == "complete" or not any((other / f).exists() for f in (CHECKPOINT, PRETRAIN_PROGRESS)):
+            continue
+        if comparable_config(OmegaConf.to_container(OmegaConf.load(other / "config.yaml"))) != wanted:
+            continue
+        for f in (CHECKPOINT, PRETRAIN_PROGRESS):
+            if (other / f).exists():
+                shutil.copy2(other / f, run_dir / f)
+        log.info("resuming the unfinished run %s", other)
+        return
+    log.warning("resume=true but no unfinished run of '%s' with this config under %s: starting fresh",
+                cfg.name, Path(cfg.output_root, cfg.name))
+
+
+def comparable_config(container: dict) -> dict:
+    """The config without run-time keys: equal for a run and its resumption."""
+    out = copy.deepcopy(container)
+    for key in RUNTIME_KEYS:
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    return out
+
+
+def git_sha() -> str | None:
+    """The commit of the code that ran (with `-dirty` when the tree had uncommitted changes)."""
+    here = Path(__file__).resolve().parent
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if sha.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            return sha.stdout.strip() + ("-dirty" if dirty else "")
+    return None
+
+
+def print_summary(metrics: dict) -> None:
+    from dpm.report import format_runs
+
+    source = {"trained": "pretrained here", "cache": "pretrained baseline reused from the cache",
+              "checkpoint": "weights from pretrain.checkpoint", "scratch": "no pretraining"}
+    print(f"\ndpm {metrics['name']}: {metrics['model']} on {metrics['dataset']} ({metrics.get('train_size')} "
+          f"train images), {metrics.get('device')}, {source.get(metrics.get('pretrain_source'), '')}")
+    print(format_runs([metrics]))
+    print(f"\nmetrics: {Path(metrics['run_dir']) / 'metrics.json'}")
+
+
+def _hydra_entry():
+    import hydra
+
+    import dpm.config  # noqa: F401  (registers the schema)
+
+    @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent.parent / "conf"),
+                config_name="config")
+    def hydra_main(cfg: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        try:
+            metrics = run(cfg, run_dir)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        print_summary(metrics)
+
+    return hydra_main
+
+
+def main() -> None:
+    """`python -m dpm [overrides]` / the `dpm` console script."""
+    _hydra_entry()()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""The training and evaluation loop: one phase (pretrain or fine-tune) at a time.
+
+A phase checkpoints after every epoch (model, optimizer, scheduler, hooks, RNG states, history) and
+continues from such a checkpoint to the same result as an uninterrupted run: the data order and
+augmentation of an epoch depend only on (seed, phase, epoch), and the global RNG state is restored.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dpm.checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
+from dpm.errors import UserError
+from dpm.faults import fault_point
+
+log = logging.getLogger(__name__)
+
+
+class StepHook(Protocol):
+    """What a phase calls around each optimizer step (the DPM controller and base pruners plug in
+    here). Every method is optional; `state_dict`/`load_state_dict` go into the checkpoint."""
+
+    def before_step(self, optimizer: torch.optim.Optimizer) -> None: ...
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"trainer.device={name} but no CUDA device is visible: use trainer.device=auto or cpu")
+    return device
+
+
+def make_optimizer(model: nn.Module, phase_cfg: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=phase_cfg.lr, momentum=phase_cfg.momentum,
+                           nesterov=phase_cfg.nesterov and phase_cfg.momentum > 0,
+                           weight_decay=phase_cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, phase_cfg: Any) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-epoch schedule: `step` (MultiStepLR at `milestones`), `cosine` (to 0 over the phase) or `constant`."""
+    if phase_cfg.schedule == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, list(phase_cfg.milestones), phase_cfg.gamma)
+    if phase_cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(phase_cfg.epochs, 1))
+    if phase_cfg.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    raise UserError(f"unknown schedule '{phase_cfg.schedule}'; valid: step, cosine, constant")
+
+
+def autocast(device: torch.device, bf16: bool):
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, bf16: bool = False) -> tuple[float, float]:
+    """Top-1 accuracy (%) and mean cross-entropy over a loader, in eval mode (the mode is restored)."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    loss_sum = torch.zeros((), device=device)
+    n = 0
+    for x, y in loader:
+        with autocast(device, bf16):
+            out = model(x)
+        loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
+        correct += (out.argmax(1) == y).sum()
+        n += len(y)
+    model.train(was_training)
+    return 100.0 * correct.item() / max(n, 1), loss_sum.item() / max(n, 1)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int = 50) -> None:
+    """Re-estimate BatchNorm running statistics on training batches (cumulative average).
+
+    Pruning leaves the running statistics of shrunk or regrown channels stale; evaluating without
+    this can read tens of points low (method.md section 10)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    was_training = model.training
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the batches seen
+    model.train()
+    for i, (x, _) in enumerate(loader):
+        if i >= batches:
+            break
+        model(x)
+    for m, momentum in zip(bns, saved):
+        m.momentum = momentum
+    model.train(was_training)
+
+
+def train_phase(
+    model: nn.Module,
+    phase: str,
+    phase_cfg: Any,
+    train_loader: Any,
+    eval_loaders: dict[str, Any],
+    device: torch.device,
+    checkpoint_path: str | Path | None = None,
+    hooks: Iterable[Any] = (),
+    progress: bool = True,
+    bf16: bool = False,
+    log_metrics: Callable[[dict], None] | None = None,
+) -> dict:
+    """Train `model` for `phase_cfg.epochs` epochs with SGD and the phase's schedule.
+
+    Evaluates every loader in `eval_loaders` (e.g. {"test": ..., "val": ...}) after each epoch and
+    checkpoints to `checkpoint_path` (resuming from it when it holds this phase). Returns the phase
+    summary: history (one dict an epoch), final/best top-1 per split and the best epoch.
+    """
+    hooks = list(hooks)
+    optimizer = make_optimizer(model, phase_cfg)
+    scheduler = make_scheduler(optimizer, phase_cfg)
+    history: list[dict] = []
+    start_epoch = 0
+    if checkpoint_path is not None and Path(checkpoint_path).exists():
+        state = load_checkpoint(checkpoint_path)
+        if state.get("phase") == phase:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            for hook, hook_state in zip(hooks, state.get("hooks", [])):
+                if hook_state is not None:
+                    hook.load_state_dict(hook_state)
+            history = state["history"]
+            start_epoch = state["epoch"]
+            set_rng_state(state["rng"])
+            log.info("%s: resuming after epoch %d from %s", phase, start_epoch, checkpoint_path)
+
+    model.train()
+    for epoch in range(start_epoch, phase_cfg.epochs):
+        t0 = time.time()
+        train_loader.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        bar = _progress(train_loader, progress, f"{phase} {epoch + 1}/{phase_cfg.epochs}")
+        for step, (x, y) in enumerate(bar):
+            with autocast(device, bf16):
+                out = model(x)
+                loss = F.cross_entropy(out.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for hook in hooks:
+                getattr(hook, "before_step", _noop)(optimizer)
+            optimizer.step()
+            for hook in hooks:
+                getattr(hook, "after_step", _noop)(optimizer)
+            loss_sum += loss.detach() * len(y)
+            correct += (out.detach().argmax(1) == y).sum()
+            seen += len(y)
+            if progress and step % 20 == 0:  # one host sync per 20 steps, only for the bar
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
+                                lr=f"{lr:.4g}")
+        scheduler.step()
+        train_loss = loss_sum.item() / max(seen, 1)
+        if not math.isfinite(train_loss):
+            raise UserError(f"{phase} loss became {train_loss} in epoch {epoch + 1}: lower trainer.{phase}.lr "
+                            f"(now {phase_cfg.lr}) or check the data")
+        record = {"phase": phase, "epoch": epoch + 1, "lr": lr, "train_loss": train_loss,
+                  "train_top1": 100.0 * correct.item() / max(seen, 1)}
+        for split, loader in eval_loaders.items():
+            record[f"{split}_top1"], record[f"{split}_loss"] = evaluate(model, loader, device, bf16)
+        record["epoch_time_s"] = time.time() - t0
+        history.append(record)
+        log.info("%s epoch %d/%d  loss %.4f  train %.2f%%  %s  lr %.4g  (%.1fs)", phase, epoch + 1,
+                 phase_cfg.epochs, train_loss, record["train_top1"],
+                 "  ".join(f"{s} {record[f'{s}_top1']:.2f}%" for s in eval_loaders), lr, record["epoch_time_s"])
+        if log_metrics is not None:
+            log_metrics({f"{phase}/{k}": v for k, v in record.items() if k != "phase"})
+        if checkpoint_path is not None:
+            atomic_torch_save({"phase": phase, "epoch": epoch + 1, "model": model.state_dict(),
+                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                               "hooks": [h.state_dict() if hasattr(h, "state_dict") else None for h in hooks],
+                               "history": history, "rng": rng_state()}, checkpoint_path)
+            fault_point(f"{phase}:epoch{epoch + 1}")
+    return summarize_phase(history, list(eval_loaders))
+
+
+def summarize_phase(history: list[dict], splits: list[str]) -> dict:
+    """Final and best top-1 per split over a phase's epochs (best epoch chosen per split)."""
+    summary: dict[str, Any] = {"history": history, "epochs": len(history)}
+    for split in splits:
+        values = [r[f"{split}_top1"] for r in history]
+        if values:
+            best = max(range(len(values)), key=values.__getitem__)
+            summary[f"{split}_top1_final"] = values[-1]
+            summary[f"{split}_top1_best"] = values[best]
+            summary[f"{split}_top1_best_epoch"] = best + 1
+    return summary
+
+
+def _noop(*_: Any) -> None:
+    return None
+
+
+def _progress(loader: Any, enabled: bool, desc: str):
+    if not enabled:
+        return loader
+    from tqdm import tqdm
+
+    # disable=None: no bar when stderr is not a terminal (CI logs, SLURM files).
+    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None)

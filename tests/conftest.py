@@ -1,0 +1,50 @@
+"""Shared fixtures: every test runs with outputs, caches and W&B files in its own tmp dir."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = ROOT / "conf"
+# The real CIFAR-10 copy beside the project checkout (see README: DPM_DATA_DIR).
+SHARED_DATA = Path(os.environ.get("DPM_DATA_DIR", ROOT.parent / "shared" / "data"))
+CIFAR10 = SHARED_DATA / "cifar10"
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPM_OUTPUT_ROOT", str(tmp_path / "outputs"))
+    monkeypatch.setenv("DPM_CACHE_DIR", str(tmp_path / "cache"))
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("DPM_FAULT_AT", raising=False)
+    yield
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()):
+    """The config `python -m dpm <overrides>` would run (without Hydra's own node)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    import dpm.config  # noqa: F401  (registers the schema)
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+def run_cli(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m dpm <args>` in a subprocess, from the project root."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "dpm", *args], cwd=ROOT, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def decode_cache(tmp_path_factory):
+    """One decoded copy of the real CIFAR-10 for the whole session (decoding takes seconds)."""
+    return tmp_path_factory.mktemp("decoded")

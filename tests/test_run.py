@@ -1,0 +1,158 @@
+"""The runner end to end: metrics.json contract, CLI, pretrain cache, resume after a kill, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, compose, run_cli
+from dpm.errors import UserError
+from dpm.checkpoint import PretrainCache
+from dpm.run import pretrain_key_fields, run
+
+CONTRACT = ["model", "dataset", "pruner", "variant", "seed", "N", "T_rate", "T_len", "top1_final", "top1_best",
+            "top1_best_epoch", "top1_before_prune", "base_macs", "pruned_macs", "base_params", "pruned_params",
+            "flops_remaining_pct", "params_remaining_pct", "speedup", "counter", "epochs", "wall_time_s",
+            "git_sha", "status"]
+# Fields that legitimately differ between an interrupted-and-resumed run and an uninterrupted one.
+RUN_SPECIFIC = {"wall_time_s", "run_dir", "pretrain_source", "pretrain_checkpoint", "history"}
+
+
+def smoke(*overrides: str):
+    return compose(["experiment=smoke", *overrides])
+
+
+def test_run_writes_complete_metrics(tmp_path):
+    metrics = run(smoke("dataset.val_size=32"), tmp_path / "run")
+    on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert on_disk["status"] == "complete"
+    for key in CONTRACT:
+        assert key in on_disk, key
+    assert on_disk == json.loads(json.dumps(metrics, default=str))
+    assert on_disk["base_macs"] == on_disk["pruned_macs"] > 0  # no pruner: nothing removed
+    assert on_disk["flops_remaining_pct"] == 100.0 and on_disk["speedup"] == 1.0
+    assert 0 <= on_disk["top1_final"] <= 100 and on_disk["top1_best"] >= on_disk["top1_final"] - 1e-9
+    assert on_disk["val_size"] == 32 and "val_top1_final" in on_disk and "val_top1_best" in on_disk
+    assert on_disk["epochs"] == {"pretrain": 2, "finetune": 1}
+    assert (tmp_path / "run" / "config.yaml").exists()
+    assert not list((tmp_path / "run").glob(".*.tmp"))  # nothing half-written left behind
+
+
+def test_cli_smoke_run_writes_metrics_and_prints_summary(tmp_path):
+    out = tmp_path / "cli"
+    proc = run_cli(["experiment=smoke", f"hydra.run.dir={out}"])
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "complete" and metrics["model"] == "tiny_cnn"
+    assert (out / ".hydra" / "config.yaml").exists()
+    assert "top1 %" in proc.stdout and "metrics.json" in proc.stdout
+
+
+def test_second_run_reuses_the_cached_pretrained_baseline(tmp_path, caplog):
+    first = run(smoke(), tmp_path / "a")
+    with caplog.at_level("INFO", logger="dpm"):
+        second = run(smoke("trainer.finetune.lr=0.02"), tmp_path / "b")  # another variant, same baseline
+    assert first["pretrain_source"] == "trained" and second["pretrain_source"] == "cache"
+    assert second["pretrain_key"] == first["pretrain_key"]
+    assert second["top1_before_prune"] == first["top1_before_prune"]
+    assert "reusing the cached pretrained baseline" in caplog.text
+    third = run(smoke("seed=1"), tmp_path / "c")  # another seed is another baseline
+    assert third["pretrain_source"] == "trained" and third["pretrain_key"] != first["pretrain_key"]
+
+
+def test_racing_runs_pretrain_once(tmp_path):
+    """Two runs with one pretrain key start while the key is locked: both wait, then exactly one
+    pretrains and the other reuses its result."""
+    args = ["experiment=quickstart", "trainer.pretrain.epochs=3"]
+    cache = PretrainCache(os.environ["DPM_CACHE_DIR"], pretrain_key_fields(compose(args)))
+    dirs = [tmp_path / f"r{i}" for i in range(2)]
+    with cache.lock():
+        procs = [subprocess.Popen([sys.executable, "-m", "dpm", *args, f"hydra.run.dir={d}"], cwd=ROOT,
+                                  env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                 for d in dirs]
+        deadline = time.time() + 120
+        while not all((d / "run.log").exists() and "waiting for" in (d / "run.log").read_text() for d in dirs):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), "runs did not wait"
+            time.sleep(0.2)
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read().decode()
+    sources = sorted(json.loads((d / "metrics.json").read_text())["pretrain_source"] for d in dirs)
+    assert sources == ["cache", "trained"]
+    assert list(Path(os.environ["DPM_CACHE_DIR"]).glob("pretrained/*/model.pt")) == [cache.model_path]
+
+
+def test_killed_run_resumes_to_the_same_metrics(tmp_path):
+    args = ["experiment=smoke", "trainer.pretrain.epochs=3", "trainer.finetune.epochs=3"]
+    reference = run_cli([*args, f"hydra.run.dir={tmp_path / 'ref'}"],
+                        env={"DPM_CACHE_DIR": str(tmp_path / "cache_ref")})
+    assert reference.returncode == 0, reference.stderr
+    env = {"DPM_CACHE_DIR": str(tmp_path / "cache_killed")}
+    killed_dir = tmp_path / "killed"
+    for fault in ("pretrain:epoch2", "finetune:epoch1"):
+        proc = run_cli([*args, f"hydra.run.dir={killed_dir}"], env={**env, "DPM_FAULT_AT": fault})
+        assert proc.returncode == -9, (fault, proc.returncode, proc.stderr[-2000:])
+        assert not (killed_dir / "metrics.json").exists() or \
+            json.loads((killed_dir / "metrics.json").read_text())["status"] != "complete"
+    resumed = run_cli([*args, f"hydra.run.dir={killed_dir}"], env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after epoch 1" in resumed.stdout + resumed.stderr
+    ref = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    got = json.loads((killed_dir / "metrics.json").read_text())
+    assert {k: v for k, v in got.items() if k not in RUN_SPECIFIC} == \
+        {k: v for k, v in ref.items() if k not in RUN_SPECIFIC}
+    assert got["history"]["finetune"] == [{**r, "epoch_time_s": g["epoch_time_s"]} for r, g in
+                                          zip(ref["history"]["finetune"], got["history"]["finetune"])]
+
+
+def test_resume_true_continues_the_newest_unfinished_run(tmp_path):
+    args = ["experiment=smoke", "trainer.finetune.epochs=3", "pretrain.cache=false"]
+    first = run_cli([*args, "run_id=first"], env={"DPM_FAULT_AT": "finetune:epoch2"})
+    assert first.returncode == -9
+    second = run_cli([*args, "run_id=second", "resume=true"])
+    assert second.returncode == 0, second.stderr
+    assert "resuming the unfinished run" in second.stderr + second.stdout
+    assert "finetune: resuming after epoch 2" in second.stderr + second.stdout
+    out = Path(os.environ["DPM_OUTPUT_ROOT"]) / "smoke" / "second" / "metrics.json"
+    assert json.loads(out.read_text())["status"] == "complete"
+
+
+def test_completed_run_dir_is_not_rerun(tmp_path):
+    first = run(smoke(), tmp_path / "run")
+    again = run(smoke(), tmp_path / "run")
+    assert again == json.loads(json.dumps(first, default=str))
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["model=tiny_cnn", "model.name=resnet57"], "error: model.name='resnet57': unknown model; valid:"),
+    (["dataset=cifar10", "dataset.root=/nonexistent/cifar10", "model=resnet20"],
+     "error: dataset.root=/nonexistent/cifar10 holds neither"),
+    (["pretrain.checkpoint=/nonexistent.pt"], "error: pretrain.checkpoint=/nonexistent.pt does not exist"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, args, expected):
+    proc = run_cli(["experiment=smoke", *args, f"hydra.run.dir={tmp_path / 'bad'}"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(expected), proc.stderr
+    assert "Traceback" not in proc.stderr
+    metrics = json.loads((tmp_path / "bad" / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and metrics["error"] in proc.stderr
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    torch.save(torch.nn.Linear(3, 3).state_dict(), tmp_path / "other.pt")
+    with pytest.raises(UserError, match="does not match the model"):
+        run(smoke(f"pretrain.checkpoint={tmp_path / 'other.pt'}"), tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
+
+
+def test_given_checkpoint_replaces_pretraining(tmp_path):
+    first = run(smoke(), tmp_path / "a")
+    loaded = run(smoke(f"pretrain.checkpoint={first['pretrain_checkpoint']}", "trainer.finetune.epochs=0"),
+                 tmp_path / "b")
+    assert loaded["pretrain_source"] == "checkpoint"
+    assert loaded["top1_before_prune"] == first["top1_before_prune"]

@@ -1,0 +1,118 @@
+"""The training loop: exact resume, schedules, NaN guard, BN recalibration, real CIFAR-10."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import CIFAR10, compose
+from dpm.data import SplitLoader
+from dpm.data.sources import load_synthetic
+from dpm.errors import UserError
+from dpm.models import build_model
+from dpm.run import run
+from dpm.train import make_optimizer, make_scheduler, recalibrate_bn, train_phase
+
+
+def phase_cfg(**kw):
+    return compose(["experiment=smoke", *[f"trainer.pretrain.{k}={v}" for k, v in kw.items()]]).trainer.pretrain
+
+
+def setup(seed=0):
+    torch.manual_seed(seed)
+    train, test = load_synthetic(4, 3, 8, 96, 32)
+    model = build_model("tiny_cnn", 4)
+    loader = SplitLoader(train, 16, [0.5] * 3, [0.25] * 3, train=True, augment=True, seed=seed, phase="pretrain")
+    return model, loader, {"test": SplitLoader(test, 64, [0.5] * 3, [0.25] * 3)}
+
+
+class InterruptAt:
+    """A step hook that interrupts training at its n-th optimizer step (mid-epoch)."""
+
+    def __init__(self, step: int):
+        self.step, self.seen = step, 0
+
+    def after_step(self, optimizer):
+        self.seen += 1
+        if self.seen == self.step:
+            raise KeyboardInterrupt
+
+
+def test_resume_from_a_checkpoint_is_bitwise(tmp_path):
+    torch.use_deterministic_algorithms(True)
+    try:
+        model, loader, evals = setup()
+        full = train_phase(model, "pretrain", phase_cfg(epochs=4), loader, evals, torch.device("cpu"),
+                           progress=False)
+        reference = {k: v.clone() for k, v in model.state_dict().items()}
+
+        model, loader, evals = setup()
+        ckpt = tmp_path / "ckpt.pt"
+        with pytest.raises(KeyboardInterrupt):  # killed in the middle of epoch 3
+            train_phase(model, "pretrain", phase_cfg(epochs=4), loader, evals, torch.device("cpu"), ckpt,
+                        hooks=[InterruptAt(len(loader) * 2 + 3)], progress=False)
+        torch.manual_seed(999)  # a restarted process has other RNG state: the checkpoint must restore it
+        model, loader, evals = setup(seed=0)
+        resumed = train_phase(model, "pretrain", phase_cfg(epochs=4), loader, evals, torch.device("cpu"), ckpt,
+                              progress=False)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3, 4]
+    # Epochs 3-4 were redone after the interruption: identical weights to the uninterrupted run only
+    # if data order, augmentation, optimizer, scheduler and RNG were all restored.
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+    assert resumed["history"][-1]["test_top1"] == full["history"][-1]["test_top1"]
+
+
+def test_step_and_cosine_schedules():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = make_optimizer(torch.nn.Linear(1, 1), phase_cfg(lr=0.1))
+    step = make_scheduler(opt, compose(["experiment=smoke", "trainer=cifar"]).trainer.pretrain)
+    lrs = []
+    for _ in range(200):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        step.step()
+    assert lrs[0] == 0.1 and lrs[119] == 0.1 and abs(lrs[120] - 0.01) < 1e-12 and abs(lrs[199] - 1e-4) < 1e-12
+    opt = torch.optim.SGD([p], lr=0.2)
+    cos = make_scheduler(opt, phase_cfg(epochs=10, schedule="cosine"))
+    for _ in range(10):
+        opt.step()
+        cos.step()
+    assert abs(opt.param_groups[0]["lr"]) < 1e-12
+
+
+def test_nan_loss_is_one_clear_error():
+    model, loader, evals = setup()
+    with pytest.raises(UserError, match=r"pretrain loss became nan in epoch 1: lower trainer.pretrain.lr"):
+        train_phase(model, "pretrain", phase_cfg(epochs=1, lr=1e30), loader, evals, torch.device("cpu"),
+                    progress=False)
+
+
+def test_recalibrate_bn_restores_running_statistics():
+    model, loader, _ = setup()
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.momentum = None  # exact average over the epoch's batches: what recalibration must reproduce
+    model.train()
+    with torch.no_grad():
+        for x, _ in loader:
+            model(x)
+    good_mean = bn.running_mean.clone()
+    bn.momentum = 0.1
+    bn.running_mean.fill_(100.0)
+    model.eval()
+    recalibrate_bn(model, loader, batches=100)
+    assert not model.training  # mode restored
+    assert torch.allclose(bn.running_mean, good_mean, atol=1e-5)
+    assert bn.momentum == 0.1
+
+
+@pytest.mark.skipif(not CIFAR10.is_dir(), reason=f"real CIFAR-10 copy not found at {CIFAR10}")
+def test_short_real_cifar10_run_is_above_chance(tmp_path, decode_cache):
+    cfg = compose(["dataset=cifar10", f"dataset.root={CIFAR10}", "model=resnet20", "trainer=cpu_debug",
+                   "trainer.max_steps_per_epoch=0", "dataset.train_subset=800", "dataset.test_subset=500",
+                   "trainer.pretrain.epochs=6", "trainer.pretrain.batch_size=32", "trainer.pretrain.lr=0.05",
+                   "trainer.finetune.epochs=0", f"cache_dir={decode_cache}", "pretrain.cache=false"])
+    metrics = run(cfg, tmp_path / "run")
+    assert metrics["status"] == "complete"
+    assert metrics["top1_final"] > 20.0, metrics["top1_final"]  # chance is 10%
