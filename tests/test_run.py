@@ -156,3 +156,11 @@ def test_given_checkpoint_replaces_pretraining(tmp_path):
                  tmp_path / "b")
     assert loaded["pretrain_source"] == "checkpoint"
     assert loaded["top1_before_prune"] == first["top1_before_prune"]
+
+
+def test_cli_multirun_writes_one_run_dir_per_job(tmp_path):
+    proc = run_cli(["-m", "experiment=smoke", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    assert proc.returncode == 0, proc.stderr
+    found = sorted((json.loads(p.read_text())["seed"], p.parent.name)
+                   for p in (tmp_path / "sweep").glob("*/metrics.json"))
+    assert found == [(0, "0_experiment=smoke,seed=0"), (1, "1_experiment=smoke,seed=1")]
