@@ -100,8 +100,10 @@ def config_key(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class PretrainCache:
-    """Pretrained baselines keyed by (model, dataset, seed, recipe), shared by every run on a machine.
+class StageCache:
+    """Results of the stages that base / +SP / +SR of one seed share (the pretrained baseline keyed
+    by model, dataset, seed and recipe; sparse learning keyed by that plus its own recipe), shared
+    by every run on a machine.
 
     `cache_dir/pretrained/<key>/` holds `model.pt` (published by an atomic rename, so a reader sees
     all or nothing), `key.json` (what the key stands for) and, while a pretrain is in progress,

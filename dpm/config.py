@@ -73,12 +73,32 @@ class TrainerConfig:
     # Cap on optimizer steps per epoch (0 = whole epoch): for smoke runs only.
     max_steps_per_epoch: int = 0
     pretrain: PhaseConfig = field(default_factory=PhaseConfig)
+    # Sparse learning (DepGraph group_sl) between pretraining and pruning; weight decay 0 as the
+    # regulariser replaces it. epochs 0 = off.
+    sparse: PhaseConfig = field(default_factory=lambda: PhaseConfig(lr=0.01, weight_decay=0.0))
     finetune: PhaseConfig = field(default_factory=lambda: PhaseConfig(lr=0.01))
 
 
 @dataclass
 class PrunerConfig:
+    """The base pruner (method.md section 6). DepGraph keys; the other pruners add theirs."""
+
     name: str = "none"
+    # MACs speed-up target in the base method's native units (Torch-Pruning's counter for DepGraph).
+    speedup: float = 2.0
+    # R selection rounds; round r selects up to speedup ** (r / R) on the current weights.
+    rounds: int = 1
+    # Fine-tune iterations between round starts; 0 = one epoch. Equal for base / +SP / +SR.
+    round_interval: int = 0
+    # +SR with budget=base: rounds added after R while the target is not met.
+    max_extra_rounds: int = 10
+    # Torch-Pruning's progressive selection: steps of its pruning schedule, per-layer cap.
+    iterative_steps: int = 400
+    global_pruning: bool = True
+    max_pruning_ratio: float = 1.0
+    # Sparse learning before pruning (DepGraph's group_sl): GroupNormPruner regulariser strength;
+    # the phase itself is trainer.sparse (epochs 0 = off).
+    reg: float = 5e-4
 
 
 @dataclass
@@ -86,16 +106,20 @@ class DPMConfig:
     """Decay Pruning Method settings (method.md sections 3-4); used once a base pruner exists."""
 
     variant: str = "base"  # base | sp | sr
+    # Decay length in optimizer iterations, or N_epochs epochs of the fine-tune phase (wins if set).
+    # dpm=base always runs with N = 1 (the base pruner alone), whatever an experiment sets here, so
+    # one experiment file serves all three variants.
     N: int = 1
     N_epochs: Optional[float] = None
     interval: int = 1
-    schedule: str = "linear"
-    c_rate_form: str = "radial"
+    schedule: str = "linear"  # linear | cosine | exp
+    c_rate_form: str = "radial"  # radial | relative | per_step
     T_rate: float = float("inf")
     T_len: float = float("inf")
-    release_rule: str = "and"
-    release_cooldown: Optional[int] = None
-    budget: str = "base"
+    release_rule: str = "and"  # and | or
+    # Rounds a released channel stays out of selection (1 = the rest of its round).
+    release_cooldown: int = 1
+    budget: str = "base"  # base | strict
     include_consumers: bool = False
 
 
@@ -150,8 +174,8 @@ def register_configs() -> None:
 register_configs()
 
 
-PRUNER_NAMES = ("none",)
-VARIANTS = ("base",)
+PRUNER_NAMES = ("none", "depgraph")
+VARIANTS = ("base", "sp", "sr")
 DATASET_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000}
 
 
@@ -182,14 +206,35 @@ def validate(cfg) -> None:
         fail("pruner.name", cfg.pruner.name, f"unknown pruner; valid: {', '.join(PRUNER_NAMES)}")
     if cfg.dpm.variant not in VARIANTS:
         fail("dpm.variant", cfg.dpm.variant, f"valid: {', '.join(VARIANTS)}")
+    if cfg.dpm.variant != "base" and cfg.pruner.name == "none":
+        fail("dpm.variant", cfg.dpm.variant, "smooth pruning needs a base pruner: add pruner=depgraph")
     if cfg.dpm.N < 1:
         fail("dpm.N", cfg.dpm.N, "N counts decay steps and must be >= 1 (N = 1 is the base method)")
+    if cfg.dpm.N_epochs is not None and not cfg.dpm.N_epochs > 0:
+        fail("dpm.N_epochs", cfg.dpm.N_epochs, "must be > 0 (or null to use dpm.N)")
+    for key, valid in (("schedule", ("linear", "cosine", "exp")), ("c_rate_form", ("radial", "relative", "per_step")),
+                       ("release_rule", ("and", "or")), ("budget", ("base", "strict"))):
+        if cfg.dpm[key] not in valid:
+            fail(f"dpm.{key}", cfg.dpm[key], f"valid: {', '.join(valid)}")
+    if cfg.dpm.release_cooldown < 1:
+        fail("dpm.release_cooldown", cfg.dpm.release_cooldown, "must be >= 1 (1 = the rest of the round)")
+    if cfg.pruner.name != "none":
+        if not cfg.pruner.speedup > 1:
+            fail("pruner.speedup", cfg.pruner.speedup, "the MACs speed-up target must be > 1")
+        if cfg.pruner.rounds < 1:
+            fail("pruner.rounds", cfg.pruner.rounds, "must be >= 1")
+        if cfg.pruner.round_interval < 0:
+            fail("pruner.round_interval", cfg.pruner.round_interval, "must be >= 0 (0 = one fine-tune epoch)")
+        if cfg.trainer.finetune.epochs < 1:
+            fail("trainer.finetune.epochs", cfg.trainer.finetune.epochs, "pruning happens during fine-tuning: use >= 1")
+        if not 0 < cfg.pruner.max_pruning_ratio <= 1:
+            fail("pruner.max_pruning_ratio", cfg.pruner.max_pruning_ratio, "must be in (0, 1]")
     if cfg.dpm.interval < 1:
         fail("dpm.interval", cfg.dpm.interval, "must be >= 1")
     for key in ("T_rate", "T_len"):
         if not cfg.dpm[key] >= 0:
             fail(f"dpm.{key}", cfg.dpm[key], "thresholds must be >= 0 or inf")
-    for phase in ("pretrain", "finetune"):
+    for phase in ("pretrain", "sparse", "finetune"):
         p = cfg.trainer[phase]
         if p.epochs < 0:
             fail(f"trainer.{phase}.epochs", p.epochs, "must be >= 0")

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dpm.checkpoint import PretrainCache, atomic_write_bytes, atomic_write_json, load_checkpoint, seed_everything
+from dpm.checkpoint import StageCache, atomic_write_bytes, atomic_write_json, load_checkpoint, seed_everything
 from dpm.config import validate
 from dpm.errors import UserError
 
@@ -111,9 +111,9 @@ def execute(cfg: DictConfig, run_dir: Path, log_metrics) -> dict:
         return dpm_data.train_loader(data, tcfg[phase].batch_size, device, cfg.seed, phase,
                                      tcfg.max_steps_per_epoch, tcfg.channels_last, tcfg.num_workers)
 
-    def run_phase(phase: str, checkpoint_path: Path) -> dict:
+    def run_phase(phase: str, checkpoint_path: Path, hooks=()) -> dict:
         return train_phase(model, phase, tcfg[phase], phase_loader(phase), eval_loaders, device,
-                           checkpoint_path=checkpoint_path, progress=tcfg.progress, bf16=tcfg.bf16,
+                           checkpoint_path=checkpoint_path, hooks=hooks, progress=tcfg.progress, bf16=tcfg.bf16,
                            log_metrics=log_metrics)
 
     metrics: dict[str, Any] = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
@@ -121,19 +121,30 @@ def execute(cfg: DictConfig, run_dir: Path, log_metrics) -> dict:
                                "val_size": len(data.val) if data.val is not None else 0}
     # Stage 1: the pretrained baseline (a given checkpoint, the shared cache, or trained here).
     metrics.update(pretrained_baseline(cfg, model, run_dir, run_phase))
-    metrics["top1_before_prune"], _ = evaluate(model, eval_loaders["test"], device, tcfg.bf16)
     example = torch.zeros(data.example_shape, device=device)
+    pruner = build_pruner(cfg, model, example)
+    if pruner is not None and tcfg.sparse.epochs > 0:
+        # Stage 1b: sparse learning, shared by base / +SP / +SR of a seed like the pretrain.
+        metrics.update(sparse_learning(cfg, model, pruner, run_dir, run_phase))
+    metrics["top1_before_prune"], _ = evaluate(model, eval_loaders["test"], device, tcfg.bf16)
     base_counts = count_macs_params(model, example)
     native_base = native_macs_params(model, example, cfg.pruner.name)
 
-    # Stage 2: pruning (base pruner + DPM) plugs in here with the pruner issues.
-
-    # Stage 3: fine-tune.
+    # Stages 2 and 3: pruning rounds (base pruner + DPM) inside the fine-tune phase.
     final_phase = metrics.pop("pretrain_summary")
     pretrain_history = final_phase["history"]
+    rounds = None
+    if pruner is not None:
+        rounds = make_rounds(cfg, model, pruner, len(phase_loader("finetune")))
+        metrics.update(R=cfg.pruner.rounds, N=rounds.controller.N, round_interval=rounds.interval,
+                       speedup_target=cfg.pruner.speedup, sparse_learning=tcfg.sparse.epochs > 0)
     if tcfg.finetune.epochs > 0:
-        final_phase = run_phase("finetune", run_dir / CHECKPOINT)
+        final_phase = run_phase("finetune", run_dir / CHECKPOINT, hooks=[rounds] if rounds else ())
         final_phase["phase"] = "finetune"
+    if rounds is not None:
+        metrics.update(rounds.summary())
+        metrics["target_met"] = metrics["native_speedup"] >= cfg.pruner.speedup * (1 - 1e-9)
+        atomic_write_json(run_dir / "dpm_log.json", decay_log(rounds.controller))
 
     # Stage 4: evaluate and measure the final model.
     if cfg.recalibrate_bn:
@@ -155,10 +166,68 @@ def execute(cfg: DictConfig, run_dir: Path, log_metrics) -> dict:
     counter, native_macs, native_params = native_macs_params(model, example, cfg.pruner.name)
     metrics.update(native_counter=counter, native_base_macs=native_base[1], native_base_params=native_base[2],
                    native_pruned_macs=native_macs, native_pruned_params=native_params)
-    metrics["epochs"] = {"pretrain": metrics.pop("pretrain_epochs"), "finetune": tcfg.finetune.epochs}
+    metrics["epochs"] = {"pretrain": metrics.pop("pretrain_epochs"), "sparse": tcfg.sparse.epochs if pruner else 0,
+                         "finetune": tcfg.finetune.epochs}
     metrics["history"] = {"pretrain": pretrain_history,
                           "finetune": final_phase["history"] if final_phase.get("phase") == "finetune" else []}
     return metrics
+
+
+def build_pruner(cfg: DictConfig, model: torch.nn.Module, example: torch.Tensor):
+    """The base pruner named by `pruner.name`, attached to the model (None for `none`)."""
+    if cfg.pruner.name == "none":
+        return None
+    from dpm.pruners import DepGraphPruner
+
+    p = cfg.pruner
+    return DepGraphPruner(model, example, num_classes=cfg.dataset.num_classes, iterative_steps=p.iterative_steps,
+                          global_pruning=p.global_pruning, max_pruning_ratio=p.max_pruning_ratio, reg=p.reg,
+                          sparse_learning=cfg.trainer.sparse.epochs > 0)
+
+
+def make_rounds(cfg: DictConfig, model: torch.nn.Module, pruner, iters_per_epoch: int):
+    """The fine-tune hook that runs the selection rounds with the DPM decay (method.md section 6)."""
+    from dpm.core import RectifyConfig, resolve_decay_steps
+    from dpm.pruners.rounds import PruningRounds
+
+    d, p = cfg.dpm, cfg.pruner
+    iters_total = iters_per_epoch * cfg.trainer.finetune.epochs
+    interval = p.round_interval or iters_per_epoch
+    try:
+        N = 1 if d.variant == "base" else resolve_decay_steps(
+            N=None if d.N_epochs is not None else d.N, N_epochs=d.N_epochs, iters_per_epoch=iters_per_epoch,
+            iters_left=iters_total)
+    except ValueError as err:
+        raise UserError(f"dpm.N: {err}") from None
+    if p.rounds > 1 and N * d.interval >= interval:
+        raise UserError(f"dpm.N={N} (x interval {d.interval}) does not fit between rounds {interval} iterations "
+                        f"apart: raise pruner.round_interval or lower dpm.N")
+    if (p.rounds - 1) * interval + N * d.interval > iters_total:
+        raise UserError(f"pruner.rounds={p.rounds} every {interval} iterations with N={N} needs more than the "
+                        f"{iters_total} fine-tune iterations: raise trainer.finetune.epochs or lower the rounds")
+    rectify = None
+    if d.variant == "sr":
+        rectify = RectifyConfig(t_rate=d.T_rate, t_len=d.T_len, c_rate_form=d.c_rate_form,
+                                release_rule=d.release_rule, release_cooldown=d.release_cooldown, budget=d.budget)
+    return PruningRounds(model, pruner, speedup=p.speedup, rounds=p.rounds, interval=interval, N=N,
+                         decay_interval=d.interval, schedule=d.schedule, include_consumers=d.include_consumers,
+                         rectify=rectify, max_extra_rounds=p.max_extra_rounds)
+
+
+def decay_log(controller) -> dict:
+    """The controller's per-step log (counts, C_rate/C_len summaries, norm trajectories, releases)."""
+    state = controller.log.state_dict()
+    return json.loads(json.dumps(state, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+class Regularizer:
+    """Sparse-learning hook: the base pruner's regulariser on the gradients before each step."""
+
+    def __init__(self, model: torch.nn.Module, pruner):
+        self.model, self.pruner = model, pruner
+
+    def before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.pruner.regularize(self.model)
 
 
 def build_configured_model(cfg: DictConfig) -> torch.nn.Module:
@@ -215,23 +284,42 @@ def pretrained_baseline(cfg: DictConfig, model: torch.nn.Module, run_dir: Path, 
     if not pcfg.cache:
         summary = run_phase("pretrain", run_dir / PRETRAIN_PROGRESS)
         return {"pretrain_source": "trained", "pretrain_epochs": summary["epochs"], "pretrain_summary": summary}
-    cache = PretrainCache(cfg.cache_dir, pretrain_key_fields(cfg))
+    cache = StageCache(cfg.cache_dir, pretrain_key_fields(cfg))
+    source, summary = cached_phase(cache, "pretrain", model, lambda path: run_phase("pretrain", path))
+    return {"pretrain_source": source, "pretrain_key": cache.key, "pretrain_checkpoint": str(cache.model_path),
+            "pretrain_epochs": summary["epochs"], "pretrain_summary": summary,
+            "pretrain_top1": summary.get("test_top1_final")}
+
+
+def cached_phase(cache: StageCache, phase: str, model: torch.nn.Module, train) -> tuple[str, dict]:
+    """Load the phase's result from the shared cache, or train it (under the key's lock) and publish it."""
     with cache.lock():
         entry = cache.load()
         if entry is not None:
             model.load_state_dict(entry["model"])
-            source = "cache"
-            summary = entry["summary"]
-            log.info("reusing the cached pretrained baseline %s (%s)", cache.key, cache.model_path)
+            log.info("reusing the cached %s result %s (%s)", phase, cache.key, cache.model_path)
+            source, summary = "cache", entry["summary"]
         else:
-            summary = run_phase("pretrain", cache.progress_path)
+            summary = train(cache.progress_path)
             cache.publish({"model": model.state_dict(), "summary": summary, "key": cache.key_fields})
+            log.info("%s result cached as %s", phase, cache.model_path)
             source = "trained"
-            log.info("pretrained baseline cached as %s", cache.model_path)
-    summary["phase"] = "pretrain"
-    return {"pretrain_source": source, "pretrain_key": cache.key, "pretrain_checkpoint": str(cache.model_path),
-            "pretrain_epochs": summary["epochs"], "pretrain_summary": summary,
-            "pretrain_top1": summary.get("test_top1_final")}
+    summary["phase"] = phase
+    return source, summary
+
+
+def sparse_learning(cfg: DictConfig, model: torch.nn.Module, pruner, run_dir: Path, run_phase) -> dict:
+    """Stage 1b: the base pruner's sparse learning (DepGraph group_sl) before pruning."""
+    hooks = [Regularizer(model, pruner)]
+    if not cfg.pretrain.cache:
+        summary = run_phase("sparse", run_dir / "sparse_last.pt", hooks)
+        return {"sparse_source": "trained", "sparse_top1": summary.get("test_top1_final")}
+    key = {"pretrain": pretrain_key_fields(cfg), "pretrain_checkpoint": cfg.pretrain.checkpoint,
+           "sparse": OmegaConf.to_container(cfg.trainer.sparse, resolve=True), "pruner": cfg.pruner.name,
+           "reg": cfg.pruner.reg}
+    cache = StageCache(cfg.cache_dir, key)
+    source, summary = cached_phase(cache, "sparse", model, lambda path: run_phase("sparse", path, hooks))
+    return {"sparse_source": source, "sparse_key": cache.key, "sparse_top1": summary.get("test_top1_final")}
 
 
 def adopt_unfinished_run(cfg: DictConfig, run_dir: Path) -> None:

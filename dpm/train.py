@@ -26,8 +26,14 @@ log = logging.getLogger(__name__)
 
 class StepHook(Protocol):
     """What a phase calls around each optimizer step (the DPM controller and base pruners plug in
-    here). Every method is optional; `state_dict`/`load_state_dict` go into the checkpoint."""
+    here). Every method is optional; `state_dict`/`load_state_dict` go into the checkpoint.
 
+    step_start: before the forward pass (a pruner may admit or remove structures here).
+    before_step: after backward, before optimizer.step() (gradients are the raw loss gradients).
+    after_step: after optimizer.step().
+    """
+
+    def step_start(self, optimizer: torch.optim.Optimizer) -> None: ...
     def before_step(self, optimizer: torch.optim.Optimizer) -> None: ...
     def after_step(self, optimizer: torch.optim.Optimizer) -> None: ...
 
@@ -43,6 +49,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_optimizer(model: nn.Module, phase_cfg: Any) -> torch.optim.Optimizer:
+    """SGD with momentum and (coupled) weight decay, as every base recipe uses."""
     return torch.optim.SGD(model.parameters(), lr=phase_cfg.lr, momentum=phase_cfg.momentum,
                            nesterov=phase_cfg.nesterov and phase_cfg.momentum > 0,
                            weight_decay=phase_cfg.weight_decay)
@@ -134,12 +141,16 @@ def train_phase(
     if checkpoint_path is not None and Path(checkpoint_path).exists():
         state = load_checkpoint(checkpoint_path)
         if state.get("phase") == phase:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
+            # Hooks first: a pruner replays its removals so the pruned weights fit the model; the
+            # optimizer is then rebuilt over the (possibly smaller) parameters before its state loads.
             for hook, hook_state in zip(hooks, state.get("hooks", [])):
                 if hook_state is not None:
                     hook.load_state_dict(hook_state)
+            model.load_state_dict(state["model"])
+            optimizer = make_optimizer(model, phase_cfg)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler = make_scheduler(optimizer, phase_cfg)
+            scheduler.load_state_dict(state["scheduler"])
             history = state["history"]
             start_epoch = state["epoch"]
             set_rng_state(state["rng"])
@@ -155,6 +166,8 @@ def train_phase(
         seen = 0
         bar = _progress(train_loader, progress, f"{phase} {epoch + 1}/{phase_cfg.epochs}")
         for step, (x, y) in enumerate(bar):
+            for hook in hooks:
+                getattr(hook, "step_start", _noop)(optimizer)
             with autocast(device, bf16):
                 out = model(x)
                 loss = F.cross_entropy(out.float(), y)

@@ -13,7 +13,7 @@ import torch
 
 from conftest import ROOT, compose, run_cli
 from dpm.errors import UserError
-from dpm.checkpoint import PretrainCache
+from dpm.checkpoint import StageCache
 from dpm.run import pretrain_key_fields, run
 
 CONTRACT = ["model", "dataset", "pruner", "variant", "seed", "N", "T_rate", "T_len", "top1_final", "top1_best",
@@ -61,7 +61,7 @@ def test_second_run_reuses_the_cached_pretrained_baseline(tmp_path, caplog):
     assert first["pretrain_source"] == "trained" and second["pretrain_source"] == "cache"
     assert second["pretrain_key"] == first["pretrain_key"]
     assert second["top1_before_prune"] == first["top1_before_prune"]
-    assert "reusing the cached pretrained baseline" in caplog.text
+    assert "reusing the cached pretrain result" in caplog.text
     third = run(smoke("seed=1"), tmp_path / "c")  # another seed is another baseline
     assert third["pretrain_source"] == "trained" and third["pretrain_key"] != first["pretrain_key"]
 
@@ -70,7 +70,7 @@ def test_racing_runs_pretrain_once(tmp_path):
     """Two runs with one pretrain key start while the key is locked: both wait, then exactly one
     pretrains and the other reuses its result."""
     args = ["experiment=quickstart", "trainer.pretrain.epochs=3"]
-    cache = PretrainCache(os.environ["DPM_CACHE_DIR"], pretrain_key_fields(compose(args)))
+    cache = StageCache(os.environ["DPM_CACHE_DIR"], pretrain_key_fields(compose(args)))
     dirs = [tmp_path / f"r{i}" for i in range(2)]
     with cache.lock():
         procs = [subprocess.Popen([sys.executable, "-m", "dpm", *args, f"hydra.run.dir={d}"], cwd=ROOT,

@@ -1,0 +1,145 @@
+"""Selection rounds: where a round-based base pruner (DepGraph) meets the DPM decay controller.
+
+A training-loop hook (see `dpm.train.StepHook`). Round r starts at fine-tune iteration
+r * interval: the base pruner selects channels on the current weights up to the round's share of
+the speed-up (never decaying, pruned or cooling-down released ones), the selection enters the
+decay controller (step 1 at once), the decay runs for N steps while training continues, and once
+every admitted channel is zero they are removed physically with the optimizer state sliced, not
+reset. N = 1 removes at the start of the round: Torch-Pruning's one-shot recipe when R = 1.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+
+from dpm.core import DecayController, RectifyConfig
+
+log = logging.getLogger(__name__)
+
+
+class PruningRounds:
+    """Drives R selection rounds of `pruner` with a DecayController over one training phase.
+
+    Args:
+        model: the live model (pruned in place).
+        pruner: a round-based base pruner (`targets`, `select`, `remove`, `importance`,
+            `native_macs_params`, `base_native`, `state_dict`, `load_state_dict`).
+        speedup: the MACs speed-up target in the pruner's native units, relative to the model the
+            pruner was built on.
+        rounds: R; round r (1-based) selects up to speedup ** (r / R).
+        interval: optimizer iterations between round starts.
+        N, decay_interval, schedule, include_consumers: the decay (method.md section 3).
+        rectify: Self-Rectifying settings, or None (+SP / base).
+        release_cooldown: rounds a released channel stays out of selection (None: the rest of the
+            round it was released in).
+        max_extra_rounds: with SR, rounds added after R while the target is not met.
+    """
+
+    def __init__(self, model: torch.nn.Module, pruner: Any, *, speedup: float, rounds: int, interval: int,
+                 N: int, decay_interval: int = 1, schedule: str = "linear", include_consumers: bool = False,
+                 rectify: RectifyConfig | None = None, max_extra_rounds: int = 10,
+                 on_removal: Callable[[dict], None] | None = None):
+        self.model, self.pruner = model, pruner
+        self.speedup, self.rounds, self.interval = speedup, rounds, interval
+        self.include_consumers = include_consumers
+        self.max_extra_rounds = max_extra_rounds
+        self.on_removal = on_removal
+        replacement = self._replacement if rectify is not None and rectify.budget == "strict" else None
+        self.controller = DecayController(model, N, interval=decay_interval, schedule=schedule, rectify=rectify,
+                                          include_consumers=include_consumers, replacement=replacement)
+        self.iteration = 0          # optimizer iterations seen in this phase
+        self.rounds_done = 0
+        self.next_round_at = 0
+        self.admitted = 0
+        self.removed = 0
+        self.removals: list[dict] = []
+
+    # ------------------------------------------------------------------ hook
+    def step_start(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.iteration == self.next_round_at and self._wants_round():
+            self._start_round(optimizer)
+
+    def before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.controller.before_step(optimizer)
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.controller.after_step(optimizer)
+        self.iteration += 1
+        self._remove_if_done(optimizer)
+
+    # ------------------------------------------------------------------ rounds
+    def current_speedup(self) -> float:
+        return self.pruner.base_native[0] / self.pruner.native_macs_params()[0]
+
+    def _wants_round(self) -> bool:
+        if self.rounds_done < self.rounds:
+            return True
+        # Past R: only SR's releases can leave the target unmet (budget=base keeps selecting).
+        return (self.controller.rectify is not None and self.rounds_done < self.rounds + self.max_extra_rounds
+                and self.current_speedup() < self.speedup * (1 - 1e-9))
+
+    def _start_round(self, optimizer: torch.optim.Optimizer) -> None:
+        self.controller.start_round()
+        self.rounds_done += 1
+        share = min(self.rounds_done, self.rounds) / self.rounds
+        target = self.speedup ** share
+        # Register every channel (the C_len families), then admit the selection.
+        candidates = self.pruner.targets(self.include_consumers)
+        self.controller.register(t for k, t in candidates.items()
+                                 if self.controller.status(k) not in ("decaying", "pruned"))
+        keys = self.pruner.select(target, excluded=self.controller.candidates_excluded())
+        log.info("round %d: %d channels selected for %.3fx (now %.3fx)", self.rounds_done, len(keys), target,
+                 self.current_speedup())
+        self.controller.admit([candidates[k] for k in keys])
+        self.admitted += len(keys)
+        self.next_round_at = self.iteration + self.interval
+        self._remove_if_done(optimizer)
+
+    def _remove_if_done(self, optimizer: torch.optim.Optimizer) -> None:
+        """Remove the round's channels physically once none is decaying any more."""
+        pruned = self.controller.pruned
+        if not pruned or self.controller.decaying:
+            return
+        self.pruner.remove(pruned, optimizer)
+        self.controller.forget(pruned)
+        self.controller.bind(self.model)
+        self.removed += len(pruned)
+        record = {"iteration": self.iteration, "round": self.rounds_done, "removed": len(pruned),
+                  "speedup": self.current_speedup()}
+        self.removals.append(record)
+        log.info("round %d: removed %d channels at iteration %d, speed-up %.3fx", self.rounds_done, len(pruned),
+                 self.iteration, record["speedup"])
+        if self.on_removal is not None:
+            self.on_removal(record)
+        if self.next_round_at <= self.iteration:
+            self.next_round_at = self.iteration  # a late removal delays the next round, never skips it
+
+    def _replacement(self, released: list, excluded: frozenset) -> list:
+        """budget=strict: for each released channel, the next-least-important candidate."""
+        candidates = self.pruner.targets(self.include_consumers)
+        free = [k for k in candidates if k not in excluded and k not in {t.key for t in released}]
+        scores = self.pruner.importance(free)
+        chosen = sorted(free, key=scores.__getitem__)[:len(released)]
+        self.admitted += len(chosen)
+        return [candidates[k] for k in chosen]
+
+    # ------------------------------------------------------------------ summary and checkpoints
+    def summary(self) -> dict:
+        counts = self.controller.counts()
+        return {"rounds_done": self.rounds_done, "admitted": self.admitted, "released": counts["releases_total"],
+                "readmitted": counts["readmissions"], "pruned": self.removed,
+                "native_speedup": self.current_speedup(), "removals": self.removals}
+
+    def state_dict(self) -> dict:
+        return {"pruner": self.pruner.state_dict(), "controller": self.controller.state_dict(),
+                "iteration": self.iteration, "rounds_done": self.rounds_done, "next_round_at": self.next_round_at,
+                "admitted": self.admitted, "removed": self.removed, "removals": self.removals}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pruner.load_state_dict(state["pruner"])  # replays removals: the model has its pruned shape
+        self.controller.bind(self.model)
+        self.controller.load_state_dict(state["controller"])
+        for key in ("iteration", "rounds_done", "next_round_at", "admitted", "removed", "removals"):
+            setattr(self, key, state[key])
