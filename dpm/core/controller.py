@@ -37,7 +37,7 @@ from . import schedules as _schedules
 from .log import QUANTILES, DecayLog
 from .optim_state import zero_state_slices
 from .rectify import RectifyConfig, c_len, c_rate, release_rule
-from .segments import ParamPlan, apply_factors, build_plan, element_mask, segment_sum
+from .segments import Plan, apply_factors, build_plan, element_mask, segment_sum
 from .targets import Slice, Target
 
 __all__ = ["DecayController"]
@@ -308,7 +308,7 @@ class DecayController:
         targets = [self._targets[t.key] for t in targets]
 
         plan = build_plan(targets, self._position, self._device)
-        L0 = segment_sum(plan, len(targets), lambda pos: self._square(get(pos)), torch.float64,
+        L0 = segment_sum(plan, lambda pos: (get(pos), get(pos)), torch.float64,
                          self._device).sqrt()
         s1 = float(_schedules.schedule(self.schedule, 1.0, float(N)))
         # x~ = x at admission, so the projection s(1) L0 / ||x~|| is the plain factor s(1).
@@ -376,30 +376,26 @@ class DecayController:
         self._pre = None
         if self.rectify is None or self._num[DECAYING] == 0:
             return
-        n_rows = len(self._D_keys)
         dev = self._device
-        xx = segment_sum(self._D_plan, n_rows, lambda pos: self._square(self._params[pos]),
-                         torch.float64, dev)
+        params = self._params
+        xx = segment_sum(self._D_plan, lambda pos: (params[pos], params[pos]), torch.float64, dev)
         gx = None
         if self.rectify.c_rate_form == "radial":
-            lrs = self._learning_rates(lr)
-
-            def lr_g_x(pos: int) -> torch.Tensor | None:
+            def g_x(pos: int) -> tuple[torch.Tensor, torch.Tensor] | None:
                 g = self._grad(pos, grads)
-                if g is None:
-                    return None
-                return (g * self._params[pos]).mul_(lrs(pos))
+                return None if g is None else (g, params[pos])
 
-            gx = segment_sum(self._D_plan, n_rows, lr_g_x, torch.float64, dev)
+            gx = segment_sum(self._D_plan, g_x, torch.float64, dev,
+                             weights=self._learning_rates(lr))
         self._pre = {"xx": xx, "gx": gx, "grads": grads}
         self._pre["gg"] = self._grad_sq(grads)
 
     def _grad_sq(self, grads: TensorMap | None) -> torch.Tensor:
-        def g_sq(pos: int) -> torch.Tensor | None:
+        def g_g(pos: int) -> tuple[torch.Tensor, torch.Tensor] | None:
             g = self._grad(pos, grads)
-            return None if g is None else self._square(g)
+            return None if g is None else (g, g)
 
-        return segment_sum(self._R_plan, len(self._R_keys), g_sq, torch.float64, self._device)
+        return segment_sum(self._R_plan, g_g, torch.float64, self._device)
 
     @torch.no_grad()
     def after_step(
@@ -451,10 +447,8 @@ class DecayController:
     def _decay_step(
         self, k: int, get: Callable[[int], torch.Tensor]
     ) -> tuple[dict[str, Any], list[Hashable]]:
-        n_rows = len(self._D_keys)
-        dev = self._device
-        norm_after = segment_sum(self._D_plan, n_rows, lambda pos: self._square(get(pos)),
-                                 torch.float64, dev).sqrt()
+        norm_after = segment_sum(self._D_plan, lambda pos: (get(pos), get(pos)), torch.float64,
+                                 self._device).sqrt()
         since = k - self._D_first
         due = self._D_active & (since >= 0) & (since.remainder(self.interval) == 0)
         n = (2 + torch.div(since, self.interval, rounding_mode="floor")).to(torch.float64)
@@ -581,12 +575,6 @@ class DecayController:
 
         return get
 
-    @staticmethod
-    def _square(t: torch.Tensor) -> torch.Tensor:
-        if t.dtype not in (torch.float32, torch.float64):
-            t = t.float()
-        return t * t
-
     def _grad(self, pos: int, grads: TensorMap | None) -> torch.Tensor | None:
         p = self._params[pos]
         if grads is not None and p in grads:
@@ -652,7 +640,7 @@ class DecayController:
         self._R_family = torch.tensor(fam, dtype=torch.long, device=dev)
         self._R_counted = torch.tensor([self._status[k] != PRUNED for k in self._R_keys],
                                        dtype=torch.bool, device=dev)
-        self._R_plan: list[ParamPlan] = build_plan(rows, self._position, dev)
+        self._R_plan: Plan = build_plan(rows, self._position, dev)
         if self._pre is not None and self.rectify is not None:
             # Registered mid-step (inside a custom optimizer): their gradients are still at hand.
             self._pre["gg"] = self._grad_sq(self._pre["grads"])

@@ -1,15 +1,16 @@
 """Segment plans: the vectorised machinery behind every per-step quantity.
 
-A *plan* is built once when a target set changes. For each parameter it holds, per dimension the
-targets slice along, two index tensors: ``sel`` (indices along that dim) and ``seg`` (the row of the
-target each index belongs to). A per-step quantity then costs a fixed number of tensor ops per
-parameter, whatever the number of targets:
+A *plan* is built once when a target set changes. It lists the (parameter, dim) pairs the targets
+slice along and, over the concatenation of one vector per pair (of length ``shape[dim]``), two
+index tensors: ``sel`` (positions in that concatenation) and ``seg`` (the target row of each).
+A per-step quantity then costs one or two tensor ops per parameter plus a constant number of
+global ops, whatever the number of targets:
 
-* segment sums (norms, dot products): reduce the element-wise tensor over every other dim, gather
-  ``sel``, ``index_add_`` into ``seg``;
-* rescaling: gather the per-target factors into a per-index vector with ``index_reduce_('prod')``
-  (so an element in several targets gets the product of their factors) and multiply the parameter
-  by its broadcast.
+* segment sums (norms, dot products): a row-wise dot product per (param, dim) pair, one ``cat``,
+  one ``index_select`` of ``sel`` and one ``index_add_`` into ``seg``;
+* rescaling: scatter the per-target factors into one vector of ones (``index_copy_``, or
+  ``index_reduce_('prod')`` where an index repeats, so an element in several targets gets the
+  product of their factors), ``split`` it per pair and multiply each parameter by its broadcast.
 """
 
 from __future__ import annotations
@@ -22,25 +23,31 @@ import torch
 
 from .targets import Target
 
-__all__ = ["DimPlan", "ParamPlan", "build_plan", "segment_sum", "apply_factors", "element_mask"]
+__all__ = ["Plan", "build_plan", "rowdot", "segment_sum", "apply_factors", "element_mask"]
 
 
 @dataclass
-class DimPlan:
-    """Indices ``sel`` along ``dim`` and the target row ``seg`` of each."""
+class Plan:
+    """Where the slices of a table of targets sit.
 
-    dim: int
+    Attributes:
+        entries: ``(pos, dim)`` per (parameter, dim) pair, ``pos`` = registry position, sorted.
+        sizes: ``shape[dim]`` per entry (the length of its vector in the concatenation).
+        sel: positions in the concatenation covered by some slice.
+        seg: the target row of each ``sel``.
+        unique: no position of ``sel`` repeats (every element in at most one row).
+        num_rows: number of target rows.
+    """
+
+    entries: list[tuple[int, int]]
+    sizes: list[int]
     sel: torch.Tensor
     seg: torch.Tensor
-    unique: bool = True  # no index of ``sel`` repeats (every element in at most one row)
+    unique: bool
+    num_rows: int
 
-
-@dataclass
-class ParamPlan:
-    """The dim plans of one parameter (``pos`` = its position in the controller's registry)."""
-
-    pos: int
-    dims: list[DimPlan]
+    def __bool__(self) -> bool:
+        return bool(self.entries)
 
 
 def build_plan(
@@ -48,95 +55,126 @@ def build_plan(
     position: Callable[[torch.Tensor], int],
     device: torch.device,
     consumers: bool = False,
-) -> list[ParamPlan]:
+) -> Plan:
     """Plan over the producer slices of ``rows`` (plus consumer slices when ``consumers``).
 
-    Parameters are ordered by registry position and indices by row order, so two plans built from
-    the same rows accumulate in the same order (a resumed run reproduces sums bitwise).
+    Entries are ordered by registry position and dim, indices by row order, so two plans built
+    from the same rows accumulate in the same order (a resumed run reproduces sums bitwise).
     """
-    acc: dict[int, dict[int, tuple[list[int], list[int]]]] = {}
+    acc: dict[tuple[int, int], tuple[int, list[int], list[int]]] = {}
     for r, t in enumerate(rows):
         for s in t.slices:
             if s.consumer and not consumers:
                 continue
-            sel, seg = acc.setdefault(position(s.param), {}).setdefault(s.dim, ([], []))
+            key = (position(s.param), s.dim)
+            entry = acc.get(key)
+            if entry is None:  # tensor metadata once per (param, dim), not per slice
+                size = s.param.shape[s.dim] if s.param.dim() > 0 else 1
+                entry = acc[key] = (size, [], [])
+            _, sel, seg = entry
             sel.extend(s.indices)
             seg.extend([r] * len(s.indices))
-    plan = []
-    for pos in sorted(acc):
-        dims = [
-            DimPlan(
-                dim,
-                torch.tensor(sel, dtype=torch.long, device=device),
-                torch.tensor(seg, dtype=torch.long, device=device),
-                unique=len(set(sel)) == len(sel),
-            )
-            for dim, (sel, seg) in sorted(acc[pos].items())
-        ]
-        plan.append(ParamPlan(pos, dims))
-    return plan
+    entries, sizes, all_sel, all_seg = [], [], [], []
+    offset = 0
+    for key in sorted(acc):
+        size, sel, seg = acc[key]
+        entries.append(key)
+        sizes.append(size)
+        all_sel.extend(offset + i for i in sel)
+        all_seg.extend(seg)
+        offset += size
+    return Plan(
+        entries=entries,
+        sizes=sizes,
+        sel=torch.tensor(all_sel, dtype=torch.long, device=device),
+        seg=torch.tensor(all_seg, dtype=torch.long, device=device),
+        unique=len(set(all_sel)) == len(all_sel),
+        num_rows=len(rows),
+    )
 
 
-def _reduce_to_dim(t: torch.Tensor, dim: int) -> torch.Tensor:
-    if t.dim() <= 1:
-        return t.reshape(-1)
-    return t.sum(dim=[d for d in range(t.dim()) if d != dim])
+def rowdot(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+    """``sum`` of ``a * b`` over every dim but ``dim``: one vector of length ``shape[dim]``."""
+    if a.dim() <= 1:
+        return (a * b).reshape(-1)
+    if dim != 0:
+        a, b = a.movedim(dim, 0), b.movedim(dim, 0)
+    n = a.shape[0]
+    return torch.linalg.vecdot(a.reshape(n, -1), b.reshape(n, -1))
 
 
 def segment_sum(
-    plan: Sequence[ParamPlan],
-    num_rows: int,
-    values: Callable[[int], torch.Tensor | None],
+    plan: Plan,
+    pair: Callable[[int], tuple[torch.Tensor, torch.Tensor] | None],
     dtype: torch.dtype,
     device: torch.device,
+    weights: Callable[[int], float] | None = None,
 ) -> torch.Tensor:
-    """Per-row sums of an element-wise quantity over the planned slices.
+    """Per-row sums of ``a * b`` over the planned slices (``a is b``: squared norms).
 
-    ``values(pos)`` returns the element-wise tensor for the parameter at registry position ``pos``
-    (e.g. ``x * x``), or None to skip it (e.g. no gradient).
+    ``pair(pos)`` returns ``(a, b)`` for the parameter at registry position ``pos``, or None when
+    it contributes nothing (e.g. no gradient). ``weights(pos)``, when given, scales a parameter's
+    contribution (the per-parameter learning rate of the radial C_rate).
     """
-    out = torch.zeros(num_rows, dtype=dtype, device=device)
-    for pp in plan:
-        v = values(pp.pos)
-        if v is None:
-            continue
-        for dp in pp.dims:
-            red = _reduce_to_dim(v, dp.dim)
-            out.index_add_(0, dp.seg, red.index_select(0, dp.sel).to(dtype))
-    return out
+    out = torch.zeros(plan.num_rows, dtype=dtype, device=device)
+    if not plan:
+        return out
+    parts = []
+    scale: list[float] = []
+    for (pos, dim), size in zip(plan.entries, plan.sizes):
+        ab = pair(pos)
+        if ab is None:
+            parts.append(torch.zeros(size, dtype=torch.float32, device=device))
+        else:
+            a, b = ab
+            if a.dtype not in (torch.float32, torch.float64):
+                a, b = a.float(), b.float()
+            parts.append(rowdot(a, b, dim))
+        if weights is not None:
+            scale.append(weights(pos))
+    flat = torch.cat(parts).to(dtype)
+    if weights is not None:
+        w = torch.tensor(scale, dtype=dtype, device=device)
+        sizes = torch.tensor(plan.sizes, device=device)
+        flat = flat * torch.repeat_interleave(w, sizes, output_size=flat.numel())
+    return out.index_add_(0, plan.seg, flat.index_select(0, plan.sel))
 
 
 def apply_factors(
-    plan: Sequence[ParamPlan],
+    plan: Plan,
     factors: torch.Tensor,
     tensor: Callable[[int], torch.Tensor],
 ) -> None:
-    """Multiply every planned slice by its row's factor, in place (one fused multiply per param).
+    """Multiply every planned slice by its row's factor, in place (one multiply per parameter).
 
     An element covered by several rows (only possible with consumer slices) gets the product of
     their factors; elements covered by no row are multiplied by exactly 1.
     """
-    for pp in plan:
-        t = tensor(pp.pos)
-        scale = None
-        for dp in pp.dims:
-            size = t.shape[dp.dim] if t.dim() > 0 else 1
-            vec = torch.ones(size, dtype=t.dtype, device=t.device)
-            vals = factors.index_select(0, dp.seg).to(t.dtype)
-            if dp.unique:
-                vec.index_copy_(0, dp.sel, vals)
-            else:
-                # Repeated indices (overlapping consumer slices): the product of their factors.
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message="index_reduce", category=UserWarning)
-                    vec.index_reduce_(0, dp.sel, vals, "prod")
-            shape = [1] * t.dim()
-            if shape:
-                shape[dp.dim] = -1
-            vec = vec.view(shape)
-            scale = vec if scale is None else scale * vec
-        if scale is not None:
-            t.mul_(scale)
+    if not plan:
+        return
+    # float32 factors unless a planned tensor is float64 (the factor is cast to the parameter's
+    # dtype by the in-place multiply either way).
+    wide = any(tensor(pos).dtype == torch.float64 for pos, _ in plan.entries)
+    dtype = torch.float64 if wide else torch.float32
+    full = torch.ones(sum(plan.sizes), dtype=dtype, device=factors.device)
+    vals = factors.index_select(0, plan.seg).to(dtype)
+    if plan.unique:
+        full.index_copy_(0, plan.sel, vals)
+    else:
+        with warnings.catch_warnings():  # index_reduce_ is flagged beta; its semantics are fixed
+            warnings.filterwarnings("ignore", message="index_reduce", category=UserWarning)
+            full.index_reduce_(0, plan.sel, vals, "prod")
+    pieces = full.split(plan.sizes)
+    scales: dict[int, torch.Tensor] = {}
+    for (pos, dim), piece in zip(plan.entries, pieces):
+        t = tensor(pos)
+        shape = [1] * t.dim()
+        if shape:
+            shape[dim] = -1
+        vec = piece.view(shape) if shape else piece.reshape(())
+        scales[pos] = vec if pos not in scales else scales[pos] * vec
+    for pos, scale in scales.items():
+        tensor(pos).mul_(scale)
 
 
 def element_mask(
@@ -148,9 +186,9 @@ def element_mask(
     for dim, idx in slices:
         by_dim.setdefault(dim, []).extend(idx)
     for dim, idx in by_dim.items():
-        index = torch.tensor(sorted(set(idx)), dtype=torch.long, device=param.device)
         if param.dim() == 0:
             mask.fill_(True)
-        else:
-            mask.index_fill_(dim, index, True)
+            continue
+        index = torch.tensor(sorted(set(idx)), dtype=torch.long, device=param.device)
+        mask.index_fill_(dim, index, True)
     return mask
