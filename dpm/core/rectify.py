@@ -23,7 +23,8 @@ class RectifyConfig:
     """Self-rectifying settings. ``None`` instead of a config turns SR off (+SP).
 
     Args:
-        t_rate: threshold T_rate on C_rate (in the units of ``c_rate_form``). ``inf`` never fires.
+        t_rate: threshold T_rate on C_rate (in the units of ``c_rate_form``); the default 0 asks
+            only that the loss push the norm back up. ``inf`` never fires.
         t_len: threshold T_len on C_len (1.0: gradient at least the family mean).
         c_rate_form: ``radial`` (default, ``-alpha <g, e> / Ls``), ``relative``
             (``(||x~|| - ||x||) / ||x||``) or ``per_step`` (``(||x~|| - ||x||) / Ls``).
@@ -35,7 +36,7 @@ class RectifyConfig:
             callback for the next-least-important structures and admits them at once).
     """
 
-    t_rate: float = 1.0
+    t_rate: float = 0.0
     t_len: float = 1.0
     c_rate_form: str = "radial"
     release_rule: str = "and"
