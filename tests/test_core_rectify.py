@@ -76,11 +76,19 @@ def test_infinite_thresholds_make_sr_identical_to_sp(opt_name):
     assert any("c_rate" in r for r in c1.log.history)
 
 
-def line_setup(N=6, **rectify):
-    """One 'layer' w (rows = targets) and a plain SGD: gradients can be set by hand."""
+LR = {"sgd": 0.1, "sgd_momentum_wd": 0.1, "adam": 0.01}
+
+
+def line_setup(N=6, opt_name="sgd", **rectify):
+    """One 'layer' w (rows = targets) whose gradients are set by hand."""
     torch.manual_seed(0)
     w = nn.Parameter(torch.randn(5, 4))
-    opt = torch.optim.SGD([w], lr=0.1)
+    opt = {
+        "sgd": lambda: torch.optim.SGD([w], lr=LR["sgd"]),
+        "sgd_momentum_wd": lambda: torch.optim.SGD([w], lr=LR["sgd_momentum_wd"], momentum=0.9,
+                                                   weight_decay=5e-4),
+        "adam": lambda: torch.optim.Adam([w], lr=LR["adam"]),
+    }[opt_name]()
     cfg = RectifyConfig(**{"t_rate": 1.0, "t_len": 1.0, **rectify})
     ctl = DecayController([w], N=N, rectify=cfg, optimizer=opt)
     targets = [Target(("w", i), "w", (Slice(w, 0, (i,)),)) for i in range(5)]
@@ -95,8 +103,9 @@ def set_grad(w, rows: dict[int, torch.Tensor]):
     w.grad = g
 
 
-def test_release_driven_by_hand_built_gradient_and_cooldown():
-    w, opt, ctl, targets = line_setup(N=6, release_cooldown=2)
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+def test_release_driven_by_hand_built_gradient_and_cooldown(opt_name):
+    w, opt, ctl, targets = line_setup(N=6, opt_name=opt_name, release_cooldown=2)
     L0 = w.detach()[0].norm().item()
     Ls = L0 / 6
     ctl.admit(targets[:3])
@@ -110,7 +119,7 @@ def test_release_driven_by_hand_built_gradient_and_cooldown():
     e0 = w.detach()[0] / w.detach()[0].norm()
     e1 = w.detach()[1] / w.detach()[1].norm()
     e2 = w.detach()[2] / w.detach()[2].norm()
-    c = 3 * Ls / 0.1
+    c = 3 * Ls / LR[opt_name]  # radial C_rate = lr * c / Ls = 3
     set_grad(w, {0: -c * e0, 1: c * e1, 2: -0.01 * c * e2, 3: 0.1 * torch.ones(4)})
     ctl.before_step(opt)
     opt.step()
@@ -122,11 +131,15 @@ def test_release_driven_by_hand_built_gradient_and_cooldown():
     assert w.detach()[1].norm().item() == pytest.approx(L0_of(ctl, 1) * (1 - 3 / 6), rel=1e-5)
     rel = ctl.log.releases[0]
     assert rel["key"] == ("w", 0) and rel["c_rate"] == pytest.approx(3.0, rel=1e-5)
-    # Never projected again: with zero gradient it keeps exactly its norm to the end of the decay.
+    # Never projected again: to the end of the others' decay only the optimizer moves it.
     for _ in range(5):
-        set_grad(w, {})
-        ctl.step(opt)
-    assert torch.equal(w.detach()[0], x_tilde[0])
+        set_grad(w, {0: torch.randn(4)})
+        ctl.before_step(opt)
+        opt.step()
+        x_tilde = w.detach().clone()
+        ctl.after_step(opt)
+        assert torch.equal(w.detach()[0], x_tilde[0])
+    assert len(ctl.log.releases) == 1
     assert ctl.pruned == {("w", 1), ("w", 2)}
     # Excluded from the base method's candidates, and admission is refused, for 2 rounds.
     assert ("w", 0) in ctl.candidates_excluded()
@@ -146,8 +159,9 @@ def L0_of(ctl, row):
     return ctl._decay[("w", row)][0]
 
 
-def test_target_not_meeting_the_rule_is_never_released():
-    w, opt, ctl, targets = line_setup(N=8)
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+def test_target_not_meeting_the_rule_is_never_released(opt_name):
+    w, opt, ctl, targets = line_setup(N=8, opt_name=opt_name)
     ctl.admit(targets[:2])
     torch.manual_seed(3)
     for _ in range(8):
