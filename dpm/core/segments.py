@@ -45,6 +45,8 @@ class Plan:
     seg: torch.Tensor
     unique: bool
     num_rows: int
+    sizes_t: torch.Tensor | None = None
+    _weights: tuple[list[float], torch.Tensor] | None = None
 
     def __bool__(self) -> bool:
         return bool(self.entries)
@@ -90,6 +92,7 @@ def build_plan(
         seg=torch.tensor(all_seg, dtype=torch.long, device=device),
         unique=len(set(all_sel)) == len(all_sel),
         num_rows=len(rows),
+        sizes_t=torch.tensor(sizes, dtype=torch.long, device=device),
     )
 
 
@@ -134,9 +137,11 @@ def segment_sum(
             scale.append(weights(pos))
     flat = torch.cat(parts).to(dtype)
     if weights is not None:
-        w = torch.tensor(scale, dtype=dtype, device=device)
-        sizes = torch.tensor(plan.sizes, device=device)
-        flat = flat * torch.repeat_interleave(w, sizes, output_size=flat.numel())
+        # Learning rates rarely change: reuse the expanded vector (no host->device copy per step).
+        if plan._weights is None or plan._weights[0] != scale:
+            w = torch.tensor(scale, dtype=dtype, device=device)
+            plan._weights = (scale, torch.repeat_interleave(w, plan.sizes_t, output_size=flat.numel()))
+        flat = flat * plan._weights[1]
     return out.index_add_(0, plan.seg, flat.index_select(0, plan.sel))
 
 
