@@ -58,7 +58,8 @@ class PruningRounds:
 
     # ------------------------------------------------------------------ hook
     def step_start(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.iteration == self.next_round_at and self._wants_round():
+        # A round waits for the previous one's decay to end: selection sees no decaying channel.
+        if self.iteration >= self.next_round_at and not self.controller.decaying and self._wants_round():
             self._start_round(optimizer)
 
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -113,8 +114,6 @@ class PruningRounds:
                  self.iteration, record["speedup"])
         if self.on_removal is not None:
             self.on_removal(record)
-        if self.next_round_at <= self.iteration:
-            self.next_round_at = self.iteration  # a late removal delays the next round, never skips it
 
     def _replacement(self, released: list, excluded: frozenset) -> list:
         """budget=strict: for each released channel, the next-least-important candidate."""

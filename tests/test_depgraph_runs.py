@@ -1,0 +1,102 @@
+"""DepGraph + DPM through the runner: N = 1 is the base method, rounds, SR, real CIFAR-10 end to end."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import CIFAR10, compose
+from dpm.run import CHECKPOINT, run
+
+# Fields that differ between two runs of the same computation.
+RUN_SPECIFIC = {"wall_time_s", "run_dir", "pretrain_source", "history", "variant", "name"}
+
+
+def digits(*overrides: str):
+    """A seconds-long DepGraph run on digits, deterministic on CPU."""
+    return compose(["experiment=quickstart", "trainer.deterministic=true", "trainer.progress=false",
+                    "trainer.pretrain.epochs=3", "trainer.finetune.epochs=2", *overrides])
+
+
+def final_weights(run_dir):
+    return torch.load(run_dir / CHECKPOINT, weights_only=False)["model"]
+
+
+def test_sp_with_N_1_is_bitwise_the_base_method(tmp_path):
+    base = run(digits("dpm=base"), tmp_path / "base")
+    sp = run(digits("dpm=sp", "dpm.N=1"), tmp_path / "sp")
+    assert base["status"] == sp["status"] == "complete"
+    assert base["N"] == sp["N"] == 1 and base["admitted"] > 0
+    assert {k: v for k, v in sp.items() if k not in RUN_SPECIFIC} == \
+        {k: v for k, v in base.items() if k not in RUN_SPECIFIC}
+    wb, ws = final_weights(tmp_path / "base"), final_weights(tmp_path / "sp")
+    assert wb.keys() == ws.keys() and all(torch.equal(wb[k], ws[k]) for k in wb)
+
+
+def test_base_meets_the_speedup_and_records_the_dpm_counters(tmp_path):
+    m = run(digits("dpm=base", "pruner.speedup=2.5"), tmp_path / "run")
+    assert m["target_met"] and m["native_speedup"] >= 2.5
+    assert m["pruned_macs"] < m["base_macs"] and m["speedup"] > 1.5  # headline counter agrees in direction
+    assert m["pruned"] == m["admitted"] > 0 and m["released"] == 0 and m["rounds_done"] == 1
+    assert m["native_counter"] == "torch_pruning" and m["native_pruned_macs"] < m["native_base_macs"]
+    assert m["epochs"]["finetune"] == 2
+
+
+def test_sp_decays_over_N_steps_then_removes(tmp_path):
+    m = run(digits("dpm=sp", "dpm.N=10"), tmp_path / "run")
+    assert m["N"] == 10 and m["target_met"]
+    assert m["removals"][0]["iteration"] == 9  # admitted at iteration 0 (step 1), zero after 9 more steps
+    log = json.loads((tmp_path / "run" / "dpm_log.json").read_text())
+    for key, points in log["trajectories"]:
+        l0 = points[0][2] / (1 - 1 / 10)
+        for _, n, norm in points:
+            assert norm == pytest.approx(l0 * (1 - n / 10), rel=1e-4, abs=1e-6)
+    assert log["trajectories"]
+
+
+def test_rounds_split_the_speedup_and_never_reselect(tmp_path, monkeypatch):
+    from dpm.pruners.rounds import PruningRounds
+
+    calls = []
+    original = PruningRounds._start_round
+
+    def spy(self, optimizer):
+        excluded_before = self.controller.candidates_excluded()
+        original(self, optimizer)
+        admitted_now = self.controller.decaying | self.controller.pruned
+        calls.append((excluded_before, admitted_now))
+
+    monkeypatch.setattr(PruningRounds, "_start_round", spy)
+    m = run(digits("dpm=sr", "trainer.finetune.epochs=4", "dpm.N=5", "pruner.rounds=3", "pruner.round_interval=10",
+                   "dpm.release_cooldown=2", "dpm.T_rate=0.002", "dpm.T_len=1.2"), tmp_path / "run")
+    assert m["rounds_done"] >= 3 and m["target_met"] and m["released"] >= 1
+    assert any(excluded for excluded, _ in calls)  # cooling-down released channels were offered as exclusions
+    for excluded, admitted in calls:
+        assert not (excluded & admitted)
+    speedups = [r["speedup"] for r in m["removals"]]
+    assert speedups == sorted(speedups) and speedups[0] < m["native_speedup"]
+
+
+@pytest.mark.skipif(not CIFAR10.is_dir(), reason=f"real CIFAR-10 copy not found at {CIFAR10}")
+def test_real_cifar10_base_sp_sr_end_to_end(tmp_path, decode_cache):
+    common = ["dataset=cifar10", f"dataset.root={CIFAR10}", "model=resnet20", "dataset.train_subset=1000",
+              "dataset.test_subset=500", "trainer.pretrain.epochs=4", "trainer.finetune.epochs=3",
+              "trainer.pretrain.batch_size=50", "trainer.finetune.batch_size=50", "trainer.pretrain.lr=0.05",
+              "pruner.speedup=1.6", "pruner.round_interval=12", f"cache_dir={decode_cache}", "dpm.N=10",
+              # smoke thresholds: about the 90th percentile of this setting's C_rate, C_len above the
+              # family mean; released channels stay out of later rounds (SR's extra rounds meet the target)
+              "dpm.T_rate=0.0003", "dpm.T_len=1.2", "dpm.release_cooldown=100"]
+    results = {v: run(compose(["experiment=quickstart", *common, f"dpm={v}"]), tmp_path / v)
+               for v in ("base", "sp", "sr")}
+    for v, m in results.items():
+        assert m["status"] == "complete" and m["target_met"], v
+        assert m["top1_final"] > 15.0, (v, m["top1_final"])  # chance is 10%
+    assert results["sp"]["N"] == 10 and results["sp"]["admitted"] > 0
+    log = json.loads((tmp_path / "sp" / "dpm_log.json").read_text())
+    key, points = log["trajectories"][0]
+    l0 = points[0][2] / (1 - 1 / 10)
+    assert [n for _, n, _ in points] == list(range(1, 11))
+    assert all(norm == pytest.approx(l0 * (1 - n / 10), rel=1e-4, abs=1e-6) for _, n, norm in points)
+    assert results["sr"]["released"] >= 1
+    assert results["base"]["pretrain_key"] == results["sp"]["pretrain_key"] == results["sr"]["pretrain_key"]
