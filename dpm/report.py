@@ -15,7 +15,7 @@ RUN_COLUMNS = {
     "top1_final": "top1 %", "top1_best": "best %", "top1_best_epoch": "@ep",
     "pruned_macs_m": "MACs (M)", "pruned_params_m": "params (M)",
     "flops_remaining_pct": "MACs %", "params_remaining_pct": "params %", "speedup": "speed-up",
-    "R": "R", "N": "N", "admitted": "admitted", "released": "released", "pruned": "removed",
+    "rounds_done": "rounds", "N": "N", "admitted": "admitted", "released": "released", "pruned": "removed",
     "wall_time_s": "time (s)", "status": "status",
 }
 
