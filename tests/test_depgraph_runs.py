@@ -100,3 +100,26 @@ def test_real_cifar10_base_sp_sr_end_to_end(tmp_path, decode_cache):
     assert all(norm == pytest.approx(l0 * (1 - n / 10), rel=1e-4, abs=1e-6) for _, n, norm in points)
     assert results["sr"]["released"] >= 1
     assert results["base"]["pretrain_key"] == results["sp"]["pretrain_key"] == results["sr"]["pretrain_key"]
+
+
+def test_killed_pruning_run_resumes_to_the_same_metrics(tmp_path):
+    """Killed after fine-tune epoch 2 (channels removed, SR rounds under way), the rerun replays the
+    removals, restores the decay controller and ends where an uninterrupted run ends."""
+    from conftest import run_cli
+
+    args = ["experiment=quickstart", "dpm=sr", "trainer.deterministic=true", "trainer.pretrain.epochs=3",
+            "trainer.finetune.epochs=4", "dpm.N=5", "pruner.rounds=3", "pruner.round_interval=10",
+            "dpm.release_cooldown=2", "dpm.T_rate=0.002", "dpm.T_len=1.2"]
+    ref = run_cli([*args, f"hydra.run.dir={tmp_path / 'ref'}"], env={"DPM_CACHE_DIR": str(tmp_path / "c1")})
+    assert ref.returncode == 0, ref.stderr
+    env = {"DPM_CACHE_DIR": str(tmp_path / "c2")}
+    killed = run_cli([*args, f"hydra.run.dir={tmp_path / 'run'}"], env={**env, "DPM_FAULT_AT": "finetune:epoch2"})
+    assert killed.returncode == -9
+    resumed = run_cli([*args, f"hydra.run.dir={tmp_path / 'run'}"], env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "finetune: resuming after epoch 2" in resumed.stdout + resumed.stderr
+    a = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    skip = RUN_SPECIFIC | {"pretrain_checkpoint"}
+    assert a["released"] >= 1 and a["rounds_done"] >= 2
+    assert {k: v for k, v in b.items() if k not in skip} == {k: v for k, v in a.items() if k not in skip}
