@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from dpm.core import DecayController, RectifyConfig, channel_targets
+from dpm.core import DecayController, RectifyConfig, channel_targets, segments
 
 
 class OpCounter(TorchFunctionMode):
@@ -64,9 +64,11 @@ def count_ops(num_targets: int, rectify: bool, consumers: bool) -> tuple[Counter
     return admit_ops.ops, step_ops.ops
 
 
+@pytest.mark.parametrize("stack", [False, True])
 @pytest.mark.parametrize("rectify", [False, True])
 @pytest.mark.parametrize("consumers", [False, True])
-def test_op_count_independent_of_number_of_targets(rectify, consumers):
+def test_op_count_independent_of_number_of_targets(rectify, consumers, stack, monkeypatch):
+    monkeypatch.setattr(segments, "STACK_ON_CPU", stack)
     admit_small, step_small = count_ops(10, rectify, consumers)
     admit_large, step_large = count_ops(1000, rectify, consumers)
     assert sum(step_small.values()) > 10  # the mode does see the controller's ops
@@ -85,3 +87,46 @@ def test_op_counter_detects_a_per_target_loop():
         return sum(c.ops.values())
 
     assert looped(10) != looped(1000)
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU()]
+    for _ in range(3):  # same-shaped layers: the accelerator path stacks them
+        layers += [nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(8, 3))
+
+
+def run_mlp(stack: bool, monkeypatch):
+    monkeypatch.setattr(segments, "STACK_ON_CPU", stack)
+    net = mlp()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    ctl = DecayController(net, N=6, optimizer=opt, include_consumers=True,
+                          rectify=RectifyConfig(t_rate=0.0, t_len=1.0))
+    targets = []
+    for i in range(4):
+        lin, bn, nxt = net[3 * i], net[3 * i + 1], net[3 * i + 3]
+        targets += channel_targets(f"l{i}", [(lin.weight, 0), (lin.bias, 0), (bn.weight, 0),
+                                             (bn.bias, 0)], consumers=[(nxt.weight, 1)])
+    ctl.register(targets)
+    ctl.admit(targets[::3])
+    g = torch.Generator().manual_seed(3)
+    for _ in range(8):
+        opt.zero_grad()
+        x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+        nn.functional.cross_entropy(net(x), y).backward()
+        ctl.step(opt)
+    return net, ctl
+
+
+def test_stacked_path_matches_per_tensor_path(monkeypatch):
+    """The accelerator path (same-shaped tensors stacked) computes what the CPU path computes."""
+    net0, ctl0 = run_mlp(False, monkeypatch)
+    net1, ctl1 = run_mlp(True, monkeypatch)
+    plan = ctl1._D_plan
+    assert any(end - start > 1 for start, end, _, _ in plan.groups), "nothing was stacked"
+    assert all(end - start == 1 for start, end, _, _ in ctl0._D_plan.groups)
+    assert (ctl0.pruned, ctl0.released) == (ctl1.pruned, ctl1.released)
+    assert ctl0.pruned and ctl0.released  # both decay outcomes exercised
+    for (name, a), b in zip(net0.state_dict().items(), net1.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6), name
