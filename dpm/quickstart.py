@@ -13,14 +13,14 @@ VARIANTS = ("base", "sp", "sr")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
-def compose(overrides: list[str]) -> DictConfig:
-    """The config `python -m dpm <overrides>` would run."""
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The config `python -m dpm <overrides>` would run (without Hydra's own node)."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
     import dpm.config  # noqa: F401  (registers the schema)
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose("config", overrides=overrides)
+        return hydra_compose("config", overrides=list(overrides))
 
 
 def main(overrides: list[str] | None = None) -> list[dict]:

@@ -386,8 +386,9 @@ def _hydra_entry():
 
     import dpm.config  # noqa: F401  (registers the schema)
 
-    @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent.parent / "conf"),
-                config_name="config")
+    from dpm.quickstart import CONF_DIR
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
     def hydra_main(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 

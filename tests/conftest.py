@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from dpm.quickstart import compose  # noqa: F401  (the config `python -m dpm <overrides>` would run)
+
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
 # The real CIFAR-10 copy beside the project checkout (see README: DPM_DATA_DIR).
@@ -25,16 +27,6 @@ def isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("DPM_FAULT_AT", raising=False)
     yield
-
-
-def compose(overrides: list[str] | tuple[str, ...] = ()):
-    """The config `python -m dpm <overrides>` would run (without Hydra's own node)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    import dpm.config  # noqa: F401  (registers the schema)
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides))
 
 
 def run_cli(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
