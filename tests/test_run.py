@@ -39,7 +39,7 @@ def test_run_writes_complete_metrics(tmp_path):
     assert on_disk["flops_remaining_pct"] == 100.0 and on_disk["speedup"] == 1.0
     assert 0 <= on_disk["top1_final"] <= 100 and on_disk["top1_best"] >= on_disk["top1_final"] - 1e-9
     assert on_disk["val_size"] == 32 and "val_top1_final" in on_disk and "val_top1_best" in on_disk
-    assert on_disk["epochs"] == {"pretrain": 2, "finetune": 1}
+    assert on_disk["epochs"] == {"pretrain": 2, "sparse": 0, "finetune": 1}
     assert (tmp_path / "run" / "config.yaml").exists()
     assert not list((tmp_path / "run").glob(".*.tmp"))  # nothing half-written left behind
 
