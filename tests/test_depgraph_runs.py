@@ -123,3 +123,18 @@ def test_killed_pruning_run_resumes_to_the_same_metrics(tmp_path):
     skip = RUN_SPECIFIC | {"pretrain_checkpoint"}
     assert a["released"] >= 1 and a["rounds_done"] >= 2
     assert {k: v for k, v in b.items() if k not in skip} == {k: v for k, v in a.items() if k not in skip}
+
+
+def test_sparse_learning_stage_is_shared_between_variants(tmp_path):
+    sl = ["trainer.sparse.epochs=2", "trainer.sparse.lr=0.01", "pruner.reg=5e-4"]
+    base = run(digits("dpm=base", *sl), tmp_path / "base")
+    sp = run(digits("dpm=sp", "dpm.N=5", *sl), tmp_path / "sp")
+    assert base["sparse_learning"] and base["epochs"]["sparse"] == 2
+    assert (base["sparse_source"], sp["sparse_source"]) == ("trained", "cache")
+    assert base["sparse_key"] == sp["sparse_key"] and base["top1_before_prune"] == sp["top1_before_prune"]
+    plain = run(digits("dpm=base"), tmp_path / "plain")
+    assert not plain["sparse_learning"] and "sparse_source" not in plain
+    # the regularised weights differ from the plain pretrained ones, so the pruned models differ too
+    assert final_weights(tmp_path / "plain").keys() == final_weights(tmp_path / "base").keys()
+    assert any(not torch.equal(a, b) for a, b in zip(final_weights(tmp_path / "plain").values(),
+                                                      final_weights(tmp_path / "base").values()))
