@@ -7,30 +7,7 @@ import torch
 from torch import nn
 
 from dpm.core import DecayController, Slice, Target, channel_targets
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: intra-op threads only add contention (and seconds) on a shared CI box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-OPTIMIZERS = {
-    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05),
-    "sgd_momentum_wd": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=5e-4),
-    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
-}
-
-
-def tiny_net(seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.Conv2d(6, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3),
-    )
+from helpers import OPTIMIZERS, one_thread, tiny_net  # noqa: F401  (one_thread is an autouse fixture)
 
 
 def conv1_targets(net: nn.Sequential) -> list[Target]:

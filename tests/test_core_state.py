@@ -7,23 +7,7 @@ import torch
 from torch import nn
 
 from dpm.core import DecayController, RectifyConfig, channel_targets
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_net():
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.Conv2d(6, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3),
-    )
+from helpers import one_thread, tiny_net  # noqa: F401  (one_thread is an autouse fixture)
 
 
 def make(net, interval=1):

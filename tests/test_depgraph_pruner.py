@@ -13,16 +13,7 @@ from dpm.core import DecayController
 from dpm.measure import torch_pruning_macs_params
 from dpm.models import build_model
 from dpm.pruners import DepGraphPruner
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny single-sample convolutions: with two intra-op threads on a busy 2-core box the same
-    # selection loop ran 25x slower (thread oversubscription), and nothing here needs the threads.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from helpers import one_thread  # noqa: F401  (one_thread is an autouse fixture)
 
 
 def model_and_input(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
