@@ -117,3 +117,31 @@ def test_real_cifar10_folder_loads_in_label_order(decode_cache):
     # real images: the per-channel means are CIFAR-10's (~0.49, 0.48, 0.45), not noise
     means = data.train.images.float().div(255).mean(dim=(0, 2, 3))
     assert torch.allclose(means, torch.tensor([0.4914, 0.4822, 0.4465]), atol=0.03)
+
+
+def test_imagenet_style_folder_run(tmp_path):
+    """dataset=imagenet streams an ImageFolder root (train/, val/) through a DataLoader."""
+    from PIL import Image
+
+    from dpm.run import run
+
+    for split in ("train", "val"):
+        for c in range(3):
+            folder = tmp_path / "imagenet" / split / f"n0{c}"
+            folder.mkdir(parents=True)
+            for i in range(6):
+                Image.new("RGB", (40, 40), (80 * c, 20 * i, 30)).save(folder / f"{i}.JPEG")
+    cfg = compose(["experiment=smoke", "dataset=imagenet", f"dataset.root={tmp_path / 'imagenet'}",
+                   "dataset.num_classes=3", "dataset.image_size=32", "trainer.pretrain.batch_size=6",
+                   "trainer.finetune.epochs=0", "pretrain.cache=false"])
+    from dpm.data import build_data, eval_loader, train_loader
+
+    data = build_data(cfg.dataset)
+    x, y = next(iter(train_loader(data, 6, torch.device("cpu"), seed=0, phase="pretrain")))
+    assert x.shape == (6, 3, 32, 32) and set(y.tolist()) <= {0, 1, 2}
+    assert sum(len(y) for _, y in eval_loader(data, "test", 4, torch.device("cpu"))) == 18
+    metrics = run(cfg, tmp_path / "run")
+    assert metrics["status"] == "complete" and metrics["train_size"] is None
+    cfg.dataset.num_classes = 5
+    with pytest.raises(UserError, match="dataset.num_classes=5 but .* has 3 class folders"):
+        build_data(cfg.dataset)

@@ -49,6 +49,10 @@ def build_data(cfg: Any, cache_dir: str | None = None) -> DataBundle:
         train_dir, val_dir = imagenet_folders(cfg.root)
         if cfg.val_size:
             raise UserError("dataset.val_size is not supported for imagenet folders: set dataset.val_size=0")
+        found = sum(1 for d in train_dir.iterdir() if d.is_dir())
+        if found != cfg.num_classes:
+            raise UserError(f"dataset.num_classes={cfg.num_classes} but {train_dir} has {found} class folders: "
+                            f"fix dataset.num_classes")
         return DataBundle(name, train_dir, None, val_dir, cfg.num_classes, cfg.in_channels, cfg.image_size,
                           cfg.mean, cfg.std, cfg.augment)
     if name == "digits":
