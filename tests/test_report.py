@@ -1,0 +1,237 @@
+"""dpm.report: run dirs -> paper table, paired seed statistics, Markdown / CSV / LaTeX, plots, CLI,
+the quickstart's report and the multirun callback."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import ROOT, run_cli
+from dpm import report as rp
+
+TABLE = "depgraph_resnet56_cifar10"
+# (variant, seed) -> top1_final; best = final + 0.2, FLOPs 47 %, params 50 + seed.
+TOP1 = {("base", 0): 93.0, ("base", 1): 93.5, ("base", 2): 94.0,
+        ("sp", 0): 93.2, ("sp", 1): 93.6, ("sp", 2): 94.4,
+        ("sr", 0): 93.5, ("sr", 1): 93.9}
+
+
+def write_run(run_dir: Path, variant: str, seed: int, top1: float | None, status: str = "complete",
+              metrics: bool = True, run_id: str = "r", hydra_only: bool = False) -> Path:
+    """A run dir as the runner leaves it: config.yaml (or only .hydra/config.yaml) and metrics.json."""
+    run_dir.mkdir(parents=True)
+    cfg = {"name": TABLE, "table": TABLE, "seed": seed, "run_id": run_id, "output_root": "outputs",
+           "model": {"name": "resnet56"}, "dataset": {"name": "cifar10"}, "pruner": {"name": "depgraph"},
+           "dpm": {"variant": variant, "N": 1 if variant == "base" else 195},
+           "trainer": {"device": "auto", "sparse": {"epochs": 100}}}
+    cfg_path = run_dir / (".hydra/config.yaml" if hydra_only else "config.yaml")
+    cfg_path.parent.mkdir(exist_ok=True)
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    if metrics:
+        m = {"name": TABLE, "table": TABLE, "model": "resnet56", "dataset": "cifar10", "pruner": "depgraph",
+             "variant": variant, "seed": seed, "status": status, "sparse_learning": True, "history": {"x": []}}
+        if status == "complete":
+            m.update(top1_final=top1, top1_best=top1 + 0.2, flops_remaining_pct=47.0,
+                     params_remaining_pct=50.0 + seed)
+        else:
+            m["error"] = "RuntimeError: boom"
+        (run_dir / "metrics.json").write_text(json.dumps(m))
+    return run_dir
+
+
+@pytest.fixture
+def runs_dir(tmp_path) -> Path:
+    """Eight good runs (sr seed 2 missing), a failed run (sr seed 2), an incomplete run (config.yaml,
+    no metrics.json), an older duplicate of base seed 0 with a different result, a Hydra-only config,
+    and a W&B config.yaml that is not a run."""
+    root = tmp_path / "sweep"
+    for i, ((variant, seed), top1) in enumerate(TOP1.items()):
+        write_run(root / f"{i}_{variant}_{seed}", variant, seed, top1, hydra_only=(i == 1))
+    write_run(root / "8_sr_2", "sr", 2, None, status="failed")
+    write_run(root / "9_sp_3", "sp", 3, None, metrics=False)
+    dup = write_run(root / "old" / "base_0", "base", 0, 90.0, run_id="older")
+    old = time.time() - 3600
+    os.utime(dup / "metrics.json", (old, old))
+    (root / "0_base_0" / "wandb" / "files").mkdir(parents=True)
+    (root / "0_base_0" / "wandb" / "files" / "config.yaml").write_text("wandb_version: 1\n")
+    # one run with a decay log, for the trajectory plot
+    (root / "5_sp_2" / "dpm_log.json").write_text(json.dumps({
+        "trajectories": [[["conv", 0], [[0, 1, 1.0], [1, 2, 0.5], [2, 3, 0.0]]],
+                         [["conv", 1], [[0, 1, 2.0], [1, 2, 1.5]]]],
+        "releases": [{"step": 1, "round": 1, "key": ["conv", 1], "c_rate": 0.1, "c_len": 2.0}],
+        "history": [], "readmissions": []}))
+    return root
+
+
+def test_load_runs_lists_every_run_dir_with_status_duplicates_and_config_columns(runs_dir):
+    frame = rp.load_runs([runs_dir])
+    assert len(frame) == 11  # 8 good + failed + incomplete + duplicate; the W&B config is not a run
+    status = dict(zip(frame["run_dir"].map(lambda d: Path(d).relative_to(runs_dir).as_posix()), frame["status"]))
+    assert status["8_sr_2"] == "failed" and status["9_sp_3"] == "missing"
+    assert sum(s == "complete" for s in status.values()) == 9
+    dups = frame[frame["duplicate_of"].notna()]
+    assert list(dups["run_dir"]) == [str(runs_dir / "old" / "base_0")]  # the newer run is kept
+    assert dups["duplicate_of"].iloc[0] == str(runs_dir / "0_base_0")
+    assert frame["cfg.dpm.N"].notna().all() and "cfg.trainer.sparse.epochs" in frame
+    hydra_row = frame[frame["run_dir"] == str(runs_dir / "1_base_1")].iloc[0]
+    assert hydra_row["config_path"].endswith(".hydra/config.yaml")
+    incomplete = frame[frame["status"] == "missing"].iloc[0]  # identity comes from its config
+    assert (incomplete["variant"], incomplete["seed"], incomplete["sparse_learning"]) == ("sp", 3, True)
+
+
+def test_paper_table_aggregates_over_seeds_with_deltas_and_the_papers_numbers(runs_dir):
+    table = rp.paper_table(rp.load_runs([runs_dir]))
+    assert list(table["variant"]) == ["base", "sp", "sr"]
+    assert list(table["n"]) == [3, 3, 2] and list(table["seeds"]) == ["0,1,2", "0,1,2", "0,1"]
+    sp = [93.2, 93.6, 94.4]
+    expected_mean = [93.5, np.mean(sp), 93.7]
+    expected_std = [0.5, np.std(sp, ddof=1), np.std([93.5, 93.9], ddof=1)]
+    np.testing.assert_allclose(table["top1_final_mean"], expected_mean)
+    np.testing.assert_allclose(table["top1_final_std"], expected_std)
+    np.testing.assert_allclose(table["top1_best_mean"], np.add(expected_mean, 0.2))
+    np.testing.assert_allclose(table["d_top1_final"], [0.0, np.mean(sp) - 93.5, 0.2], atol=1e-12)
+    np.testing.assert_allclose(table["flops_remaining_pct_mean"], 47.0)
+    np.testing.assert_allclose(table["params_remaining_pct_mean"], [51.0, 51.0, 50.5])
+    np.testing.assert_allclose(table["d_params_remaining_pct"], [0.0, 0.0, -0.5], atol=1e-12)
+    # the paper's DepGraph rows with sparse learning
+    np.testing.assert_allclose(table["paper_top1"], [93.84, 93.96, 94.13])
+    np.testing.assert_allclose(table["paper_flops_pct"], [46.86, 46.32, 45.80])
+    np.testing.assert_allclose(table["diff_top1"], np.subtract(expected_mean, [93.84, 93.96, 94.13]))
+    assert (table["sparse_learning"] == True).all() and (table["table"] == TABLE).all()  # noqa: E712
+
+
+def test_reference_match_without_table_and_without_sparse_learning_column():
+    ref = rp.load_reference()
+    key = {"pruner": "depgraph", "model": "resnet56", "dataset": "cifar10", "variant": "base"}
+    # table null: the paper's own row comes first, not Torch-Pruning's reproduction
+    assert rp.match_reference(ref, {**key, "table": None, "sparse_learning": False})["top1"] == 93.32
+    assert rp.match_reference(ref, {**key, "table": "depgraph_resnet56_cifar10_tp",
+                                     "sparse_learning": True})["top1"] == 93.77
+    otov2 = {"pruner": "otov2", "model": "vgg16_bn", "dataset": "cifar10", "variant": "sr", "table": None}
+    assert rp.match_reference(ref, {**otov2, "sparse_learning": False})["top1"] == 93.8  # CSV leaves SL empty
+    assert rp.match_reference(ref, {**key, "model": "tiny_cnn", "table": None, "sparse_learning": False}) is None
+
+
+def test_seed_statistics_pair_by_seed_and_flag_intervals_with_zero(runs_dir):
+    from scipy import stats as st
+
+    s = rp.seed_statistics(rp.load_runs([runs_dir]))
+    final = s[s["metric"] == "top1_final"].set_index("comparison")
+    sp = final.loc["+SP - base"]
+    d = np.array([0.2, 0.1, 0.4])
+    half = st.t.ppf(0.975, 2) * d.std(ddof=1) / math.sqrt(3)
+    assert sp["n"] == 3 and sp["unpaired_seeds"] == ""
+    np.testing.assert_allclose([sp["mean_diff"], sp["ci_low"], sp["ci_high"]], [d.mean(), d.mean() - half, d.mean() + half])
+    assert bool(sp["includes_zero"]) and math.isnan(sp["boot_low"])
+    sr = final.loc["+SR - base"]
+    assert sr["n"] == 2 and sr["unpaired_seeds"] == "2"  # seed 2 failed for +SR
+    np.testing.assert_allclose(sr["mean_diff"], 0.45)
+
+
+def test_paired_interval_matches_scipy_and_the_mdd_formula():
+    from scipy import stats as st
+
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(93.5, 0.3, 8), rng.normal(93.2, 0.3, 8)
+    iv = rp.paired_interval(x - y)
+    ci = st.ttest_rel(x, y).confidence_interval(0.95)
+    np.testing.assert_allclose([iv.low, iv.high], [ci.low, ci.high])
+    se = np.std(x - y, ddof=1) / math.sqrt(8)
+    np.testing.assert_allclose(iv.mdd, (st.t.ppf(0.975, 7) + st.t.ppf(0.8, 7)) * se)
+    np.testing.assert_allclose(iv.half_width, st.t.ppf(0.975, 7) * se)
+    assert math.isnan(iv.boot_low)  # n < 10: no bootstrap
+    # known numbers: d = 1, 2, 3 -> mean 2, sd 1, half-width t(0.975, 2) / sqrt(3) = 2.4841
+    known = rp.paired_interval([1.0, 2.0, 3.0])
+    np.testing.assert_allclose([known.low, known.high], [2 - 2.484138, 2 + 2.484138], atol=1e-5)
+    assert known.includes_zero is True and rp.paired_interval([1.0, 1.1, 0.9]).includes_zero is False
+    assert rp.paired_interval([0.5]).includes_zero is None  # n = 1: no interval
+    ten = rp.paired_interval(np.linspace(0.1, 1.0, 10))
+    assert ten.boot_low < ten.mean < ten.boot_high and ten.low < ten.boot_low
+
+
+def test_write_report_outputs_parse_back(runs_dir, tmp_path):
+    out = tmp_path / "rep"
+    report = rp.write_report([runs_dir], out)
+    csv = pd.read_csv(out / "paper_table.csv")
+    assert list(csv["variant"]) == ["base", "sp", "sr"] and list(csv["n"]) == [3, 3, 2]
+    np.testing.assert_allclose(csv["top1_final_mean"], report.table["top1_final_mean"])
+    assert len(pd.read_csv(out / "runs.csv")) == 11
+    problems = pd.read_csv(out / "problems.csv")
+    assert sorted(problems["status"]) == ["failed", "missing"] and "boom" in problems["problem"].str.cat()
+    assert len(pd.read_csv(out / "duplicates.csv")) == 2
+    assert len(pd.read_csv(out / "stats.csv")) == 4  # (+SP, +SR) x (top1_final, top1_best)
+
+    md = (out / "report.md").read_text()
+    section = md.split("## Paper table")[1].split("##")[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert header[:8] == ["table", "model", "dataset", "pruner", "SL", "variant", "n", "top1 %"]
+    body = [[c.strip() for c in r.strip("|").split("|")] for r in rows[2:]]
+    assert [r[5] for r in body] == ["base", "+SP", "+SR"]
+    assert body[0][7] == "93.50 ± 0.50" and body[2][8] == "+0.20"
+    assert body[0][header.index("paper top1")] == "93.84"
+    for heading in ("## Seed statistics", "## Failed and incomplete runs", "## Duplicates"):
+        assert heading in md
+    assert "8_sr_2" in md and "9_sp_3" in md and "old/base_0" in md
+
+    tex = (out / "tables.tex").read_text()
+    assert tex.count(r"\begin{tabular}") == 2 and tex.count(r"\end{tabular}") == 2
+    assert r"93.50 $\pm$ 0.50" in tex and "93.84" in tex and r"+SP - base" in tex
+
+
+def test_plots_are_written_and_non_empty(runs_dir, tmp_path):
+    report = rp.write_report([runs_dir], tmp_path / "rep")
+    plots = tmp_path / "rep" / "plots"
+    for name in ("accuracy_vs_flops", "trajectories_5_sp_2"):
+        assert (plots / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (plots / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
+        assert (plots / f"{name}.png").stat().st_size > 5000
+    assert len([p for p in report.files if p.parent == plots]) == 4
+
+
+def test_cli_prints_the_report_and_refuses_a_dir_without_runs(runs_dir, tmp_path):
+    out = tmp_path / "cli_report"
+    done = subprocess.run([sys.executable, "-m", "dpm.report", str(runs_dir), "--out", str(out), "--no-plots"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "## Paper table" in done.stdout and "93.50 ± 0.50" in done.stdout
+    assert (out / "report.md").is_file() and not (out / "plots").exists()
+    (tmp_path / "empty").mkdir()
+    for bad in (tmp_path / "empty", tmp_path / "nowhere"):
+        done = subprocess.run([sys.executable, "-m", "dpm.report", str(bad)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 2
+        assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_quickstart_ends_with_a_report_of_its_three_runs(capsys):
+    from dpm.quickstart import main
+
+    rows = main(["trainer.pretrain.epochs=2", "trainer.finetune.epochs=2"])
+    printed = capsys.readouterr().out
+    root = Path(rows[0]["run_dir"]).parent
+    assert f"report: {root / 'report'}/report.md" in printed
+    table = pd.read_csv(root / "report" / "paper_table.csv")
+    assert list(table["variant"]) == ["base", "sp", "sr"] and list(table["n"]) == [1, 1, 1]
+    assert (root / "report" / "plots" / "trajectories_sr.png").stat().st_size > 0
+
+
+def test_multirun_callback_writes_the_sweep_report(tmp_path):
+    sweep = tmp_path / "sweep"
+    done = run_cli(["-m", "experiment=quickstart", "dpm=base,sp,sr", "trainer.pretrain.epochs=2",
+                    "trainer.finetune.epochs=2", f"hydra.sweep.dir={sweep}"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = pd.read_csv(sweep / "report" / "paper_table.csv")
+    assert list(table["variant"]) == ["base", "sp", "sr"]
+    assert (sweep / "report" / "report.md").read_text().count("complete") >= 1
+    assert (sweep / "report" / "plots" / "accuracy_vs_flops.png").stat().st_size > 0
