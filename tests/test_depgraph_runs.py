@@ -138,3 +138,12 @@ def test_sparse_learning_stage_is_shared_between_variants(tmp_path):
     assert final_weights(tmp_path / "plain").keys() == final_weights(tmp_path / "base").keys()
     assert any(not torch.equal(a, b) for a, b in zip(final_weights(tmp_path / "plain").values(),
                                                       final_weights(tmp_path / "base").values()))
+
+
+def test_strict_budget_replaces_releases_within_the_round(tmp_path):
+    base_budget = run(digits("dpm=sr"), tmp_path / "base_budget")
+    strict = run(digits("dpm=sr", "dpm.budget=strict"), tmp_path / "strict")
+    assert strict["released"] >= 1 and strict["target_met"]
+    # each release is replaced at once by the next-least-important channel, in the same round
+    assert strict["admitted"] == strict["pruned"] + strict["released"]
+    assert strict["rounds_done"] == 1 < base_budget["rounds_done"]
