@@ -131,6 +131,8 @@ class LoggerConfig:
     mode: str = "online"  # online | offline | disabled
     group: Optional[str] = None
     tags: List[str] = field(default_factory=list)
+    # Per-step training metrics (loss, lr, DPM counters) every this many optimizer steps; 0: per-epoch only.
+    log_every: int = 50
 
 
 @dataclass

@@ -61,7 +61,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         from dpm.loggers import make_logger
 
         logger = make_logger(cfg.logger, resolved, run_dir)
-        metrics.update(execute(cfg, run_dir, logger.log))
+        metrics.update(execute(cfg, run_dir, logger))  # callable; its log_every sets per-step logging
         metrics["status"] = "complete"
     except BaseException as err:
         metrics["status"] = "failed"

@@ -132,8 +132,16 @@ def train_phase(
     Evaluates every loader in `eval_loaders` (e.g. {"test": ..., "val": ...}) after each epoch and
     checkpoints to `checkpoint_path` (resuming from it when it holds this phase). Returns the phase
     summary: history (one dict an epoch), final/best top-1 per split and the best epoch.
+
+    `log_metrics` gets one record per epoch (`<phase>/<key>`, plus `<phase>/step`) and, when it has
+    a positive `log_every` attribute (the W&B logger), one per-step record every `log_every`
+    optimizer steps: `<phase>/loss`, `<phase>/lr`, `<phase>/step` and the DPM counters of any hook
+    with a `controller` (`<phase>/dpm_decaying`, `_pruned`, `_released`, `_releases_total`).
     """
     hooks = list(hooks)
+    # Per-step logging reads the loss (a host sync) only on logged steps; 0 turns it off.
+    log_every = int(getattr(log_metrics, "log_every", 0) or 0) if log_metrics is not None else 0
+    steps_per_epoch = len(train_loader) if hasattr(train_loader, "__len__") else None
     optimizer = make_optimizer(model, phase_cfg)
     scheduler = make_scheduler(optimizer, phase_cfg)
     history: list[dict] = []
@@ -181,6 +189,10 @@ def train_phase(
             loss_sum += loss.detach() * len(y)
             correct += (out.detach().argmax(1) == y).sum()
             seen += len(y)
+            if log_every > 0:
+                phase_step = (epoch * steps_per_epoch if steps_per_epoch is not None else 0) + step
+                if phase_step % log_every == 0:
+                    log_metrics(_step_record(phase, phase_step, loss, lr, hooks))
             if progress and step % 20 == 0:  # one host sync per 20 steps, only for the bar
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
                                 lr=f"{lr:.4g}")
@@ -199,7 +211,10 @@ def train_phase(
                  phase_cfg.epochs, train_loss, record["train_top1"],
                  "  ".join(f"{s} {record[f'{s}_top1']:.2f}%" for s in eval_loaders), lr, record["epoch_time_s"])
         if log_metrics is not None:
-            log_metrics({f"{phase}/{k}": v for k, v in record.items() if k != "phase"})
+            epoch_record = {f"{phase}/{k}": v for k, v in record.items() if k != "phase"}
+            if steps_per_epoch is not None:  # the stage's x-axis (see dpm.loggers)
+                epoch_record[f"{phase}/step"] = (epoch + 1) * steps_per_epoch
+            log_metrics(epoch_record)
         if checkpoint_path is not None:
             atomic_torch_save({"phase": phase, "epoch": epoch + 1, "model": model.state_dict(),
                                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -220,6 +235,19 @@ def summarize_phase(history: list[dict], splits: list[str]) -> dict:
             summary[f"{split}_top1_best"] = values[best]
             summary[f"{split}_top1_best_epoch"] = best + 1
     return summary
+
+
+def _step_record(phase: str, phase_step: int, loss: torch.Tensor, lr: float, hooks: list) -> dict:
+    """One per-step logging record: the step's loss (one host sync), lr and the DPM counters."""
+    record = {f"{phase}/step": phase_step, f"{phase}/loss": loss.detach().float().item(), f"{phase}/lr": lr}
+    for hook in hooks:
+        controller = getattr(hook, "controller", None)
+        if controller is not None and hasattr(controller, "counts"):
+            counts = controller.counts()  # host-side ints: no device sync
+            for key in ("decaying", "pruned", "released", "releases_total"):
+                if key in counts:
+                    record[f"{phase}/dpm_{key}"] = counts[key]
+    return record
 
 
 def _noop(*_: Any) -> None:
