@@ -2,6 +2,7 @@
 directories of runs into a report against the paper.
 
     python -m dpm.report outputs/depgraph_resnet56_cifar10 [more dirs...] [--out DIR] [--no-plots]
+                         [--wandb [--wandb-mode offline] [--wandb-project P]]
 
 The quickstart prints `format_runs`; the paper tables (base / +SP / +SR against the paper, seed
 statistics) build on `runs_frame`:
@@ -14,6 +15,7 @@ statistics) build on `runs_frame`:
 - `seed_statistics(frame)`: paired-by-seed 95% t-intervals of +SP / +SR minus base, n, the minimum
   detectable difference, a bootstrap interval when n >= 10.
 - `write_report(dirs, out)`: all of it as Markdown, CSV, LaTeX and plots (PNG + PDF), atomically.
+- `log_report_to_wandb(report)`: the tables as W&B Tables and the plots as images, one W&B run.
 """
 from __future__ import annotations
 
@@ -227,6 +229,35 @@ def aggregated_runs(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[(frame["status"] == COMPLETE) & frame["duplicate_of"].isna()]
 
 
+#: DPM hyper-parameters an ablation sweeps; they split a variant's row only where they vary.
+SETTING_FACETS = ["N", "T_rate", "T_len"]
+
+
+def run_settings(runs: pd.DataFrame) -> pd.Series:
+    """Per run, `N=.., T_rate=..` of the facets that vary within its (block, variant) group, else "".
+
+    An ablation sweep has several +SR runs per seed that differ only in N / T_rate / T_len: they are
+    separate rows of the table (never averaged together as if they were seeds) and separate paired
+    comparisons. A table sweep (one setting per variant) gets "" everywhere: its layout is unchanged."""
+    out = pd.Series("", index=runs.index, dtype=object)
+    facets = [f for f in SETTING_FACETS if f in runs]
+    if not facets or runs.empty:
+        return out
+    keys = [k for k in GROUP_KEYS if k in runs]
+    for _, group in runs.groupby(keys, dropna=False, sort=False):
+        varying = [f for f in facets if group[f].astype(str).nunique(dropna=False) > 1]
+        if varying:
+            out.loc[group.index] = [", ".join(f"{f}={_facet_text(v)}" for f, v in zip(varying, values))
+                                    for values in group[varying].itertuples(index=False)]
+    return out
+
+
+def _facet_text(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:g}" if isinstance(value, (float, np.floating)) else str(value)
+
+
 # ----------------------------------------------------------------------------------------------
 # Paper tables
 
@@ -257,7 +288,7 @@ def paper_table(frame: pd.DataFrame, reference: pd.DataFrame | None = None) -> p
     `<metric>_mean/_std` and `n`, `d_<metric>` (mean minus the block's base mean), the paper's
     `paper_top1` / `paper_flops_pct` / `paper_params_pct` and `diff_*` (ours minus paper)."""
     runs = aggregated_runs(frame).copy()
-    columns = [*GROUP_KEYS, "n", "seeds"] + [f"{m}_{s}" for m in AGG_METRICS for s in ("mean", "std")]
+    columns = [*GROUP_KEYS, "setting", "n", "seeds"] + [f"{m}_{s}" for m in AGG_METRICS for s in ("mean", "std")]
     if runs.empty:
         return pd.DataFrame(columns=columns)
     for key in GROUP_KEYS:
@@ -265,11 +296,12 @@ def paper_table(frame: pd.DataFrame, reference: pd.DataFrame | None = None) -> p
             runs[key] = None
     # groupby drops None keys; a run without a table still belongs in a row.
     runs["table"] = runs["table"].fillna("")
+    runs["setting"] = run_settings(runs)
     for m in AGG_METRICS:
         runs[m] = pd.to_numeric(runs.get(m), errors="coerce")
     rows = []
-    for key, group in runs.groupby(GROUP_KEYS, dropna=False, sort=False):
-        row = dict(zip(GROUP_KEYS, key))
+    for key, group in runs.groupby([*GROUP_KEYS, "setting"], dropna=False, sort=False):
+        row = dict(zip([*GROUP_KEYS, "setting"], key))
         row["n"] = len(group)
         row["seeds"] = ",".join(str(s) for s in sorted(group["seed"].dropna().astype(int)))
         for m in AGG_METRICS:
@@ -278,7 +310,7 @@ def paper_table(frame: pd.DataFrame, reference: pd.DataFrame | None = None) -> p
         rows.append(row)
     table = pd.DataFrame(rows, columns=columns)
     table["_order"] = table["variant"].map(VARIANT_ORDER).fillna(len(VARIANT_ORDER))
-    table = table.sort_values([*BLOCK_KEYS, "_order", "variant"], key=_sort_key).drop(columns="_order")
+    table = table.sort_values([*BLOCK_KEYS, "_order", "variant", "setting"], key=_sort_key).drop(columns="_order")
     table = table.reset_index(drop=True)
     for m in AGG_METRICS:
         table[f"d_{m}"] = float("nan")
@@ -381,20 +413,29 @@ def seed_statistics(frame: pd.DataFrame, metrics: Sequence[str] = STAT_METRICS) 
     if runs.empty or "variant" not in runs:
         return pd.DataFrame(columns=columns)
     runs["table"] = runs.get("table", pd.Series(index=runs.index, dtype=object)).fillna("")
+    for key in BLOCK_KEYS:
+        if key not in runs:
+            runs[key] = None
+    runs["setting"] = run_settings(runs)
     rows = []
     for block_key, block in runs.groupby(BLOCK_KEYS, dropna=False, sort=True):
-        base = block[block["variant"] == "base"].set_index("seed")
-        if base.empty:
-            continue
-        for variant in sorted(set(block["variant"]) - {"base"}, key=lambda v: (VARIANT_ORDER.get(v, 9), v)):
-            other = block[block["variant"] == variant].set_index("seed")
+        bases = block[block["variant"] == "base"]
+        if bases.empty or bases["seed"].duplicated().any():
+            continue  # no base, or several base settings per seed: no single partner to pair with
+        base = bases.set_index("seed")
+        others = block[block["variant"] != "base"]
+        for (variant, setting), group in sorted(
+                others.groupby(["variant", "setting"], sort=False),
+                key=lambda item: (VARIANT_ORDER.get(item[0][0], 9), item[0][0], item[0][1])):
+            other = group.set_index("seed")
+            label = VARIANT_LABEL.get(variant, variant) + (f" ({setting})" if setting else "")
             seeds = sorted(set(base.index) & set(other.index))
             unpaired = sorted(set(base.index) ^ set(other.index))
             for m in metrics:
                 diffs = [float(other.at[s, m]) - float(base.at[s, m]) for s in seeds]
                 iv = paired_interval(diffs)
                 rows.append({**dict(zip(BLOCK_KEYS, block_key)),
-                             "comparison": f"{VARIANT_LABEL.get(variant, variant)} - base", "metric": m,
+                             "comparison": f"{label} - base", "metric": m,
                              "n": iv.n, "mean_diff": iv.mean, "sd_diff": iv.sd, "ci_low": iv.low,
                              "ci_high": iv.high, "half_width": iv.half_width, "mdd": iv.mdd,
                              "boot_low": iv.boot_low, "boot_high": iv.boot_high,
@@ -444,6 +485,8 @@ def paper_table_display(table: pd.DataFrame) -> pd.DataFrame:
     # The paper prints deltas only on the +SP / +SR rows.
     for col in ("Δtop1", "Δbest", "ΔFLOPs", "Δparams"):
         out.loc[(table["variant"] == "base").to_numpy(), col] = ""
+    if "setting" in table and table["setting"].fillna("").astype(bool).any():  # an ablation sweep
+        out.insert(out.columns.get_loc("variant") + 1, "setting", table["setting"].fillna("").to_numpy())
     return out
 
 
@@ -586,8 +629,10 @@ def _save(fig, path_stem: Path) -> list[Path]:
     for ext in ("png", "pdf"):
         buffer = io.BytesIO()
         fig.savefig(buffer, format=ext, dpi=120, bbox_inches="tight")
-        atomic_write_bytes(path_stem.with_suffix(f".{ext}"), buffer.getvalue())
-        paths.append(path_stem.with_suffix(f".{ext}"))
+        # Not with_suffix: run labels hold dots (Hydra's `dpm.N=10` sweep dirs) that it would cut.
+        path = path_stem.parent / f"{path_stem.name}.{ext}"
+        atomic_write_bytes(path, buffer.getvalue())
+        paths.append(path)
     return paths
 
 
@@ -669,24 +714,167 @@ def plot_trajectories(dpm_log: dict, title: str, path_stem: Path) -> list[Path]:
         plt.close(fig)
 
 
+#: Facets of the ablation plots: metrics.json field -> axis label.
+ABLATION_FACETS = {"N": "N (decay steps)", "T_rate": "T_rate", "T_len": "T_len"}
+#: Metrics on the ablation plots' y-axes: field -> axis label.
+ABLATION_METRICS = {"top1_final": "top-1 final (%)", "flops_remaining_pct": "FLOPs remaining (%)"}
+
+
+def ablation_facets(runs: pd.DataFrame) -> list[str]:
+    """The ablation facets with at least two distinct values among the aggregated runs."""
+    ok = aggregated_runs(runs)
+    return [f for f in ABLATION_FACETS
+            if f in ok and pd.to_numeric(ok[f], errors="coerce").dropna().nunique() >= 2]
+
+
+def plot_ablation(runs: pd.DataFrame, facet: str, path_stem: Path) -> list[Path]:
+    """Top-1 final and FLOPs % remaining against one facet (N, T_rate or T_len): mean ± std over
+    seeds, one curve per (model, dataset, pruner, variant). Runs without the facet (e.g. T_rate of a
+    base run) are left out; other facets are averaged over, so sweep one facet at a time."""
+    plt = _pyplot()
+    ok = aggregated_runs(runs).copy()
+    ok[facet] = pd.to_numeric(ok[facet], errors="coerce")
+    ok = ok[ok[facet].notna()]
+    curves = ["model", "dataset", "pruner", "variant"]
+    for key in curves:
+        if key not in ok:
+            ok[key] = None
+    fig, axes = plt.subplots(1, len(ABLATION_METRICS), figsize=(5.5 * len(ABLATION_METRICS), 4.2), squeeze=False)
+    for ax, (metric, label) in zip(axes[0], ABLATION_METRICS.items()):
+        values = ok.assign(_y=pd.to_numeric(ok.get(metric), errors="coerce"))
+        for key, group in values.groupby(curves, dropna=False, sort=True):
+            stats = group.groupby(facet)["_y"].agg(["mean", "std", "count"]).sort_index()
+            if stats["mean"].isna().all():
+                continue
+            name = f"{key[2]} {VARIANT_LABEL.get(key[3], key[3])} ({key[0]}/{key[1]})"
+            ax.errorbar(stats.index, stats["mean"], yerr=np.nan_to_num(stats["std"]), marker="o", capsize=3,
+                        label=name)
+        ax.set_xlabel(ABLATION_FACETS[facet])
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"ablation: {facet} (mean ± std over seeds)")
+    try:
+        return _save(fig, path_stem)
+    finally:
+        plt.close(fig)
+
+
+def plot_released(logs: dict[str, dict], path_stem: Path) -> list[Path]:
+    """Cumulative releases against the fine-tune step, one line per run, from each dpm_log.json's
+    `history` (`releases_total` when recorded, else `released`), with the decaying count dashed."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), squeeze=False)
+    for label, dpm_log in logs.items():
+        history = [h for h in dpm_log.get("history") or [] if "step" in h]
+        if not history:
+            continue
+        steps = [h["step"] for h in history]
+        released = [h.get("releases_total", h.get("released", 0)) for h in history]
+        line, = axes[0][0].step(steps, released, where="post", label=label)
+        axes[0][1].step(steps, [h.get("decaying", 0) for h in history], where="post", color=line.get_color(),
+                        linestyle="--", label=label)
+    for ax, ylabel in zip(axes[0], ("released (cumulative)", "decaying")):
+        ax.set_xlabel("fine-tune step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+    fig.suptitle("DPM counters over training")
+    try:
+        return _save(fig, path_stem)
+    finally:
+        plt.close(fig)
+
+
+def _run_labels(runs: pd.DataFrame, run_dirs: Iterable[str]) -> dict[str, str]:
+    """A short file-name-safe label per run dir: its path below the common root of all runs."""
+    common = Path(os.path.commonpath([str(Path(d).resolve()) for d in runs["run_dir"]]))
+    labels = {}
+    for run_dir in run_dirs:
+        resolved = Path(run_dir).resolve()
+        rel = resolved.relative_to(common) if resolved != common else Path(resolved.name)
+        labels[run_dir] = "_".join(rel.parts) or resolved.name
+    return labels
+
+
 def write_plots(runs: pd.DataFrame, ref: pd.DataFrame, out: Path) -> list[Path]:
-    """accuracy_vs_flops.{png,pdf} and trajectories_<run>.{png,pdf} for every complete run with a
-    dpm_log.json."""
+    """accuracy_vs_flops, ablation_<facet> (facets with >= 2 values), released_over_training and
+    trajectories_<run> for every complete run with a dpm_log.json; each as .png and .pdf."""
     written: list[Path] = []
     table = paper_table(runs, ref)
     if len(table):
         written += plot_accuracy_vs_flops(table, ref, out / "accuracy_vs_flops")
+    for facet in ablation_facets(runs):
+        written += plot_ablation(runs, facet, out / f"ablation_{facet}")
     ok = aggregated_runs(runs)
     if len(ok):
-        common = Path(os.path.commonpath([str(Path(d).resolve()) for d in runs["run_dir"]]))
-        for run_dir in ok["run_dir"]:
+        logs: dict[str, dict] = {}
+        for run_dir, label in _run_labels(runs, ok["run_dir"]).items():
             log_path = Path(run_dir) / "dpm_log.json"
             if not log_path.is_file():
                 continue
-            rel = Path(run_dir).resolve().relative_to(common) if Path(run_dir).resolve() != common else Path(Path(run_dir).name)
-            label = "_".join(rel.parts) or Path(run_dir).name
-            written += plot_trajectories(json.loads(log_path.read_text()), label, out / f"trajectories_{label}")
+            logs[label] = json.loads(log_path.read_text())
+            written += plot_trajectories(logs[label], label, out / f"trajectories_{label}")
+        if any(log.get("history") for log in logs.values()):
+            written += plot_released(logs, out / "released_over_training")
     return written
+
+
+# ----------------------------------------------------------------------------------------------
+# W&B
+
+
+def _wandb_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """A frame W&B's Table accepts: numeric columns as they are, every other column as text (mixed
+    None / bool / str columns make wandb.Table guess a type and refuse the rest)."""
+    out = frame.reset_index(drop=True).copy()
+    for col in out.columns:
+        if not pd.api.types.is_numeric_dtype(out[col]) or pd.api.types.is_bool_dtype(out[col]):
+            out[col] = out[col].map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+    out.columns = [str(c) for c in out.columns]
+    return out
+
+
+def log_report_to_wandb(report: Report, mode: str | None = None, project: str = "dpm",
+                        entity: str | None = None) -> Path:
+    """Log a written report into one W&B run (job_type `report`): the paper table, the seed
+    statistics, the runs, the failed/incomplete runs and the duplicates as W&B Tables (display
+    text, as in report.md; the numeric paper table too), every PNG plot as an image, and the counts
+    as the summary. `mode` None: WANDB_MODE, else online. The W&B files go to `<report dir>/wandb`.
+    Returns the W&B run's local dir."""
+    import wandb
+
+    run = wandb.init(project=project, entity=entity, mode=mode, job_type="report",
+                     name=f"report-{report.out.resolve().parent.name}", dir=str(report.out),
+                     config={"report_dir": str(report.out), "runs": int(len(report.runs))},
+                     reinit="finish_previous")
+    try:
+        run_columns = [c for c in [*RUN_COLUMNS, "run_dir"] if c in report.runs]
+        tables = {
+            "paper_table": paper_table_display(report.table) if len(report.table) else report.table,
+            "paper_table_numeric": report.table,
+            "seed_statistics": stats_display(report.stats) if len(report.stats) else report.stats,
+            "runs": report.runs[run_columns],
+            "problems": report.problems,
+            "duplicates": report.duplicates,
+        }
+        payload: dict[str, Any] = {name: wandb.Table(dataframe=_wandb_frame(frame)) for name, frame in tables.items()}
+        for path in report.files:
+            if path.suffix == ".png":
+                payload[f"plots/{path.stem}"] = wandb.Image(str(path))
+        run.log(payload)
+        run.summary.update({"runs": int(len(report.runs)),
+                            "complete": int((report.runs["status"] == COMPLETE).sum()),
+                            "failed_or_incomplete": int(len(report.problems)),
+                            "duplicates": int(report.runs["duplicate_of"].notna().sum())})
+        run_dir = Path(run.dir).parent  # run.dir is <run>/files
+    except BaseException:
+        run.finish(exit_code=1)
+        raise
+    run.finish()
+    return run_dir
 
 
 # ----------------------------------------------------------------------------------------------
@@ -694,13 +882,18 @@ def write_plots(runs: pd.DataFrame, ref: pd.DataFrame, out: Path) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m dpm.report <dir>... [--out DIR] [--reference CSV] [--no-plots]`: write the report
-    and print it. Exit status 2 with one line for bad input (no runs, not a directory)."""
+    """`python -m dpm.report <dir>... [--out DIR] [--reference CSV] [--no-plots] [--wandb ...]`: write
+    the report and print it (and log it to W&B with --wandb). Exit status 2 with one line for bad input (no runs, not a directory)."""
     parser = argparse.ArgumentParser(prog="python -m dpm.report", description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="+", help="directories holding run dirs (searched recursively)")
     parser.add_argument("--out", help="report dir (default: <first dir>/report)")
     parser.add_argument("--reference", default=str(REFERENCE_CSV), help="the paper's numbers (CSV)")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
+    parser.add_argument("--wandb", action="store_true",
+                        help="also log the tables (W&B Tables) and plots (images) into one W&B run, job_type report")
+    parser.add_argument("--wandb-mode", choices=["online", "offline", "disabled"],
+                        help="W&B mode (default: $WANDB_MODE, else online); offline files go to <out>/wandb")
+    parser.add_argument("--wandb-project", default="dpm", help="W&B project (default: dpm)")
     args = parser.parse_args(argv)
     if not Path(args.reference).is_file():
         print(f"error: --reference={args.reference} does not exist: give the paper's reference_results.csv",
@@ -713,6 +906,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(report.markdown)
     print(f"report: {report.out} ({len(report.files)} files)")
+    if args.wandb:
+        print(f"W&B run: {log_report_to_wandb(report, mode=args.wandb_mode, project=args.wandb_project)}")
     return 0
 
 

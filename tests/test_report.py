@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, run_cli
+from test_loggers import offline_records
 from dpm import report as rp
 
 TABLE = "depgraph_resnet56_cifar10"
@@ -235,3 +236,73 @@ def test_multirun_callback_writes_the_sweep_report(tmp_path):
     assert list(table["variant"]) == ["base", "sp", "sr"]
     assert (sweep / "report" / "report.md").read_text().count("complete") >= 1
     assert (sweep / "report" / "plots" / "accuracy_vs_flops.png").stat().st_size > 0
+
+
+@pytest.fixture
+def ablation_dir(tmp_path) -> Path:
+    """+SR runs sweeping N (10, 20, 40) and T_rate (0, 0.5) over two seeds, T_len fixed, each with a
+    dpm_log.json whose history counts releases; plus a base run (N = 1, no T_rate)."""
+    root = tmp_path / "ablation"
+    i = 0
+    for N in (10, 20, 40):
+        for t_rate in (0.0, 0.5):
+            for seed in (0, 1):
+                run_dir = write_run(root / f"{i}_sr_N{N}_T{t_rate}_s{seed}", "sr", seed, 90.0 + N / 10 + seed,
+                                    run_id=f"N{N}_T{t_rate}")
+                metrics = json.loads((run_dir / "metrics.json").read_text())
+                metrics.update(N=N, T_rate=t_rate, T_len=1.0, flops_remaining_pct=40.0 + N / 4)
+                (run_dir / "metrics.json").write_text(json.dumps(metrics))
+                cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+                cfg["dpm"].update(N=N, T_rate=t_rate, T_len=1.0)  # distinct configs, not duplicates
+                (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+                history = [{"step": s, "decaying": max(N - s, 0), "pruned": 0, "released": s // 3,
+                            "releases_total": s // 3, "released_now": int(s % 3 == 0)} for s in range(N)]
+                (run_dir / "dpm_log.json").write_text(json.dumps(
+                    {"history": history, "releases": [], "readmissions": [], "trajectories": []}))
+                i += 1
+    base = write_run(root / "base_0", "base", 0, 91.0)
+    metrics = json.loads((base / "metrics.json").read_text())
+    (base / "metrics.json").write_text(json.dumps({**metrics, "N": 1}))
+    return root
+
+
+def test_ablation_and_released_plots_only_for_facets_that_vary(ablation_dir, tmp_path):
+    runs = rp.load_runs([ablation_dir])
+    assert rp.ablation_facets(runs) == ["N", "T_rate"]  # T_len is 1.0 everywhere: no curve to draw
+    # Each (N, T_rate) is its own row over its two seeds, never averaged with the other settings.
+    table = rp.paper_table(runs)
+    sr = table[table["variant"] == "sr"]
+    assert len(sr) == 6 and set(sr["n"]) == {2} and "N=10, T_rate=0" in set(sr["setting"])
+    assert sr.set_index("setting").at["N=40, T_rate=0.5", "top1_final_mean"] == pytest.approx(94.5)
+    stats = rp.seed_statistics(runs)
+    assert (stats["comparison"] == "+SR (N=20, T_rate=0.5) - base").sum() == 2  # top1_final, top1_best
+    report = rp.write_report([ablation_dir], tmp_path / "rep")
+    plots = tmp_path / "rep" / "plots"
+    for name in ("ablation_N", "ablation_T_rate", "released_over_training"):
+        assert (plots / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (plots / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
+        assert (plots / f"{name}.png").stat().st_size > 5000
+    assert not (plots / "ablation_T_len.png").exists()
+    assert plots / "released_over_training.pdf" in report.files
+
+
+def test_report_logs_its_tables_and_plots_to_an_offline_wandb_run(runs_dir, tmp_path):
+    out = tmp_path / "rep"
+    done = subprocess.run([sys.executable, "-m", "dpm.report", str(runs_dir), "--out", str(out), "--wandb",
+                           "--wandb-mode", "offline"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (wandb_run,) = (out / "wandb").glob("offline-run-*")
+    records = offline_records(out)  # waits for wandb-core to finish writing
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    assert pb.RunRecord(job_type="report").SerializeToString() in records
+    for key in (b"paper_table", b"seed_statistics", b"problems", b"plots/accuracy_vs_flops"):
+        assert key in records, key
+    # The tables themselves are files beside the record: the paper table holds our mean ± std.
+    tables = {p.name.split("_0_")[0]: p for p in (wandb_run / "files" / "media" / "table").glob("*.table.json")}
+    assert {"paper_table", "seed_statistics", "runs", "problems"} <= set(tables), sorted(tables)
+    paper = json.loads(tables["paper_table"].read_text())
+    assert "top1 %" in paper["columns"] and any("93.50 ± 0.50" in map(str, row) for row in paper["data"])
+    assert list((wandb_run / "files" / "media" / "images").glob("plots/accuracy_vs_flops*.png"))
+    # A second report over the same dirs does not read the W&B files as runs.
+    assert len(rp.load_runs([runs_dir])) == 11
