@@ -19,11 +19,11 @@ class ReportCallback(Callback):
         self.plots = plots
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from dpm.report import NoRunsError, write_report
+        from dpm.report import NoRunsError, report_runs
 
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
-            report = write_report([sweep_dir], plots=self.plots)
+            report = report_runs([sweep_dir], config.logger, plots=self.plots)
         except NoRunsError as err:
             log.warning("no report: %s", err)
             return

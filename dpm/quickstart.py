@@ -45,8 +45,8 @@ def main(overrides: list[str] | None = None) -> list[dict]:
           f"baseline ({first['top1_before_prune']:.2f}%), {time.time() - t0:.0f} s")
     print(format_runs(rows))
     print(f"\nruns: {root}/{{{','.join(VARIANTS)}}}/metrics.json")
-    from dpm.report import write_report
+    from dpm.report import report_runs
 
-    report = write_report([root])  # paper table, seed statistics, plots for these three runs
+    report = report_runs([root], configs[0].logger)  # paper table, seed statistics, plots; W&B if logged there
     print(f"report: {report.out}/report.md (tables, CSV, LaTeX, plots)")
     return rows

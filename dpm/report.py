@@ -877,6 +877,15 @@ def log_report_to_wandb(report: Report, mode: str | None = None, project: str = 
     return run_dir
 
 
+def report_runs(dirs: Sequence[str | os.PathLike], logger_cfg: Any = None, plots: bool = True) -> Report:
+    """`write_report`, and with `logger_cfg.name == "wandb"` (the runs logged to W&B) the report
+    logged there too: what the quickstart and the multirun callback end with."""
+    report = write_report(dirs, plots=plots)
+    if logger_cfg is not None and logger_cfg.name == "wandb":
+        log_report_to_wandb(report, mode=logger_cfg.mode, project=logger_cfg.project, entity=logger_cfg.entity)
+    return report
+
+
 # ----------------------------------------------------------------------------------------------
 # CLI
 

@@ -230,12 +230,14 @@ def test_quickstart_ends_with_a_report_of_its_three_runs(capsys):
 def test_multirun_callback_writes_the_sweep_report(tmp_path):
     sweep = tmp_path / "sweep"
     done = run_cli(["-m", "experiment=quickstart", "dpm=base,sp,sr", "trainer.pretrain.epochs=2",
-                    "trainer.finetune.epochs=2", f"hydra.sweep.dir={sweep}"])
+                    "trainer.finetune.epochs=2", "logger=wandb", "logger.mode=offline", f"hydra.sweep.dir={sweep}"])
     assert done.returncode == 0, done.stderr[-2000:]
     table = pd.read_csv(sweep / "report" / "paper_table.csv")
     assert list(table["variant"]) == ["base", "sp", "sr"]
     assert (sweep / "report" / "report.md").read_text().count("complete") >= 1
     assert (sweep / "report" / "plots" / "accuracy_vs_flops.png").stat().st_size > 0
+    records = offline_records(sweep / "report")  # with logger=wandb the report is logged too
+    assert b"paper_table" in records and b"report" in records
 
 
 @pytest.fixture
