@@ -166,6 +166,8 @@ class Config:
     recalibrate_bn: bool = False
     # Free-form tags copied into metrics.json (e.g. which paper table a run belongs to).
     table: Optional[str] = None
+    # The ablation a run belongs to (e.g. "N", "T_rate"); tagged `ablation` on W&B, copied to metrics.json.
+    ablation: Optional[str] = None
 
 
 def register_configs() -> None:

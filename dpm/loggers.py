@@ -58,8 +58,8 @@ def wandb_tags(cfg: Any, config: dict) -> list[str]:
     tags = [str(t) for t in (cfg.tags or [])]
     if config.get("table"):
         tags.append(str(config["table"]))
-    if config.get("ablation"):  # no such key in the schema today; honoured if an experiment adds one
-        tags.append("ablation")
+    if config.get("ablation"):
+        tags.extend(["ablation", f"ablation:{config['ablation']}"])
     return list(dict.fromkeys(tags))  # W&B rejects nothing, but duplicates clutter the UI
 
 

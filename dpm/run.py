@@ -81,7 +81,7 @@ def identity_fields(cfg: DictConfig) -> dict:
         return OmegaConf.select(cfg, key, throw_on_missing=False, default=None)
 
     sr = get("dpm.variant") == "sr"  # thresholds an experiment sets for +SR mean nothing to base / +SP rows
-    return {"name": get("name"), "table": get("table"), "model": get("model.name"),
+    return {"name": get("name"), "table": get("table"), "ablation": get("ablation"), "model": get("model.name"),
             "dataset": get("dataset.name"), "pruner": get("pruner.name"), "variant": get("dpm.variant"),
             "seed": get("seed"), "N": get("dpm.N"), "T_rate": get("dpm.T_rate") if sr else None,
             "T_len": get("dpm.T_len") if sr else None}

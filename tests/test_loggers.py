@@ -56,7 +56,7 @@ def offline_records(run_dir: Path, timeout: float = 20.0) -> bytes:
 
 def test_wandb_pruning_run_logs_steps_dpm_counters_group_and_job_type(tmp_path):
     cfg = compose(["experiment=smoke", "pruner=depgraph", "dpm=sr", "dpm.N=3", "table=smoke_table",
-                   "logger=wandb", "logger.log_every=2"])
+                   "ablation=N", "logger=wandb", "logger.log_every=2"])
     assert cfg.logger.mode == "offline"  # from WANDB_MODE (conftest), via conf/logger/wandb.yaml
     metrics = run(cfg, tmp_path / "run")
     assert metrics["status"] == "complete"
@@ -67,7 +67,8 @@ def test_wandb_pruning_run_logs_steps_dpm_counters_group_and_job_type(tmp_path):
         assert key.encode() in records, key
     assert field_bytes(run_group="tiny_cnn-synthetic-depgraph-sr") in records
     assert field_bytes(job_type="run") in records  # stages are metric prefixes, see dpm/loggers.py
-    assert field_bytes(tags=["smoke_table"]) in records
+    assert field_bytes(tags=["smoke_table", "ablation", "ablation:N"]) in records
+    assert metrics["ablation"] == "N"
     assert not re.search(EXIT_FAILED, records)
 
 
