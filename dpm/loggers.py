@@ -10,7 +10,7 @@ W&B layout (one W&B run per dpm run):
 - job_type = `run`: the stages (pretrain / sparse / finetune) share the run, and each metric name
   carries its stage as a prefix (`pretrain/loss`, `finetune/test_top1`) with its own x-axis
   (`<stage>/step`, optimizer steps within that stage);
-- tags = `logger.tags` + the run's `table` (when set);
+- tags = `logger.tags` + the run's `table` (when set) + `ablation`, `ablation:<name>` (when set);
 - config = the resolved config as a plain dict; summary = metrics.json's scalar fields;
 - a failed run is finished with exit_code=1 (marked failed in W&B).
 """
@@ -35,9 +35,6 @@ class NullLogger:
     log_every = 0  # no per-step records: the training loop skips them entirely
 
     def __call__(self, metrics: dict) -> None:
-        return None
-
-    def log(self, metrics: dict) -> None:
         return None
 
     def finish(self, summary: dict) -> None:
@@ -82,9 +79,6 @@ class WandbLogger:
             self.run.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
 
     def __call__(self, metrics: dict) -> None:
-        self.log(metrics)
-
-    def log(self, metrics: dict) -> None:
         self.run.log(metrics)
 
     def finish(self, summary: dict) -> None:

@@ -10,7 +10,7 @@ reset. N = 1 removes at the start of the round: Torch-Pruning's one-shot recipe 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -39,13 +39,11 @@ class PruningRounds:
 
     def __init__(self, model: torch.nn.Module, pruner: Any, *, speedup: float, rounds: int, interval: int,
                  N: int, decay_interval: int = 1, schedule: str = "linear", include_consumers: bool = False,
-                 rectify: RectifyConfig | None = None, max_extra_rounds: int = 10,
-                 on_removal: Callable[[dict], None] | None = None):
+                 rectify: RectifyConfig | None = None, max_extra_rounds: int = 10):
         self.model, self.pruner = model, pruner
         self.speedup, self.rounds, self.interval = speedup, rounds, interval
         self.include_consumers = include_consumers
         self.max_extra_rounds = max_extra_rounds
-        self.on_removal = on_removal
         replacement = self._replacement if rectify is not None and rectify.budget == "strict" else None
         self.controller = DecayController(model, N, interval=decay_interval, schedule=schedule, rectify=rectify,
                                           include_consumers=include_consumers, replacement=replacement)
@@ -112,8 +110,6 @@ class PruningRounds:
         self.removals.append(record)
         log.info("round %d: removed %d channels at iteration %d, speed-up %.3fx", self.rounds_done, len(pruned),
                  self.iteration, record["speedup"])
-        if self.on_removal is not None:
-            self.on_removal(record)
 
     def _replacement(self, released: list, excluded: frozenset) -> list:
         """budget=strict: for each released channel, the next-least-important candidate."""
