@@ -58,6 +58,8 @@ class PhaseConfig:
     milestones: List[int] = field(default_factory=list)
     gamma: float = 0.1
     batch_size: int = 128
+    # Mixup alpha (OTOv2's recipe uses 0.2); 0 = off.
+    mixup: float = 0.0
 
 
 @dataclass
@@ -81,11 +83,20 @@ class TrainerConfig:
 
 @dataclass
 class PrunerConfig:
-    """The base pruner (method.md section 6). DepGraph keys; the other pruners add theirs."""
+    """The base pruner (method.md section 6): the keys every pruner has. Each pruner's own keys live in
+    a subclass registered as `pruner/<name>_schema`, which its `conf/pruner/<name>.yaml` extends; a key
+    of another pruner is then a composition error."""
 
     name: str = "none"
     # MACs speed-up target in the base method's native units (Torch-Pruning's counter for DepGraph).
     speedup: float = 2.0
+
+
+@dataclass
+class DepGraphConfig(PrunerConfig):
+    """DepGraph (Torch-Pruning) with DPM in its selection rounds."""
+
+    name: str = "depgraph"
     # R selection rounds; round r selects up to speedup ** (r / R) on the current weights.
     rounds: int = 1
     # Fine-tune iterations between round starts; 0 = one epoch. Equal for base / +SP / +SR.
@@ -99,6 +110,20 @@ class PrunerConfig:
     # Sparse learning before pruning (DepGraph's group_sl): GroupNormPruner regulariser strength;
     # the phase itself is trainer.sparse (epochs 0 = off).
     reg: float = 5e-4
+
+
+@dataclass
+class GateDecoratorConfig(PrunerConfig):
+    """Gate Decorator (You et al. 2019): gated BN, Taylor scores, Tick-Tock, melt (issue 5)."""
+
+    name: str = "gate_decorator"
+
+
+@dataclass
+class OTOv2Config(PrunerConfig):
+    """OTOv2's DHSPG on dependency groups (issue 6; ../shared/docs/otov2-dhspg.md)."""
+
+    name: str = "otov2"
 
 
 @dataclass
@@ -172,14 +197,22 @@ class Config:
 
 def register_configs() -> None:
     """Register the schema under the name `schema` (used first in conf/config.yaml's defaults)."""
-    ConfigStore.instance().store(name="schema", node=Config)
+    store = ConfigStore.instance()
+    store.store(name="schema", node=Config)
+    for name, schema in PRUNER_SCHEMAS.items():
+        store.store(group="pruner", name=f"{name}_schema", node=schema)
 
+
+PRUNER_SCHEMAS = {"none": PrunerConfig, "depgraph": DepGraphConfig, "gate_decorator": GateDecoratorConfig,
+                  "otov2": OTOv2Config}
+PRUNER_NAMES = tuple(PRUNER_SCHEMAS)
 
 register_configs()
 
-
-PRUNER_NAMES = ("none", "depgraph")
 VARIANTS = ("base", "sp", "sr")
+# Pruners whose pruning stage lives in their own module: `run_stage(ctx)` (see dpm.run.RunContext) and
+# optionally `validate_config(cfg, fail)` for their keys.
+PRUNER_STAGES = {"gate_decorator": "dpm.pruners.gate_decorator", "otov2": "dpm.pruners.otov2"}
 # ImageNet roots may be subsets (e.g. Imagenette): their class count is checked against the folders.
 DATASET_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
 
@@ -212,7 +245,7 @@ def validate(cfg) -> None:
     if cfg.dpm.variant not in VARIANTS:
         fail("dpm.variant", cfg.dpm.variant, f"valid: {', '.join(VARIANTS)}")
     if cfg.dpm.variant != "base" and cfg.pruner.name == "none":
-        fail("dpm.variant", cfg.dpm.variant, "smooth pruning needs a base pruner: add pruner=depgraph")
+        fail("dpm.variant", cfg.dpm.variant, "smooth pruning needs a base pruner: add pruner=depgraph, gate_decorator or otov2")
     if cfg.dpm.N < 1:
         fail("dpm.N", cfg.dpm.N, "N counts decay steps and must be >= 1 (N = 1 is the base method)")
     if cfg.dpm.N_epochs is not None and not cfg.dpm.N_epochs > 0:
@@ -226,6 +259,7 @@ def validate(cfg) -> None:
     if cfg.pruner.name != "none":
         if not cfg.pruner.speedup > 1:
             fail("pruner.speedup", cfg.pruner.speedup, "the MACs speed-up target must be > 1")
+    if cfg.pruner.name == "depgraph":
         if cfg.pruner.rounds < 1:
             fail("pruner.rounds", cfg.pruner.rounds, "must be >= 1")
         if cfg.pruner.round_interval < 0:
@@ -234,6 +268,12 @@ def validate(cfg) -> None:
             fail("trainer.finetune.epochs", cfg.trainer.finetune.epochs, "pruning happens during fine-tuning: use >= 1")
         if not 0 < cfg.pruner.max_pruning_ratio <= 1:
             fail("pruner.max_pruning_ratio", cfg.pruner.max_pruning_ratio, "must be in (0, 1]")
+    if cfg.pruner.name in PRUNER_STAGES:
+        import importlib
+
+        module = importlib.import_module(PRUNER_STAGES[cfg.pruner.name])
+        if hasattr(module, "validate_config"):
+            module.validate_config(cfg, fail)
     if cfg.dpm.interval < 1:
         fail("dpm.interval", cfg.dpm.interval, "must be >= 1")
     for key in ("T_rate", "T_len"):
@@ -249,6 +289,8 @@ def validate(cfg) -> None:
             fail(f"trainer.{phase}.batch_size", p.batch_size, "must be >= 1")
         if p.schedule not in ("cosine", "step", "constant"):
             fail(f"trainer.{phase}.schedule", p.schedule, "valid: cosine, step, constant")
+        if p.mixup < 0:
+            fail(f"trainer.{phase}.mixup", p.mixup, "the mixup alpha must be >= 0 (0 = off)")
         if list(p.milestones) != sorted(p.milestones):
             fail(f"trainer.{phase}.milestones", list(p.milestones), "must be increasing")
     if cfg.trainer.max_steps_per_epoch < 0:

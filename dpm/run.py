@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,11 +88,69 @@ def identity_fields(cfg: DictConfig) -> dict:
             "T_len": get("dpm.T_len") if sr else None}
 
 
+@dataclass
+class RunContext:
+    """What a pruning stage gets from the runner (dpm.config.PRUNER_STAGES, `run_stage(ctx)`).
+
+    `model` may be replaced by a stage (e.g. after a physical removal that builds a new module);
+    `run_phase` always trains `ctx.model`. A stage calls `mark_before_prune()` once, at the point its
+    base method would start pruning (after its own pre-pruning training, if any), and returns a dict
+    with its metrics and `final_phase`: the summary of the last training phase it ran (or None).
+    """
+
+    cfg: DictConfig
+    model: torch.nn.Module
+    run_dir: Path
+    device: torch.device
+    example: torch.Tensor
+    data: Any
+    eval_loaders: dict
+    log_metrics: Any
+    metrics: dict = field(default_factory=dict)
+
+    def phase_loader(self, phase: str, batch_size: int | None = None):
+        """The training loader of a phase; its order and augmentation depend on (seed, phase, epoch) only."""
+        from dpm import data as dpm_data
+
+        t = self.cfg.trainer
+        return dpm_data.train_loader(self.data, batch_size or t[phase].batch_size, self.device, self.cfg.seed, phase,
+                                     t.max_steps_per_epoch, t.channels_last, t.num_workers)
+
+    def run_phase(self, phase: str, checkpoint_path: Path | None, hooks=(), phase_cfg=None, loader=None,
+                  **train_kwargs) -> dict:
+        """Train `ctx.model` for one phase (`trainer.<phase>` unless `phase_cfg` is given), checkpointed and
+        resumable at `checkpoint_path`; extra keyword arguments go to `dpm.train.train_phase`."""
+        from dpm.train import train_phase
+
+        t = self.cfg.trainer
+        phase_cfg = phase_cfg if phase_cfg is not None else t[phase]
+        loader = loader if loader is not None else self.phase_loader(phase, phase_cfg.batch_size)
+        return train_phase(self.model, phase, phase_cfg, loader, self.eval_loaders, self.device,
+                           checkpoint_path=checkpoint_path, hooks=hooks, progress=t.progress, bf16=t.bf16,
+                           log_metrics=self.log_metrics, **train_kwargs)
+
+    def evaluate(self, split: str = "test") -> tuple[float, float]:
+        from dpm.train import evaluate
+
+        return evaluate(self.model, self.eval_loaders[split], self.device, self.cfg.trainer.bf16)
+
+    def mark_before_prune(self) -> None:
+        """Record the unpruned model's accuracy and counts (the base of every ratio in metrics.json)."""
+        from dpm.measure import count_macs_params, native_macs_params
+
+        self.metrics["top1_before_prune"], _ = self.evaluate("test")
+        self.metrics["_base_counts"] = count_macs_params(self.model, self.example)
+        self.metrics["_native_base"] = native_macs_params(self.model, self.example, self.cfg.pruner.name)
+
+
 def execute(cfg: DictConfig, run_dir: Path, log_metrics) -> dict:
     """The stages of a run; returns the metrics they produce."""
+    import importlib
+
     from dpm import data as dpm_data
+    from dpm.config import PRUNER_STAGES
     from dpm.measure import compare_models, count_macs_params, native_macs_params
-    from dpm.train import evaluate, recalibrate_bn, resolve_device, train_phase
+    from dpm.train import recalibrate_bn, resolve_device
 
     tcfg = cfg.trainer
     device = resolve_device(tcfg.device)
@@ -108,52 +167,35 @@ def execute(cfg: DictConfig, run_dir: Path, log_metrics) -> dict:
     if data.val is not None:
         eval_loaders["val"] = dpm_data.eval_loader(data, "val", tcfg.eval_batch_size, device, tcfg.channels_last,
                                                    tcfg.num_workers)
-
-    def phase_loader(phase: str):
-        return dpm_data.train_loader(data, tcfg[phase].batch_size, device, cfg.seed, phase,
-                                     tcfg.max_steps_per_epoch, tcfg.channels_last, tcfg.num_workers)
-
-    def run_phase(phase: str, checkpoint_path: Path, hooks=()) -> dict:
-        return train_phase(model, phase, tcfg[phase], phase_loader(phase), eval_loaders, device,
-                           checkpoint_path=checkpoint_path, hooks=hooks, progress=tcfg.progress, bf16=tcfg.bf16,
-                           log_metrics=log_metrics)
-
-    metrics: dict[str, Any] = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-                               "train_size": len(data.train) if hasattr(data.train, "__len__") else None,
-                               "val_size": len(data.val) if data.val is not None else 0}
+    ctx = RunContext(cfg, model, run_dir, device, torch.zeros(data.example_shape, device=device), data,
+                     eval_loaders, log_metrics)
+    metrics = ctx.metrics
+    metrics.update({"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+                    "train_size": len(data.train) if hasattr(data.train, "__len__") else None,
+                    "val_size": len(data.val) if data.val is not None else 0})
     # Stage 1: the pretrained baseline (a given checkpoint, the shared cache, or trained here).
-    metrics.update(pretrained_baseline(cfg, model, run_dir, run_phase))
-    example = torch.zeros(data.example_shape, device=device)
-    pruner = build_pruner(cfg, model, example)
-    if pruner is not None and tcfg.sparse.epochs > 0:
-        # Stage 1b: sparse learning, shared by base / +SP / +SR of a seed like the pretrain.
-        metrics.update(sparse_learning(cfg, model, pruner, run_dir, run_phase))
-    metrics["top1_before_prune"], _ = evaluate(model, eval_loaders["test"], device, tcfg.bf16)
-    base_counts = count_macs_params(model, example)
-    native_base = native_macs_params(model, example, cfg.pruner.name)
+    metrics.update(pretrained_baseline(cfg, model, run_dir, ctx.run_phase))
+    pretrain_summary = metrics.pop("pretrain_summary")
 
-    # Stages 2 and 3: pruning rounds (base pruner + DPM) inside the fine-tune phase.
-    final_phase = metrics.pop("pretrain_summary")
-    pretrain_history = final_phase["history"]
-    rounds = None
-    if pruner is not None:
-        rounds = make_rounds(cfg, model, pruner, len(phase_loader("finetune")))
-        metrics.update(R=cfg.pruner.rounds, N=rounds.controller.N, round_interval=rounds.interval,
-                       speedup_target=cfg.pruner.speedup, sparse_learning=tcfg.sparse.epochs > 0)
-    if tcfg.finetune.epochs > 0:
-        final_phase = run_phase("finetune", run_dir / CHECKPOINT, hooks=[rounds] if rounds else ())
-        final_phase["phase"] = "finetune"
-    if rounds is not None:
-        metrics.update(rounds.summary())
-        metrics["target_met"] = metrics["native_speedup"] >= cfg.pruner.speedup * (1 - 1e-9)
-        atomic_write_json(run_dir / "dpm_log.json", decay_log(rounds.controller))
+    # Stages 2 and 3: the base pruner with DPM, and fine-tuning.
+    if cfg.pruner.name in PRUNER_STAGES:
+        stage = importlib.import_module(PRUNER_STAGES[cfg.pruner.name]).run_stage
+    else:
+        stage = depgraph_stage
+    result = stage(ctx)
+    final_phase = result.pop("final_phase", None) or pretrain_summary
+    if "top1_before_prune" not in metrics:
+        ctx.mark_before_prune()
+    metrics.update(result)
+    model, example = ctx.model, ctx.example
+    base_counts, native_base = metrics.pop("_base_counts"), metrics.pop("_native_base")
 
     # Stage 4: evaluate and measure the final model.
     if cfg.recalibrate_bn:
-        recalibrate_bn(model, phase_loader("finetune"))
-    metrics["top1_final"], metrics["test_loss_final"] = evaluate(model, eval_loaders["test"], device, tcfg.bf16)
+        recalibrate_bn(model, ctx.phase_loader("finetune"))
+    metrics["top1_final"], metrics["test_loss_final"] = ctx.evaluate("test")
     if "val" in eval_loaders:
-        metrics["val_top1_final"], _ = evaluate(model, eval_loaders["val"], device, tcfg.bf16)
+        metrics["val_top1_final"], _ = ctx.evaluate("val")
     if final_phase["epochs"]:
         metrics["top1_best"] = final_phase["test_top1_best"]
         metrics["top1_best_epoch"] = final_phase["test_top1_best_epoch"]
@@ -168,11 +210,38 @@ def execute(cfg: DictConfig, run_dir: Path, log_metrics) -> dict:
     counter, native_macs, native_params = native_macs_params(model, example, cfg.pruner.name)
     metrics.update(native_counter=counter, native_base_macs=native_base[1], native_base_params=native_base[2],
                    native_pruned_macs=native_macs, native_pruned_params=native_params)
-    metrics["epochs"] = {"pretrain": metrics.pop("pretrain_epochs"), "sparse": tcfg.sparse.epochs if pruner else 0,
-                         "finetune": tcfg.finetune.epochs}
-    metrics["history"] = {"pretrain": pretrain_history,
+    epochs = {"pretrain": metrics.pop("pretrain_epochs")}
+    epochs.update(metrics.pop("stage_epochs", {}))
+    metrics["epochs"] = epochs
+    metrics["history"] = {"pretrain": pretrain_summary["history"],
                           "finetune": final_phase["history"] if final_phase.get("phase") == "finetune" else []}
     return metrics
+
+
+def depgraph_stage(ctx: RunContext) -> dict:
+    """DepGraph (or no pruner): optional sparse learning, then selection rounds with DPM inside the
+    fine-tune phase (method.md section 6)."""
+    cfg, tcfg = ctx.cfg, ctx.cfg.trainer
+    out: dict[str, Any] = {}
+    pruner = build_pruner(cfg, ctx.model, ctx.example)
+    if pruner is not None and tcfg.sparse.epochs > 0:
+        # Sparse learning, shared by base / +SP / +SR of a seed like the pretrain.
+        out.update(sparse_learning(cfg, ctx.model, pruner, ctx.run_dir, ctx.run_phase))
+    ctx.mark_before_prune()
+    rounds = None
+    if pruner is not None:
+        rounds = make_rounds(cfg, ctx.model, pruner, len(ctx.phase_loader("finetune")))
+        out.update(R=cfg.pruner.rounds, N=rounds.controller.N, round_interval=rounds.interval,
+                   speedup_target=cfg.pruner.speedup, sparse_learning=tcfg.sparse.epochs > 0)
+    if tcfg.finetune.epochs > 0:
+        out["final_phase"] = ctx.run_phase("finetune", ctx.run_dir / CHECKPOINT, hooks=[rounds] if rounds else ())
+        out["final_phase"]["phase"] = "finetune"
+    if rounds is not None:
+        out.update(rounds.summary())
+        out["target_met"] = out["native_speedup"] >= cfg.pruner.speedup * (1 - 1e-9)
+        atomic_write_json(ctx.run_dir / "dpm_log.json", decay_log(rounds.controller))
+    out["stage_epochs"] = {"sparse": tcfg.sparse.epochs if pruner else 0, "finetune": tcfg.finetune.epochs}
+    return out
 
 
 def build_pruner(cfg: DictConfig, model: torch.nn.Module, example: torch.Tensor):

@@ -126,6 +126,8 @@ def train_phase(
     progress: bool = True,
     bf16: bool = False,
     log_metrics: Callable[[dict], None] | None = None,
+    optimizer_factory: Callable[[nn.Module, Any], torch.optim.Optimizer] = None,
+    scheduler_factory: Callable[[torch.optim.Optimizer, Any], Any] = None,
 ) -> dict:
     """Train `model` for `phase_cfg.epochs` epochs with SGD and the phase's schedule.
 
@@ -137,13 +139,21 @@ def train_phase(
     a positive `log_every` attribute (the W&B logger), one per-step record every `log_every`
     optimizer steps: `<phase>/loss`, `<phase>/lr`, `<phase>/step` and the DPM counters of any hook
     with a `controller` (`<phase>/dpm_decaying`, `_pruned`, `_released`, `_releases_total`).
+
+    `optimizer_factory(model, phase_cfg)` and `scheduler_factory(optimizer, phase_cfg)` replace the
+    default SGD and per-epoch schedule (a base pruner's own optimizer, e.g. OTOv2's DHSPG); they are
+    called again on resume. A scheduler's `step()` runs once per epoch. `phase_cfg.mixup` > 0 trains
+    on mixup batches (Beta(alpha, alpha) weights; the train accuracy counts the dominant label).
     """
+    optimizer_factory = optimizer_factory or make_optimizer
+    scheduler_factory = scheduler_factory or make_scheduler
+    mixup = float(getattr(phase_cfg, "mixup", 0.0) or 0.0)
     hooks = list(hooks)
     # Per-step logging reads the loss (a host sync) only on logged steps; 0 turns it off.
     log_every = int(getattr(log_metrics, "log_every", 0) or 0) if log_metrics is not None else 0
     steps_per_epoch = len(train_loader) if hasattr(train_loader, "__len__") else None
-    optimizer = make_optimizer(model, phase_cfg)
-    scheduler = make_scheduler(optimizer, phase_cfg)
+    optimizer = optimizer_factory(model, phase_cfg)
+    scheduler = scheduler_factory(optimizer, phase_cfg)
     history: list[dict] = []
     start_epoch = 0
     if checkpoint_path is not None and Path(checkpoint_path).exists():
@@ -155,9 +165,9 @@ def train_phase(
                 if hook_state is not None:
                     hook.load_state_dict(hook_state)
             model.load_state_dict(state["model"])
-            optimizer = make_optimizer(model, phase_cfg)
+            optimizer = optimizer_factory(model, phase_cfg)
             optimizer.load_state_dict(state["optimizer"])
-            scheduler = make_scheduler(optimizer, phase_cfg)
+            scheduler = scheduler_factory(optimizer, phase_cfg)
             scheduler.load_state_dict(state["scheduler"])
             history = state["history"]
             start_epoch = state["epoch"]
@@ -176,9 +186,13 @@ def train_phase(
         for step, (x, y) in enumerate(bar):
             for hook in hooks:
                 getattr(hook, "step_start", _noop)(optimizer)
+            if mixup > 0:
+                x, y, y_mix, lam = mixup_batch(x, y, mixup)
             with autocast(device, bf16):
                 out = model(x)
                 loss = F.cross_entropy(out.float(), y)
+                if mixup > 0:
+                    loss = lam * loss + (1 - lam) * F.cross_entropy(out.float(), y_mix)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for hook in hooks:
@@ -222,6 +236,17 @@ def train_phase(
                                "history": history, "rng": rng_state()}, checkpoint_path)
             fault_point(f"{phase}:epoch{epoch + 1}")
     return summarize_phase(history, list(eval_loaders))
+
+
+def mixup_batch(x: torch.Tensor, y: torch.Tensor, alpha: float):
+    """Mixup (Zhang et al. 2018) as OTOv2's recipe uses it: one Beta(alpha, alpha) weight per batch,
+    a random pairing. Returns the mixed inputs, both label sets with the dominant one first, and its weight."""
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(len(y), device=x.device)
+    mixed = lam * x + (1 - lam) * x[perm]
+    if lam >= 0.5:
+        return mixed, y, y[perm], lam
+    return mixed, y[perm], y, 1 - lam
 
 
 def summarize_phase(history: list[dict], splits: list[str]) -> dict:
