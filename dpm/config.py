@@ -114,9 +114,35 @@ class DepGraphConfig(PrunerConfig):
 
 @dataclass
 class GateDecoratorConfig(PrunerConfig):
-    """Gate Decorator (You et al. 2019): gated BN, Taylor scores, Tick-Tock, melt (issue 5)."""
+    """Gate Decorator (You et al. 2019): gated BN, Taylor scores, Tick-Tock, melt (issue 5).
+
+    `speedup` (inherited) is not read: Gate Decorator stops on `flops_target` instead."""
 
     name: str = "gate_decorator"
+    # Stop ticking once the native MACs (thop default rules) left are <= this fraction of the
+    # unpruned model's, counting decaying channels as removed (VGG-16 recipe: 0.1).
+    flops_target: float = 0.1
+    # p: each tick masks this fraction of the channels still remaining (VGG-16 0.005, ResNet-56 0.002).
+    prune_ratio: float = 0.005
+    # Every layer (dependency group) keeps at least this fraction of its channels (at least one).
+    min_channel_ratio: float = 0.1
+    # T: a tock after every T ticks.
+    tock_every: int = 10
+    # A tick: Taylor scores |g dL/dg| summed over its steps while only gates and Linear layers train.
+    tick: PhaseConfig = field(default_factory=lambda: PhaseConfig(epochs=1, lr=1e-3, weight_decay=0.0,
+                                                                  schedule="constant"))
+    # A tock: every weight trains (BN scales stay frozen at 1), L1 `tock_l1` on the gates, and a
+    # per-step triangular lr tock.lr -> tock_lr_max -> tock.lr over the tock's epochs.
+    tock: PhaseConfig = field(default_factory=lambda: PhaseConfig(epochs=10, lr=1e-3, weight_decay=5e-4,
+                                                                  schedule="constant"))
+    tock_lr_max: float = 1e-2
+    tock_l1: float = 1e-3
+    # What +SP/+SR decay: `gate` (the gate alone) or `channel` (conv filter + gate + BN bias).
+    decay_vector: str = "gate"
+    # Safety stop: a run still above flops_target after this many ticks fails with a clear error.
+    max_ticks: int = 2000
+    # Evaluate on the test set after every tick (off: ticks are many and short).
+    eval_ticks: bool = False
 
 
 @dataclass

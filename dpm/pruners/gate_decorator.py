@@ -1,0 +1,550 @@
+"""Gate Decorator (You et al., NeurIPS 2019) as a DPM base pruner (method.md section 6).
+
+The stage, after the pretrained baseline:
+
+1. **Gate** every BatchNorm (:mod:`dpm.pruners.gate_decorator_gates`); find the channel units and
+   their coupling with Torch-Pruning's dependency graph (:mod:`dpm.pruners.gate_decorator_units`).
+2. **Tick-Tock.** A *tick* trains for ``pruner.tick.epochs`` (one epoch) with the convolutions
+   frozen (only the gates and Linear layers train) and sums the Taylor score ``|g * dL/dg|`` of
+   every gate over its steps (a unit's score is the sum over its coupled BN channels). At its end
+   the ``p x remaining`` units with the lowest scores are selected globally, each layer keeping
+   ``min_channel_ratio`` of its channels, and handed to the decay controller. After every
+   ``tock_every`` ticks a *tock* trains everything for ``pruner.tock.epochs`` with an L1 penalty on
+   the gates and a triangular learning rate. Ticking stops once the native MACs left (thop default
+   rules, decaying units counted as removed) are at most ``flops_target``.
+3. **Melt**: decays still in flight finish first (a *drain* of tick-style steps); the gates are
+   folded back into BN and the masked units removed physically; then fine-tuning (``trainer.finetune``).
+
+DPM plugs into the tick's mask: ``dpm=base`` admits the selection with N = 1 (zeroed and masked at
+once: Gate Decorator exactly), ``dpm=sp|sr`` decays the gate (or, with ``decay_vector=channel``,
+conv filter + gate + BN bias) over N optimizer steps, across ticks and tocks, and sets the mask
+once it is zero. Decaying units count as removed everywhere the method counts channels and are
+never candidates; SR's released units sit out ``dpm.release_cooldown`` ticks (a round is one tick).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any, Hashable, Iterator
+
+import torch
+from torch import nn
+
+from dpm.core import DecayController, RectifyConfig, Slice, Target, resolve_decay_steps
+from dpm.errors import UserError
+from dpm.pruners.gate_decorator_gates import GatedBatchNorm2d, fold_gates, gate_model, gated_modules
+from dpm.pruners.gate_decorator_units import ChannelUnit, channel_units, macs_without, remove_channels
+
+__all__ = ["GateDecorator", "run_stage", "validate_config"]
+
+log = logging.getLogger(__name__)
+
+LOOP_CHECKPOINT = "gate_decorator_last.pt"
+TICK_LOG = "gate_decorator_ticks.json"
+DECAY_VECTORS = ("gate", "channel")
+_STATE_VERSION = 1
+
+
+class GateDecorator:
+    """Tick-Tock with a DPM decay controller over the gated channels of ``model``; a training hook.
+
+    Args:
+        model: the gated model (see :func:`~dpm.pruners.gate_decorator_gates.gate_model`).
+        units: its channel units (:func:`~dpm.pruners.gate_decorator_units.channel_units`, found on
+            the model before gating).
+        skeleton: a plain model of the unpruned structure, for the MACs the stopping rule reads.
+        example: an input batch (its first sample is used for counting).
+        prune_ratio: p, the fraction of the remaining units selected per tick (at least one).
+        min_channel_ratio: the fraction of each group's units that always stays.
+        flops_target: the native MACs fraction at which ticking stops.
+        N, decay_interval, schedule, rectify: the decay (method.md sections 3-4); N = 1 is the base.
+        decay_vector: ``gate`` or ``channel`` (conv filter rows + gate + BN bias).
+        tock_l1: L1 coefficient on the gates in tocks.
+        tock_lr_max: the triangular learning rate's peak in tocks (its ends are the phase's lr).
+    """
+
+    def __init__(self, model: nn.Module, units: list[ChannelUnit], *, skeleton: nn.Module, example: torch.Tensor,
+                 prune_ratio: float, min_channel_ratio: float, flops_target: float, N: int = 1,
+                 decay_interval: int = 1, schedule: str = "linear", rectify: RectifyConfig | None = None,
+                 decay_vector: str = "gate", tock_l1: float = 0.0, tock_lr_max: float | None = None) -> None:
+        if decay_vector not in DECAY_VECTORS:
+            raise ValueError(f"decay_vector must be one of {DECAY_VECTORS}, got {decay_vector!r}")
+        self.model, self.units, self.skeleton = model, units, skeleton
+        self.example = example[:1]
+        self.prune_ratio, self.flops_target = float(prune_ratio), float(flops_target)
+        self.tock_l1, self.tock_lr_max = float(tock_l1), tock_lr_max
+        self.gbns = gated_modules(model)
+        missing = {bn for u in units for bn, _ in u.bns} - set(self.gbns)
+        if missing:
+            raise ValueError(f"units refer to BatchNorms that are not gated: {sorted(missing)}")
+        self.row = {u.key: r for r, u in enumerate(units)}
+        self.unit = {u.key: u for u in units}
+        sizes = Counter(u.group for u in units)
+        self.floor = {g: max(1, math.ceil(min_channel_ratio * n)) for g, n in sizes.items()}
+        self.targets = {u.key: self._target(u, decay_vector) for u in units}
+        replacement = self._replacement if rectify is not None and rectify.budget == "strict" else None
+        self.controller = DecayController(model, N, interval=decay_interval, schedule=schedule, rectify=rectify,
+                                          replacement=replacement)
+        self.controller.register(self.targets.values())  # every unit: the C_len families
+        # A unit's score is the sum of its BN channels' scores: gather them with one index_add.
+        self.bn_names = list(self.gbns)
+        offset, start = 0, {}
+        for name in self.bn_names:
+            start[name] = offset
+            offset += self.gbns[name].num_features
+        flat, rows = [], []
+        for r, u in enumerate(units):
+            for bn, c in u.bns:
+                flat.append(start[bn] + c)
+                rows.append(r)
+        device = next(model.parameters()).device
+        self._flat = torch.tensor(flat, dtype=torch.long, device=device)
+        self._rows = torch.tensor(rows, dtype=torch.long, device=device)
+        self.base_macs = macs_without(skeleton, (), self.example)
+        self.scores = {n: torch.zeros(m.num_features, dtype=torch.float64, device=device) for n, m in self.gbns.items()}
+        self.last_scores: list[float] | None = None
+        self.masked: set[Hashable] = set()
+        # The Tick-Tock loop's position, checkpointed with the hook.
+        self.mode = "tick"
+        self.current: tuple[str, int] | None = None
+        self.phase_step = 0
+        self.phase_steps = 1
+        self.drain_total = 0
+        self.ticks = self.tocks = self.drain_steps = self.drain_epochs = self.admitted = 0
+        self.tick_log: list[dict] = []
+
+    def _target(self, u: ChannelUnit, decay_vector: str) -> Target:
+        slices = [Slice(self.gbns[bn].gate, 0, (c,)) for bn, c in u.bns]
+        if decay_vector == "channel":
+            params = dict(self.model.named_parameters())
+            slices += [Slice(params[name], dim, idx) for name, dim, idx in u.producers]
+            slices += [Slice(self.gbns[bn].bias, 0, (c,)) for bn, c in u.bns]
+        return Target(u.key, u.group, tuple(slices))
+
+    # ------------------------------------------------------------------ phases
+    def begin_phase(self, kind: str, index: int, steps: int) -> None:
+        """Enter a tick, tock or drain: which parameters train, fresh scores, the phase's step count."""
+        self.mode, self.current = kind, (kind, index)
+        self.phase_step, self.phase_steps = 0, max(1, steps)
+        for s in self.scores.values():
+            s.zero_()
+        set_trainable(self.model, kind)
+
+    def optimizer(self, model: nn.Module, phase_cfg: Any) -> torch.optim.Optimizer:
+        """SGD over every parameter; the frozen ones sit in a group with lr 0 (never updated: they
+        have no gradient) so the decay controller finds each decayed slice's learning rate."""
+        live = [p for p in model.parameters() if p.requires_grad]
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        groups = [{"params": live}]
+        if frozen:
+            groups.append({"params": frozen, "lr": 0.0, "weight_decay": 0.0, "frozen": True})
+        return torch.optim.SGD(groups, lr=phase_cfg.lr, momentum=phase_cfg.momentum,
+                               nesterov=phase_cfg.nesterov and phase_cfg.momentum > 0,
+                               weight_decay=phase_cfg.weight_decay)
+
+    # ------------------------------------------------------------------ hook
+    def step_start(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.mode == "tock" and self.tock_lr_max is not None:
+            # Triangular, per step: the tock's lr at its first and last step, tock_lr_max half-way
+            # (overrides the phase's per-epoch schedule).
+            lo = optimizer.defaults["lr"]
+            u = self.phase_step / max(1, self.phase_steps - 1)
+            lr = lo + (self.tock_lr_max - lo) * (1.0 - abs(2.0 * u - 1.0))
+            for g in optimizer.param_groups:
+                if not g.get("frozen"):
+                    g["lr"] = lr
+
+    @torch.no_grad()
+    def before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.mode == "tick":
+            # After backward: the (synchronised) loss gradient of each gate.
+            for name, m in self.gbns.items():
+                if m.gate.grad is not None:
+                    self.scores[name].add_((m.gate.detach() * m.gate.grad).abs().to(torch.float64))
+        # The controller reads the raw loss gradient (SR), so before the L1 term is added.
+        self.controller.before_step(optimizer)
+        if self.mode == "tock" and self.tock_l1 > 0:
+            for m in self.gbns.values():
+                if m.gate.grad is not None:
+                    m.gate.grad.add_(torch.sign(m.gate.detach()), alpha=self.tock_l1)
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.controller.after_step(optimizer)
+        self.phase_step += 1
+        if self.mode == "drain":
+            self.drain_steps += 1
+        self._sync_masks()
+
+    @torch.no_grad()
+    def _sync_masks(self) -> None:
+        """Set the mask of every unit the controller has driven to zero (and only those)."""
+        pruned = self.controller.pruned
+        if len(pruned) == len(self.masked):
+            return
+        for key in pruned - self.masked:
+            for bn, c in self.unit[key].bns:
+                self.gbns[bn].mask[c] = 0.0
+        self.masked = set(pruned)
+
+    # ------------------------------------------------------------------ selection
+    def removed(self) -> frozenset:
+        """Units counted as removed: pruned and decaying."""
+        return self.controller.pruned | self.controller.decaying
+
+    def unit_scores(self) -> torch.Tensor:
+        """Each unit's Taylor score accumulated over the current tick (sum over its BN channels)."""
+        flat = torch.cat([self.scores[n] for n in self.bn_names])
+        out = torch.zeros(len(self.units), dtype=torch.float64, device=flat.device)
+        return out.index_add_(0, self._rows, flat.index_select(0, self._flat))
+
+    def flops_remaining(self, removed: Iterator[Hashable] | frozenset | None = None) -> float:
+        """Native MACs left with ``removed`` (default: pruned + decaying units) gone, over the unpruned."""
+        removed = self.removed() if removed is None else removed
+        return macs_without(self.skeleton, sorted(removed), self.example) / self.base_macs
+
+    def _choose(self, scores: list[float], count: int, excluded: frozenset) -> list[Hashable]:
+        """The ``count`` lowest-scored units outside ``excluded`` whose group stays above its floor."""
+        removed = self.removed()
+        alive = Counter(u.group for u in self.units if u.key not in removed)
+        order = sorted(range(len(self.units)), key=lambda r: (scores[r], r))
+        chosen = []
+        for r in order:
+            if len(chosen) >= count:
+                break
+            u = self.units[r]
+            if u.key in excluded or u.key in removed or alive[u.group] - 1 < self.floor[u.group]:
+                continue
+            alive[u.group] -= 1
+            chosen.append(u.key)
+        return chosen
+
+    def select(self) -> dict:
+        """End of a tick: admit the ``p x remaining`` lowest-scored units; returns the tick's record."""
+        self.controller.start_round()  # a round is one tick: cooldowns count ticks
+        decaying = sorted(self.controller.decaying)
+        excluded = self.controller.candidates_excluded()
+        remaining = len(self.units) - len(self.removed())
+        count = max(1, int(self.prune_ratio * remaining))
+        scores = self.unit_scores().tolist()
+        self.last_scores = scores
+        chosen = self._choose(scores, count, excluded)
+        self.controller.admit([self.targets[k] for k in chosen])
+        self.admitted += len(chosen)
+        self._sync_masks()
+        record = {"tick": self.ticks, "selected": [list(k) for k in chosen],
+                  "decaying_before": [list(k) for k in decaying], "excluded": len(excluded),
+                  "remaining_before": remaining, "requested": count,
+                  "max_selected_score": max((scores[self.row[k]] for k in chosen), default=None),
+                  "flops_remaining": self.flops_remaining()}
+        self.tick_log.append(record)
+        log.info("tick %d: %d of %d remaining units selected, %d decaying, native FLOPs left %.4f",
+                 self.ticks, len(chosen), remaining, len(self.controller.decaying), record["flops_remaining"])
+        return record
+
+    def _replacement(self, released: list[Target], excluded: frozenset) -> list[Target]:
+        """budget=strict: the next-lowest units by the last tick's scores, one per released unit."""
+        scores = self.last_scores or [0.0] * len(self.units)
+        gone = excluded | {t.key for t in released}
+        chosen = self._choose(scores, len(released), frozenset(gone))
+        self.admitted += len(chosen)
+        return [self.targets[k] for k in chosen]
+
+    def drain_length(self) -> int:
+        """Optimizer steps until every decaying unit reaches zero (0 when none decays)."""
+        left = 0
+        for key in self.controller.decaying:
+            n, N = self.controller.decay_progress(key)
+            left = max(left, (N - n) * self.controller.interval)
+        return left
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {"version": _STATE_VERSION, "controller": self.controller.state_dict(),
+                "scores": {n: s.clone() for n, s in self.scores.items()}, "last_scores": self.last_scores,
+                "masked": sorted(self.masked), "mode": self.mode, "current": self.current,
+                "phase_step": self.phase_step, "phase_steps": self.phase_steps, "drain_total": self.drain_total,
+                "ticks": self.ticks, "tocks": self.tocks, "drain_steps": self.drain_steps,
+                "drain_epochs": self.drain_epochs,
+                "admitted": self.admitted, "tick_log": copy.deepcopy(self.tick_log)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"GateDecorator state version {state.get('version')!r}, expected {_STATE_VERSION}")
+        self.controller.load_state_dict(state["controller"])
+        for n, s in state["scores"].items():
+            self.scores[n].copy_(s)
+        self.masked = {tuple(k) for k in state["masked"]}
+        self.current = tuple(state["current"]) if state["current"] is not None else None
+        for key in ("last_scores", "mode", "phase_step", "phase_steps", "drain_total", "ticks", "tocks",
+                    "drain_steps", "drain_epochs", "admitted"):
+            setattr(self, key, state[key])
+        self.tick_log = copy.deepcopy(state["tick_log"])
+
+
+def set_trainable(model: nn.Module, kind: str) -> None:
+    """Which parameters train: in a tick or drain the gates and Linear layers only (the paper's
+    tick, convolutions frozen); in a tock everything; BN scales of gated BNs never (frozen at 1)."""
+    for m in model.modules():
+        for name, p in m.named_parameters(recurse=False):
+            if isinstance(m, GatedBatchNorm2d):
+                p.requires_grad_(name == "gate" or (name == "bias" and kind in ("tock", "finetune")))
+            elif kind in ("tick", "drain"):
+                p.requires_grad_(isinstance(m, nn.Linear))
+            else:
+                p.requires_grad_(True)
+
+
+class _Steps:
+    """A training loader cut to ``total`` steps over as many epochs as that takes (the drain)."""
+
+    def __init__(self, loader: Any, total: int) -> None:
+        self.loader, self.total = loader, total
+        self.per_epoch = len(loader)
+        self.epoch = 0
+
+    @property
+    def epochs(self) -> int:
+        return max(1, math.ceil(self.total / self.per_epoch))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.loader.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return max(0, min(self.per_epoch, self.total - self.epoch * self.per_epoch))
+
+    def __iter__(self):
+        n = len(self)
+        for i, batch in enumerate(self.loader):
+            if i >= n:
+                break
+            yield batch
+
+
+class _MeltRecord:
+    """The fine-tune phase's hook: the removed units and the stage summary, so a resumed fine-tune
+    can rebuild the melted structure before its weights load."""
+
+    def __init__(self, removed: list, summary: dict) -> None:
+        self.removed, self.summary = removed, summary
+
+    def state_dict(self) -> dict:
+        return {"removed": [list(k) for k in self.removed], "summary": self.summary}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.removed = [tuple(k) for k in state["removed"]]
+        self.summary = state["summary"]
+
+
+# ---------------------------------------------------------------------- the stage
+def resolve_N(cfg, iters_per_epoch: int) -> int:
+    """The decay length in optimizer steps (1 for dpm=base)."""
+    d = cfg.dpm
+    if d.variant == "base":
+        return 1
+    try:
+        return resolve_decay_steps(N=None if d.N_epochs is not None else d.N, N_epochs=d.N_epochs,
+                                   iters_per_epoch=iters_per_epoch)
+    except ValueError as err:
+        raise UserError(f"dpm.N: {err}") from None
+
+
+def _phase_cfg(base: Any, epochs: int) -> Any:
+    out = copy.deepcopy(base)
+    out.epochs = int(epochs)
+    return out
+
+
+def run_stage(ctx) -> dict:
+    """Gate Decorator with DPM between the pretrained baseline and the final measurement (see the
+    module docstring); returns its metrics, ``final_phase`` and ``stage_epochs``."""
+    from dpm.checkpoint import load_checkpoint
+    from dpm.run import CHECKPOINT
+
+    cfg, p = ctx.cfg, ctx.cfg.pruner
+    ctx.mark_before_prune()
+    finetune_ckpt, loop_ckpt = ctx.run_dir / CHECKPOINT, ctx.run_dir / LOOP_CHECKPOINT
+    tick_loader_len = len(ctx.phase_loader("finetune", p.tick.batch_size))
+    N = resolve_N(cfg, tick_loader_len)
+    out: dict[str, Any] = {}
+
+    resumed_finetune = None
+    if finetune_ckpt.exists():
+        state = load_checkpoint(finetune_ckpt)
+        if state.get("phase") == "finetune":
+            resumed_finetune = state["hooks"][0]
+    if resumed_finetune is not None:
+        # Killed while fine-tuning: rebuild the melted structure; run_phase loads its weights.
+        record = _MeltRecord([], {})
+        record.load_state_dict(resumed_finetune)
+        remove_channels(ctx.model, record.removed, ctx.example)
+        log.info("gate_decorator: resuming the fine-tune of the melted model (%d units removed)", len(record.removed))
+    else:
+        record = _prune(ctx, N, loop_ckpt)
+    out.update(record.summary)
+
+    tcfg = cfg.trainer
+    if tcfg.finetune.epochs > 0:
+        for prm in ctx.model.parameters():
+            prm.requires_grad_(True)
+        out["final_phase"] = ctx.run_phase("finetune", finetune_ckpt, hooks=[record])
+        out["final_phase"]["phase"] = "finetune"
+    out["stage_epochs"] = {"tick": out.pop("tick_epochs"), "tock": out.pop("tock_epochs"),
+                           "drain": out.pop("drain_epochs"), "finetune": tcfg.finetune.epochs}
+    return out
+
+
+def _prune(ctx, N: int, loop_ckpt: Path) -> _MeltRecord:
+    """Gate, Tick-Tock until the FLOPs target, drain, melt. Returns the melt record (removed units
+    and the stage's metrics); ``ctx.model`` ends melted, in place."""
+    from dpm.checkpoint import atomic_write_json, load_checkpoint
+    from dpm.measure import thop_default_macs_params
+    from dpm.run import decay_log
+
+    cfg, p, d = ctx.cfg, ctx.cfg.pruner, ctx.cfg.dpm
+    model = ctx.model
+    units = channel_units(model, ctx.example, cfg.dataset.num_classes)
+    skeleton = copy.deepcopy(model)
+    gate_model(model)
+    rectify = None
+    if d.variant == "sr":
+        rectify = RectifyConfig(t_rate=d.T_rate, t_len=d.T_len, c_rate_form=d.c_rate_form,
+                                release_rule=d.release_rule, release_cooldown=d.release_cooldown, budget=d.budget)
+    gd = GateDecorator(model, units, skeleton=skeleton, example=ctx.example, prune_ratio=p.prune_ratio,
+                       min_channel_ratio=p.min_channel_ratio, flops_target=p.flops_target, N=N,
+                       decay_interval=d.interval, schedule=d.schedule, rectify=rectify, decay_vector=p.decay_vector,
+                       tock_l1=p.tock_l1, tock_lr_max=p.tock_lr_max)
+    current: tuple[str, int] | None = ("tick", 1)
+    if loop_ckpt.exists():
+        state = load_checkpoint(loop_ckpt)
+        gd.load_state_dict(state["hooks"][0])
+        current = gd.current
+        log.info("gate_decorator: resuming at %s %d", *current)
+
+    while current is not None:
+        kind, index = current
+        phase = f"{kind}{index}"
+        if kind == "tock":
+            phase_cfg = p.tock
+            loader = ctx.phase_loader(phase, phase_cfg.batch_size)
+            steps = len(loader) * phase_cfg.epochs
+        elif kind == "tick":
+            phase_cfg = p.tick
+            loader = ctx.phase_loader(phase, phase_cfg.batch_size)
+            steps = len(loader) * phase_cfg.epochs
+        else:  # drain: tick-style steps until every decay has ended
+            loader = _Steps(ctx.phase_loader(phase, p.tick.batch_size), gd.drain_total)
+            phase_cfg = _phase_cfg(p.tick, loader.epochs)
+            steps = gd.drain_total
+        gd.begin_phase(kind, index, steps)
+        evaluated = ctx.eval_loaders
+        if kind != "tock" and not p.eval_ticks:
+            ctx.eval_loaders = {}  # ticks are many and short: no test pass after each
+        try:
+            ctx.run_phase(phase, loop_ckpt, hooks=[gd], phase_cfg=phase_cfg, loader=loader,
+                          optimizer_factory=gd.optimizer)
+        finally:
+            ctx.eval_loaders = evaluated
+        if kind == "drain":
+            gd.drain_epochs += phase_cfg.epochs
+        current = _next_phase(gd, kind, index, p)
+
+    # Melt: fold the gates into BN, remove the masked units, check the function is unchanged.
+    assert not gd.controller.decaying, "melt with decays in flight"
+    removed = sorted(gd.controller.pruned)
+    x = next(iter(ctx.eval_loaders["test"]))[0][:64]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    acc_before_melt, _ = ctx.evaluate("test")
+    fold_gates(model)
+    remove_channels(model, removed, ctx.example)
+    model.eval()
+    with torch.no_grad():
+        melt_diff = (model(x) - before).abs().max().item()
+    model.train(was_training)
+    for prm in model.parameters():
+        prm.requires_grad_(True)
+    acc_after_melt, _ = ctx.evaluate("test")
+    macs = thop_default_macs_params(model, ctx.example)[0]
+    counts = gd.controller.counts()
+    atomic_write_json(ctx.run_dir / "dpm_log.json", decay_log(gd.controller))
+    atomic_write_json(ctx.run_dir / TICK_LOG, gd.tick_log)
+    summary = {
+        "N": N, "flops_target": p.flops_target, "prune_ratio": p.prune_ratio, "tock_every": p.tock_every,
+        "decay_vector": p.decay_vector, "ticks": gd.ticks, "tocks": gd.tocks, "drain_steps": gd.drain_steps,
+        "channels_total": len(units), "admitted": gd.admitted, "released": counts["releases_total"],
+        "readmitted": counts["readmissions"], "pruned": len(removed),
+        "native_flops_remaining": macs / gd.base_macs, "native_speedup": gd.base_macs / macs,
+        "target_met": macs / gd.base_macs <= p.flops_target * (1 + 1e-9),
+        "top1_before_melt": acc_before_melt, "top1_after_melt": acc_after_melt, "melt_max_abs_diff": melt_diff,
+        "tick_epochs": gd.ticks * p.tick.epochs, "tock_epochs": gd.tocks * p.tock.epochs,
+        "drain_epochs": gd.drain_epochs,
+    }
+    log.info("gate_decorator: melted %d of %d units after %d ticks / %d tocks: native FLOPs left %.4f "
+             "(target %.4f), output change %.2e", len(removed), len(units), gd.ticks, gd.tocks,
+             summary["native_flops_remaining"], p.flops_target, melt_diff)
+    return _MeltRecord(removed, summary)
+
+
+def _next_phase(gd: GateDecorator, kind: str, index: int, p: Any) -> tuple[str, int] | None:
+    """After a phase: the tick's selection and the stopping rule; the next phase, or None to melt."""
+    if kind == "tock":
+        gd.tocks = index
+        return "tick", index * p.tock_every + 1
+    if kind == "drain":
+        # SR may have released units during the drain: keep ticking until the pruned ones meet the target.
+        if gd.flops_remaining(gd.controller.pruned) <= p.flops_target:
+            return None
+        return "tick", index + 1
+    gd.ticks = index
+    record = gd.select()
+    if record["flops_remaining"] <= p.flops_target:
+        gd.drain_total = gd.drain_length()
+        return ("drain", index) if gd.drain_total > 0 else None
+    if not record["selected"]:
+        raise UserError(f"pruner.flops_target={p.flops_target}: no unit can be selected any more (every layer "
+                        f"at pruner.min_channel_ratio={p.min_channel_ratio}) and {record['flops_remaining']:.4f} "
+                        f"of the FLOPs are left: raise flops_target or lower min_channel_ratio")
+    if index >= p.max_ticks:
+        raise UserError(f"pruner.max_ticks={p.max_ticks}: {record['flops_remaining']:.4f} of the FLOPs are left "
+                        f"after that many ticks (target {p.flops_target}): raise max_ticks or prune_ratio")
+    if index % p.tock_every == 0 and p.tock.epochs > 0:
+        return "tock", index // p.tock_every
+    return "tick", index + 1
+
+
+def validate_config(cfg: Any, fail) -> None:
+    """Gate Decorator's own keys (called by dpm.config.validate)."""
+    p = cfg.pruner
+    if not 0 < p.flops_target < 1:
+        fail("pruner.flops_target", p.flops_target, "the fraction of FLOPs left must be in (0, 1)")
+    if not 0 < p.prune_ratio < 1:
+        fail("pruner.prune_ratio", p.prune_ratio, "p, the fraction of remaining channels masked per tick, is in (0, 1)")
+    if not 0 <= p.min_channel_ratio < 1:
+        fail("pruner.min_channel_ratio", p.min_channel_ratio, "must be in [0, 1)")
+    if p.tock_every < 1:
+        fail("pruner.tock_every", p.tock_every, "T counts ticks between tocks and must be >= 1")
+    if p.tick.epochs < 1:
+        fail("pruner.tick.epochs", p.tick.epochs, "a tick collects scores over >= 1 epoch")
+    if p.tock.epochs < 0:
+        fail("pruner.tock.epochs", p.tock.epochs, "must be >= 0 (0 = no tocks)")
+    for key in ("tick", "tock"):
+        if not p[key].lr > 0:
+            fail(f"pruner.{key}.lr", p[key].lr, "must be > 0")
+        if p[key].batch_size < 1:
+            fail(f"pruner.{key}.batch_size", p[key].batch_size, "must be >= 1")
+    if not p.tock_lr_max >= p.tock.lr:
+        fail("pruner.tock_lr_max", p.tock_lr_max, f"the triangular peak must be >= pruner.tock.lr ({p.tock.lr})")
+    if not p.tock_l1 >= 0:
+        fail("pruner.tock_l1", p.tock_l1, "must be >= 0")
+    if p.decay_vector not in DECAY_VECTORS:
+        fail("pruner.decay_vector", p.decay_vector, f"valid: {', '.join(DECAY_VECTORS)}")
+    if p.max_ticks < 1:
+        fail("pruner.max_ticks", p.max_ticks, "must be >= 1")
+    if cfg.dpm.include_consumers:
+        fail("dpm.include_consumers", True, "gate_decorator decays gates (and producer rows) only: use false")

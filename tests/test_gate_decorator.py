@@ -1,0 +1,270 @@
+"""Gate Decorator + DPM: gated BN, Taylor scores, tick selection, residual coupling, melt, smooth
+decay of the gates, N = 1 as the base method, and base / +SP / +SR smoke runs through the runner."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import compose
+from dpm.checkpoint import load_checkpoint
+from dpm.pruners.gate_decorator import GateDecorator
+from dpm.pruners.gate_decorator_gates import GatedBatchNorm2d, fold_gates, gate_model, gated_modules
+from dpm.pruners.gate_decorator_units import channel_units, macs_without, remove_channels
+from dpm.run import CHECKPOINT, run
+from helpers import one_thread, tiny_net  # noqa: F401  (one_thread: autouse fixture)
+
+RUN_SPECIFIC = {"wall_time_s", "run_dir", "pretrain_source", "history", "variant", "name", "git_sha"}
+
+
+def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BN scales, shifts and running statistics (a fresh BN is the identity map)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                m.bias.copy_(torch.randn(n, generator=g) * 0.3)
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+    return model
+
+
+def gated(model: nn.Module, x: torch.Tensor, **kw) -> GateDecorator:
+    """``model`` gated in place, with its GateDecorator (N = 1 unless given)."""
+    units = channel_units(model, x, num_classes=model_classes(model))
+    skeleton = copy.deepcopy(model)
+    gate_model(model)
+    options = dict(prune_ratio=0.2, min_channel_ratio=0.1, flops_target=0.5)
+    options.update(kw)
+    return GateDecorator(model, units, skeleton=skeleton, example=x, **options)
+
+
+def model_classes(model: nn.Module) -> int:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
+
+
+def set_scores(gd: GateDecorator, per_bn: dict[str, list[float]]) -> None:
+    for name, values in per_bn.items():
+        gd.scores[name].copy_(torch.tensor(values, dtype=torch.float64))
+
+
+def test_gated_bn_preserves_the_function_at_initialisation():
+    model = randomised(tiny_net())
+    x = torch.randn(8, 3, 8, 8)
+    reference = copy.deepcopy(model)
+    names = gate_model(model)
+    assert names == ["1", "4"] and all(isinstance(m, GatedBatchNorm2d) for m in gated_modules(model).values())
+    for m in gated_modules(model).values():
+        assert torch.equal(m.weight, torch.ones_like(m.weight)) and not m.weight.requires_grad
+        assert torch.equal(m.mask, torch.ones_like(m.mask)) and m.gate.requires_grad
+    for mode in ("eval", "train"):  # running statistics, then batch statistics
+        getattr(reference, mode)()
+        getattr(model, mode)()
+        with torch.no_grad():
+            assert torch.allclose(model(x), reference(x), atol=1e-6, rtol=0)
+    assert gated_modules(model)["1"].gate.tolist() == pytest.approx(reference[1].weight.tolist())
+
+
+def test_taylor_score_is_the_sum_over_steps_of_abs_gate_times_its_gradient():
+    torch.manual_seed(0)
+    model = randomised(tiny_net())
+    x = torch.randn(4, 3, 8, 8)
+    gd = gated(model, x)
+    gd.begin_phase("tick", 1, steps=2)
+    opt = gd.optimizer(model, type("P", (), {"lr": 0.1, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0}))
+    bn = gated_modules(model)["4"]
+    expected = torch.zeros(bn.num_features, dtype=torch.float64)
+    for step in range(2):
+        xs, ys = torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,))
+        # By hand: y = BN(h) * g, so dL/dg_c = sum over batch and pixels of dL/dy * BN(h).
+        captured = {}
+        handle = bn.register_forward_hook(lambda m, i, o: captured.update(
+            normed=nn.functional.batch_norm(i[0], None, None, m.weight, m.bias, True, 0.0, m.eps).detach(), out=o))
+        out = model(xs)
+        handle.remove()
+        captured["out"].retain_grad()
+        loss = nn.functional.cross_entropy(out, ys)
+        opt.zero_grad()
+        loss.backward()
+        dL_dg = (captured["out"].grad * captured["normed"]).sum(dim=(0, 2, 3))
+        expected += (bn.gate.detach() * dL_dg).abs().double()
+        gd.before_step(opt)
+        opt.step()
+        gd.after_step(opt)
+    assert torch.allclose(gd.scores["4"], expected, rtol=1e-5, atol=1e-9)
+    assert expected.abs().sum() > 0
+    # convolutions are frozen in a tick: only the gates and the Linear layer moved
+    assert not model[0].weight.requires_grad and model[8].weight.requires_grad
+
+
+def test_tick_masks_exactly_the_lowest_scored_channels_above_the_floor():
+    model = randomised(tiny_net())
+    x = torch.randn(2, 3, 8, 8)
+    gd = gated(model, x, prune_ratio=0.5, min_channel_ratio=0.5)  # 11 units: 5 per tick; floors 3 and 3
+    gd.begin_phase("tick", 1, steps=1)
+    # Layer "1" (6 channels) holds the 4 lowest scores, but may lose only 3; then the lowest of "4".
+    set_scores(gd, {"1": [0.1, 0.2, 0.3, 0.4, 5.0, 6.0], "4": [0.9, 0.7, 3.0, 0.8, 4.0]})
+    gd.ticks = 1
+    record = gd.select()
+    chosen = {tuple(k) for k in record["selected"]}
+    assert chosen == {("0", 0), ("0", 1), ("0", 2), ("3", 1), ("3", 3)}
+    bns = gated_modules(model)
+    assert bns["1"].mask.tolist() == [0, 0, 0, 1, 1, 1] and bns["4"].mask.tolist() == [1, 0, 1, 0, 1]
+    assert bns["1"].gate[:3].abs().sum() == 0 and bns["4"].gate[[1, 3]].abs().sum() == 0  # N = 1: zero at once
+    # next tick: 6 remaining -> 3 requested, but both layers sit at their floor of 3
+    set_scores(gd, {"1": [0.0] * 6, "4": [0.0] * 5})
+    gd.ticks = 2
+    assert gd.select()["selected"] == []
+
+
+def test_residual_coupled_channels_are_scored_and_masked_together():
+    from dpm.models import build_model
+
+    torch.manual_seed(0)
+    model = randomised(build_model("tiny_resnet", 10))
+    x = torch.randn(2, 3, 8, 8)
+    gd = gated(model, x, prune_ratio=0.02)  # one unit per tick
+    coupled = [u for u in gd.units if len(u.bns) > 1]
+    assert {bn for u in coupled for bn, _ in u.bns} >= {"bn1", "layer1.0.bn2", "layer2.0.bn2", "layer2.0.downsample.1"}
+    unit = next(u for u in coupled if ("layer2.0.downsample.1", 5) in u.bns)
+    assert dict(unit.bns) == {"layer2.0.bn2": 5, "layer2.0.downsample.1": 5}
+    gd.begin_phase("tick", 1, steps=1)
+    set_scores(gd, {n: [1.0] * m.num_features for n, m in gated_modules(model).items()})
+    # Each coupled BN channel alone scores more than a plain channel; their sum is the lowest unit score.
+    gd.scores["layer2.0.bn2"][5] = 0.3
+    gd.scores["layer2.0.downsample.1"][5] = 0.3
+    gd.scores["layer2.0.bn1"][2] = 0.7
+    gd.ticks = 1
+    assert [tuple(k) for k in gd.select()["selected"]] == [unit.key]
+    bns = gated_modules(model)
+    assert bns["layer2.0.bn2"].mask[5] == 0 and bns["layer2.0.downsample.1"].mask[5] == 0
+    assert int(sum((m.mask == 0).sum() for m in bns.values())) == 2
+
+
+def test_melt_keeps_the_function_and_removes_the_predicted_macs():
+    from dpm.measure import thop_default_macs_params
+    from dpm.models import build_model
+
+    torch.manual_seed(1)
+    model = randomised(build_model("tiny_resnet", 10))
+    x = torch.randn(4, 3, 8, 8)
+    gd = gated(model, x, prune_ratio=0.3, min_channel_ratio=0.25)
+    with torch.no_grad():
+        for m in gated_modules(model).values():
+            m.gate.mul_(torch.rand_like(m.gate) + 0.5)
+    gd.begin_phase("tick", 1, steps=1)
+    set_scores(gd, {n: torch.rand(m.num_features).tolist() for n, m in gated_modules(model).items()})
+    gd.ticks = 1
+    selected = gd.select()["selected"]
+    assert len(selected) >= 10
+    predicted = macs_without(gd.skeleton, sorted(gd.removed()), x)
+    assert predicted == pytest.approx(gd.flops_remaining() * gd.base_macs)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    fold_gates(model)
+    remove_channels(model, sorted(gd.controller.pruned), x)
+    with torch.no_grad():
+        after = model(x)
+    assert (after - before).abs().max() <= 1e-5
+    macs = thop_default_macs_params(model, x)[0]
+    assert macs == predicted < gd.base_macs
+    # the removed channels are gone from the layers: widths are the kept counts
+    kept = {g: sum(1 for u in gd.units if u.group == g and list(u.key) not in selected) for g in gd.floor}
+    assert model.layer2[0].conv1.out_channels == kept["layer2.0.conv1"]
+    assert model.layer2[0].conv2.out_channels == model.fc.in_features == kept["layer2.0.conv2"]
+
+
+@pytest.mark.parametrize("decay_vector", ["gate", "channel"])
+def test_sp_gates_reach_exactly_zero_after_N_steps_and_only_then_are_masked(decay_vector):
+    model = randomised(tiny_net())
+    x = torch.randn(4, 3, 8, 8)
+    N = 4
+    gd = gated(model, x, prune_ratio=0.2, N=N, decay_vector=decay_vector)  # 2 units a tick
+    gd.begin_phase("tick", 1, steps=1)
+    set_scores(gd, {"1": [5, 5, 5, 0.1, 5, 5], "4": [5, 0.2, 5, 5, 5]})
+    bns = gated_modules(model)
+    L0 = {"1": bns["1"].gate[3].item(), "4": bns["4"].gate[1].item()}
+    gd.ticks = 1
+    gd.select()
+    gd.begin_phase("tock", 1, steps=N)
+    opt = gd.optimizer(model, type("P", (), {"lr": 0.05, "momentum": 0.9, "nesterov": False, "weight_decay": 5e-4}))
+    for n in range(1, N + 1):
+        if decay_vector == "gate":  # the gate alone is the vector: |g| follows L0 (1 - n/N)
+            assert abs(bns["1"].gate[3].item()) == pytest.approx(abs(L0["1"]) * (1 - n / N), abs=1e-6)
+            assert abs(bns["4"].gate[1].item()) == pytest.approx(abs(L0["4"]) * (1 - n / N), abs=1e-6)
+        zero = n == N
+        assert (bns["1"].gate[3].item() == 0.0) == zero and (bns["4"].gate[1].item() == 0.0) == zero
+        assert (bns["1"].mask[3].item() == 0.0) == zero and (bns["4"].mask[1].item() == 0.0) == zero
+        assert gd.controller.decaying == (frozenset() if zero else frozenset({("0", 3), ("3", 1)}))
+        if zero:
+            break
+        loss = nn.functional.cross_entropy(model(torch.randn(4, 3, 8, 8)), torch.randint(0, 3, (4,)))
+        opt.zero_grad()
+        loss.backward()
+        gd.step_start(opt)
+        gd.before_step(opt)
+        opt.step()
+        gd.after_step(opt)
+    if decay_vector == "channel":  # conv filter and BN bias of the channel are zero too
+        assert model[0].weight[3].abs().sum() == 0 and model[0].bias[3] == 0 and bns["1"].bias[3] == 0
+    assert bns["1"].mask.tolist() == [1, 1, 1, 0, 1, 1]
+
+
+def smoke(*overrides: str):
+    return compose(["experiment=gate_decorator_smoke", "trainer.progress=false", *overrides])
+
+
+def test_sp_with_N_1_is_bitwise_the_base_method(tmp_path):
+    base = run(smoke("dpm=base"), tmp_path / "base")
+    sp = run(smoke("dpm=sp", "dpm.N=1"), tmp_path / "sp")
+    assert base["status"] == sp["status"] == "complete" and base["N"] == sp["N"] == 1 and base["pruned"] > 0
+    assert {k: v for k, v in sp.items() if k not in RUN_SPECIFIC} == \
+        {k: v for k, v in base.items() if k not in RUN_SPECIFIC}
+    wb = load_checkpoint(tmp_path / "base" / CHECKPOINT)["model"]
+    ws = load_checkpoint(tmp_path / "sp" / CHECKPOINT)["model"]
+    assert wb.keys() == ws.keys() and all(torch.equal(wb[k], ws[k]) for k in wb)
+
+
+def test_smoke_runs_of_base_sp_sr_reach_the_flops_target_without_reselecting_decaying_channels(tmp_path):
+    results = {v: run(smoke(f"dpm={v}"), tmp_path / v) for v in ("base", "sp", "sr")}
+    for v, m in results.items():
+        assert m["status"] == "complete" and m["target_met"], v
+        assert m["flops_target"] <= 0.5 and m["native_flops_remaining"] <= m["flops_target"], v
+        assert m["ticks"] >= 3 and m["tocks"] >= 1, v
+        assert m["native_counter"] == "thop_default" and m["native_pruned_macs"] < m["native_base_macs"], v
+        assert m["melt_max_abs_diff"] <= 1e-5 and m["epochs"]["finetune"] == 1, v
+        ticks = json.loads((tmp_path / v / "gate_decorator_ticks.json").read_text())
+        pruned: set = set()
+        for record in ticks:
+            selected = {tuple(k) for k in record["selected"]}
+            # candidates never include a channel still decaying, nor one already zero
+            assert not selected & {tuple(k) for k in record["decaying_before"]}, (v, record["tick"])
+            assert not selected & pruned, (v, record["tick"])
+            if v != "sr":  # without releases every earlier selection is decaying or zero
+                pruned |= selected
+    assert results["base"]["N"] == 1 and results["sp"]["N"] == results["sr"]["N"] == 6
+    # N = 6 spans ticks of 4 steps: the next tick selects while the previous selection still decays
+    sp_ticks = json.loads((tmp_path / "sp" / "gate_decorator_ticks.json").read_text())
+    assert any({tuple(k) for k in a["selected"]} & {tuple(k) for k in b["decaying_before"]}
+               for a, b in zip(sp_ticks, sp_ticks[1:]))
+    assert results["sp"]["drain_steps"] > 0 and results["sp"]["released"] == 0
+    assert results["sr"]["released"] >= 1
+    assert results["sp"]["pruned"] == results["sp"]["admitted"]
+
+
+def test_bad_gate_decorator_keys_fail_with_one_line():
+    from dpm.config import validate
+    from dpm.errors import UserError
+
+    with pytest.raises(UserError, match="pruner.flops_target"):
+        validate(smoke("pruner.flops_target=1.5"))
+    with pytest.raises(UserError, match="pruner.decay_vector"):
+        validate(smoke("pruner.decay_vector=filter"))
+    validate(compose(["experiment=paper/gate_decorator_vgg16_cifar10", "dpm=sr"]))
+    validate(compose(["experiment=paper/gate_decorator_resnet56_cifar10", "dpm=sp"]))
