@@ -147,9 +147,39 @@ class GateDecoratorConfig(PrunerConfig):
 
 @dataclass
 class OTOv2Config(PrunerConfig):
-    """OTOv2's DHSPG on dependency groups (issue 6; ../shared/docs/otov2-dhspg.md)."""
+    """OTOv2's DHSPG on dependency groups (issue 6; ../shared/docs/otov2-dhspg.md). Defaults are
+    only_train_once 2.0.16's; None takes the variant default (sgd / adam / adamw)."""
 
     name: str = "otov2"
+    variant: str = "sgd"  # sgd | adam | adamw
+    lmbda: Optional[float] = None  # 1e-3 / 1e-2 / 1e-2
+    lmbda_amplify: Optional[float] = None  # 2 / 20 / 20
+    hat_lmbda_coeff: Optional[float] = None  # 10 / 1e3 / 1e3
+    epsilon: float = 0.0
+    # Coupled L2 (added to the gradient) for sgd and adam; decoupled only for adamw, the one variant
+    # for which 2.0.16 reads weight_decay_type (l2_norm | l1_norm). 0 / 0 / 1e-2.
+    weight_decay: Optional[float] = None
+    weight_decay_type: str = "l2_norm"
+    first_momentum: Optional[float] = None  # 0 / 0.9 / 0.9 (heavy ball for sgd)
+    second_momentum: Optional[float] = None  # 0 / 0.999 / 0.999
+    dampening: Optional[float] = None  # 0
+    target_group_sparsity: float = 0.5
+    tolerance_group_sparsity: float = 0.05
+    # Partition and first projection step; start_pruning_epochs (epochs of pruner.train) wins if set.
+    start_pruning_steps: int = 0
+    start_pruning_epochs: Optional[float] = None
+    # Used only if both are given (2.0.16); otherwise both equal the start of pruning.
+    partition_step: Optional[int] = None
+    half_space_project_steps: Optional[int] = None
+    warm_up_steps: int = 0
+    group_divisible: int = 1
+    fixed_zero_groups: bool = True
+    # The DHSPG training phase: epochs, lr, schedule, batch size, mixup. DHSPG takes its momentum and
+    # weight decay from first_momentum / weight_decay above, so train.momentum and train.weight_decay
+    # must stay 0 (validated). trainer.finetune runs on the pruned model afterwards if its epochs > 0.
+    train: PhaseConfig = field(default_factory=lambda: PhaseConfig(
+        epochs=300, lr=0.1, momentum=0.0, weight_decay=0.0, schedule="step", milestones=[75, 150, 225],
+        gamma=0.1, batch_size=64, mixup=0.0))
 
 
 @dataclass
