@@ -72,6 +72,9 @@ class TrainerConfig:
     bf16: bool = False  # bf16 autocast, CUDA only
     channels_last: bool = False
     progress: bool = True
+    # A NaN/inf loss: `fail` stops the run naming the step (the last good checkpoint is kept);
+    # `skip_step` skips such steps and counts them (costs one host sync a step).
+    on_nan: str = "fail"
     # Cap on optimizer steps per epoch (0 = whole epoch): for smoke runs only.
     max_steps_per_epoch: int = 0
     pretrain: PhaseConfig = field(default_factory=PhaseConfig)
@@ -243,6 +246,8 @@ class Config:
     run_id: str = MISSING
     # true: continue the newest unfinished run of the same name and config if this run dir has none.
     resume: bool = False
+    # Continue a run dir whose saved config differs (beyond run-time keys) from this one.
+    force_resume: bool = False
     # Re-estimate BatchNorm statistics on a few training batches before each stage-boundary eval.
     recalibrate_bn: bool = False
     # Free-form tags copied into metrics.json (e.g. which paper table a run belongs to).
@@ -349,6 +354,8 @@ def validate(cfg) -> None:
             fail(f"trainer.{phase}.mixup", p.mixup, "the mixup alpha must be >= 0 (0 = off)")
         if list(p.milestones) != sorted(p.milestones):
             fail(f"trainer.{phase}.milestones", list(p.milestones), "must be increasing")
+    if cfg.trainer.on_nan not in ("fail", "skip_step"):
+        fail("trainer.on_nan", cfg.trainer.on_nan, "valid: fail, skip_step")
     if cfg.trainer.max_steps_per_epoch < 0:
         fail("trainer.max_steps_per_epoch", cfg.trainer.max_steps_per_epoch, "must be >= 0 (0 = whole epoch)")
     if cfg.logger.mode not in ("online", "offline", "disabled"):

@@ -607,9 +607,12 @@ def write_report(dirs: Sequence[str | os.PathLike], out: str | os.PathLike | Non
         "duplicates.csv": duplicates.to_csv(index=False).encode(),
     }
     written = []
+    from dpm.faults import fault_point
+
     for name, data in files.items():
         atomic_write_bytes(out / name, data)
         written.append(out / name)
+        fault_point("report:after_first_file")  # tests: a kill while the report is half written
     if plots:
         written += write_plots(runs, ref, out / "plots")
     return Report(runs, table, stats, problems, duplicates, markdown, out, written)

@@ -27,13 +27,14 @@ from omegaconf import DictConfig, OmegaConf
 from dpm.checkpoint import StageCache, atomic_write_bytes, atomic_write_json, load_checkpoint, seed_everything
 from dpm.config import validate
 from dpm.errors import UserError
+from dpm.faults import fault_point
 
 log = logging.getLogger("dpm")
 
 CHECKPOINT = "checkpoint.pt"
 PRETRAIN_PROGRESS = "pretrain_last.pt"
 # Keys that may change between a run and its resumption without changing its result.
-RUNTIME_KEYS = ("run_id", "resume", "trainer.device", "trainer.progress", "trainer.num_workers",
+RUNTIME_KEYS = ("run_id", "resume", "force_resume", "trainer.device", "trainer.progress", "trainer.num_workers",
                 "trainer.eval_batch_size", "logger", "output_root", "cache_dir", "dataset.root")
 
 
@@ -45,13 +46,20 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Refusals that must not touch what the run dir holds: a second process, or a changed config.
+    with run_dir_lock(run_dir):
+        refuse_changed_config(cfg, run_dir)
+        previous = run_dir / "metrics.json"
+        if previous.exists() and json.loads(previous.read_text()).get("status") == "complete":
+            log.info("run already complete: %s", previous)
+            return json.loads(previous.read_text())
+        return _run_locked(cfg, run_dir)
+
+
+def _run_locked(cfg: DictConfig, run_dir: Path) -> dict:
     t0 = time.time()
     metrics: dict[str, Any] = identity_fields(cfg)
     metrics.update(run_dir=str(run_dir), git_sha=git_sha(), status="running")
-    previous = run_dir / "metrics.json"
-    if previous.exists() and json.loads(previous.read_text()).get("status") == "complete":
-        log.info("run already complete: %s", previous)
-        return json.loads(previous.read_text())
     logger = None
     try:
         validate(cfg)
@@ -64,16 +72,84 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         logger = make_logger(cfg.logger, resolved, run_dir)
         metrics.update(execute(cfg, run_dir, logger))  # callable; its log_every sets per-step logging
         metrics["status"] = "complete"
+        fault_point("run:before_metrics")  # tests: a kill after the work, before its record
     except BaseException as err:
         metrics["status"] = "failed"
         metrics["error"] = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
         raise
     finally:
         metrics["wall_time_s"] = round(time.time() - t0, 3)
-        atomic_write_json(run_dir / "metrics.json", metrics)
+        try:
+            atomic_write_json(run_dir / "metrics.json", metrics)
+        except UserError:
+            if metrics["status"] == "complete":
+                raise  # the run's own record could not be written: that is the error
+            log.error("could not write the failed metrics.json in %s", run_dir)  # the original error propagates
         if logger is not None:
             logger.finish(metrics)
     return metrics
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path):
+    """Hold `run_dir/run.lock` (flock, with pid and host inside) for the run: a second process
+    pointed at the same run dir is refused. A lock left by a dead process is not held by anyone
+    (the kernel drops flocks with their process) and is taken over with a note."""
+    import fcntl
+    import os
+    import socket
+
+    path = run_dir / "run.lock"
+    with open(path, "a+") as f:
+        f.seek(0)
+        holder = f.read().strip()
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{run_dir} is in use by another process ({holder or 'unknown'}): wait for it to finish, "
+                            f"or give this run another run_id / hydra.run.dir") from None
+        if holder:
+            log.info("taking over the stale lock of a process that is gone (%s)", holder)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            f.flush()
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def refuse_changed_config(cfg: DictConfig, run_dir: Path) -> None:
+    """A run dir continues only the run it was started for: a config that differs in anything but
+    run-time keys (RUNTIME_KEYS) is refused with the differing keys, unless `force_resume=true`."""
+    saved = run_dir / "config.yaml"
+    if not saved.exists() or OmegaConf.select(cfg, "force_resume", default=False):
+        return
+    try:
+        new = comparable_config(OmegaConf.to_container(cfg, resolve=True))
+    except Exception as err:  # an interpolation that cannot resolve: validate() reports it later
+        log.debug("config not comparable yet: %s", err)
+        return
+    old = comparable_config(OmegaConf.to_container(OmegaConf.load(saved), resolve=False))
+    diff = config_diff(old, new)
+    if diff:
+        shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
+        raise UserError(f"{run_dir} holds a run with another config ({shown}): give this run another run_id, or "
+                        f"force_resume=true to continue it with the new config")
+
+
+def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """`key: old -> new` for every leaf that differs between two config containers."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += config_diff(old.get(key, "<absent>"), new.get(key, "<absent>"), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix[:-1]}: {old} -> {new}"]
 
 
 def identity_fields(cfg: DictConfig) -> dict:
@@ -127,7 +203,7 @@ class RunContext:
         loader = loader if loader is not None else self.phase_loader(phase, phase_cfg.batch_size)
         return train_phase(self.model, phase, phase_cfg, loader, self.eval_loaders, self.device,
                            checkpoint_path=checkpoint_path, hooks=hooks, progress=t.progress, bf16=t.bf16,
-                           log_metrics=self.log_metrics, **train_kwargs)
+                           log_metrics=self.log_metrics, on_nan=t.on_nan, **train_kwargs)
 
     def evaluate(self, split: str = "test") -> tuple[float, float]:
         from dpm.train import evaluate

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
@@ -17,9 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dpm.checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
+from dpm.checkpoint import atomic_torch_save, checkpoint_exists, load_checkpoint, rng_state, set_rng_state
 from dpm.errors import UserError
-from dpm.faults import fault_point
+from dpm.faults import fault_point, fault_step
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +127,7 @@ def train_phase(
     log_metrics: Callable[[dict], None] | None = None,
     optimizer_factory: Callable[[nn.Module, Any], torch.optim.Optimizer] = None,
     scheduler_factory: Callable[[torch.optim.Optimizer, Any], Any] = None,
+    on_nan: str = "fail",
 ) -> dict:
     """Train `model` for `phase_cfg.epochs` epochs with SGD and the phase's schedule.
 
@@ -144,10 +144,20 @@ def train_phase(
     default SGD and per-epoch schedule (a base pruner's own optimizer, e.g. OTOv2's DHSPG); they are
     called again on resume. A scheduler's `step()` runs once per epoch. `phase_cfg.mixup` > 0 trains
     on mixup batches (Beta(alpha, alpha) weights; the train accuracy counts the dominant label).
+
+    A non-finite loss or parameter stops the phase with a NumericalError naming the step, before the
+    epoch's checkpoint is written, so the last good checkpoint stays the latest (`on_nan="fail"`;
+    checked on the device, read every NAN_CHECK_EVERY steps). `on_nan="skip_step"` instead skips
+    every step whose loss is not finite (one host sync a step) and counts them in the summary.
     """
     optimizer_factory = optimizer_factory or make_optimizer
     scheduler_factory = scheduler_factory or make_scheduler
     mixup = float(getattr(phase_cfg, "mixup", 0.0) or 0.0)
+    if on_nan not in ("fail", "skip_step"):
+        raise UserError(f"trainer.on_nan={on_nan!r}: valid: fail, skip_step")
+    nan_fault_step = fault_step(f"{phase}:nan_step")
+    kill_fault_step = fault_step(f"{phase}:kill_step")
+    skipped_steps = 0
     hooks = list(hooks)
     # Per-step logging reads the loss (a host sync) only on logged steps; 0 turns it off.
     log_every = int(getattr(log_metrics, "log_every", 0) or 0) if log_metrics is not None else 0
@@ -156,7 +166,7 @@ def train_phase(
     scheduler = scheduler_factory(optimizer, phase_cfg)
     history: list[dict] = []
     start_epoch = 0
-    if checkpoint_path is not None and Path(checkpoint_path).exists():
+    if checkpoint_path is not None and checkpoint_exists(checkpoint_path):
         state = load_checkpoint(checkpoint_path)
         if state.get("phase") == phase:
             # Hooks first: a pruner replays its removals so the pruned weights fit the model; the
@@ -171,6 +181,7 @@ def train_phase(
             scheduler.load_state_dict(state["scheduler"])
             history = state["history"]
             start_epoch = state["epoch"]
+            skipped_steps = state.get("skipped_steps", 0)
             set_rng_state(state["rng"])
             log.info("%s: resuming after epoch %d from %s", phase, start_epoch, checkpoint_path)
 
@@ -182,6 +193,7 @@ def train_phase(
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
+        first_nonfinite = torch.full((), -1, dtype=torch.long, device=device)  # step index, -1 = none
         bar = _progress(train_loader, progress, f"{phase} {epoch + 1}/{phase_cfg.epochs}")
         for step, (x, y) in enumerate(bar):
             for hook in hooks:
@@ -193,7 +205,23 @@ def train_phase(
                 loss = F.cross_entropy(out.float(), y)
                 if mixup > 0:
                     loss = lam * loss + (1 - lam) * F.cross_entropy(out.float(), y_mix)
+            phase_step = (epoch * steps_per_epoch if steps_per_epoch is not None else 0) + step
+            if kill_fault_step == phase_step:
+                fault_point(f"{phase}:kill_step{phase_step}")  # tests: a kill mid-epoch (e.g. mid-decay)
+            if nan_fault_step is not None and phase_step == nan_fault_step:
+                loss = loss * float("nan")  # fault injection (tests): a loss that went bad
             optimizer.zero_grad(set_to_none=True)
+            if on_nan == "skip_step":
+                if not torch.isfinite(loss):  # the host sync this policy costs
+                    skipped_steps += 1
+                    log.warning("%s step %d: loss %s, step skipped (trainer.on_nan=skip_step)", phase, phase_step,
+                                loss.item())
+                    continue
+            else:
+                first_nonfinite = torch.where((first_nonfinite < 0) & ~torch.isfinite(loss.detach()),
+                                              torch.full_like(first_nonfinite, phase_step), first_nonfinite)
+                if step % NAN_CHECK_EVERY == NAN_CHECK_EVERY - 1:
+                    _raise_if_nonfinite(first_nonfinite, phase, epoch, phase_cfg)
             loss.backward()
             for hook in hooks:
                 getattr(hook, "before_step", _noop)(optimizer)
@@ -204,17 +232,18 @@ def train_phase(
             correct += (out.detach().argmax(1) == y).sum()
             seen += len(y)
             if log_every > 0:
-                phase_step = (epoch * steps_per_epoch if steps_per_epoch is not None else 0) + step
                 if phase_step % log_every == 0:
                     log_metrics(_step_record(phase, phase_step, loss, lr, hooks))
             if progress and step % 20 == 0:  # one host sync per 20 steps, only for the bar
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
                                 lr=f"{lr:.4g}")
+        _raise_if_nonfinite(first_nonfinite, phase, epoch, phase_cfg)
+        bad = nonfinite_parameters(model)
+        if bad:
+            raise NumericalError(f"{phase}: parameter {bad[0]} is not finite after epoch {epoch + 1}; the last good "
+                                 f"checkpoint is kept: lower trainer.{phase}.lr (now {phase_cfg.lr}) or check the data")
         scheduler.step()
         train_loss = loss_sum.item() / max(seen, 1)
-        if not math.isfinite(train_loss):
-            raise UserError(f"{phase} loss became {train_loss} in epoch {epoch + 1}: lower trainer.{phase}.lr "
-                            f"(now {phase_cfg.lr}) or check the data")
         record = {"phase": phase, "epoch": epoch + 1, "lr": lr, "train_loss": train_loss,
                   "train_top1": 100.0 * correct.item() / max(seen, 1)}
         for split, loader in eval_loaders.items():
@@ -233,9 +262,10 @@ def train_phase(
             atomic_torch_save({"phase": phase, "epoch": epoch + 1, "model": model.state_dict(),
                                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                "hooks": [h.state_dict() if hasattr(h, "state_dict") else None for h in hooks],
-                               "history": history, "rng": rng_state()}, checkpoint_path)
+                               "history": history, "rng": rng_state(),
+                               "skipped_steps": skipped_steps}, checkpoint_path)
             fault_point(f"{phase}:epoch{epoch + 1}")
-    return summarize_phase(history, list(eval_loaders))
+    return summarize_phase(history, list(eval_loaders), skipped_steps)
 
 
 def mixup_batch(x: torch.Tensor, y: torch.Tensor, alpha: float):
@@ -249,9 +279,35 @@ def mixup_batch(x: torch.Tensor, y: torch.Tensor, alpha: float):
     return mixed, y[perm], y, 1 - lam
 
 
-def summarize_phase(history: list[dict], splits: list[str]) -> dict:
+# Steps between reads of the on-device non-finite flag (one host sync each).
+NAN_CHECK_EVERY = 50
+
+
+class NumericalError(UserError):
+    """A NaN/inf loss or parameter: the run stops, its last good checkpoint stays the latest."""
+
+
+def _raise_if_nonfinite(first_nonfinite: torch.Tensor, phase: str, epoch: int, phase_cfg: Any) -> None:
+    step = int(first_nonfinite.item())
+    if step >= 0:
+        raise NumericalError(f"{phase}: the loss became NaN/inf at step {step} (epoch {epoch + 1}); the last good "
+                             f"checkpoint is kept: lower trainer.{phase}.lr (now {phase_cfg.lr}), check the data, "
+                             f"or set trainer.on_nan=skip_step")
+
+
+def nonfinite_parameters(model: nn.Module) -> list[str]:
+    """Names of the parameters holding a NaN or inf (one host sync when all are finite)."""
+    params = [(n, p) for n, p in model.named_parameters()]
+    if not params or bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
+        return []
+    return [n for n, p in params if not bool(torch.isfinite(p).all())]
+
+
+def summarize_phase(history: list[dict], splits: list[str], skipped_steps: int = 0) -> dict:
     """Final and best top-1 per split over a phase's epochs (best epoch chosen per split)."""
     summary: dict[str, Any] = {"history": history, "epochs": len(history)}
+    if skipped_steps:
+        summary["skipped_steps"] = skipped_steps
     for split in splits:
         values = [r[f"{split}_top1"] for r in history]
         if values:

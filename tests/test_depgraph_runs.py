@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import CIFAR10, compose
+from dpm.checkpoint import load_checkpoint
 from dpm.run import CHECKPOINT, run
 
 # Fields that differ between two runs of the same computation.
@@ -20,7 +21,7 @@ def digits(*overrides: str):
 
 
 def final_weights(run_dir):
-    return torch.load(run_dir / CHECKPOINT, weights_only=False)["model"]
+    return load_checkpoint(run_dir / CHECKPOINT)["model"]
 
 
 def test_sp_with_N_1_is_bitwise_the_base_method(tmp_path):

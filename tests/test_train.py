@@ -84,7 +84,7 @@ def test_step_and_cosine_schedules():
 
 def test_nan_loss_is_one_clear_error():
     model, loader, evals = setup()
-    with pytest.raises(UserError, match=r"pretrain loss became nan in epoch 1: lower trainer.pretrain.lr"):
+    with pytest.raises(UserError, match=r"pretrain: the loss became NaN/inf at step 1 \(epoch 1\).*lower trainer.pretrain.lr"):
         train_phase(model, "pretrain", phase_cfg(epochs=1, lr=1e30), loader, evals, torch.device("cpu"),
                     progress=False)
 

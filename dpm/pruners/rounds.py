@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from dpm.core import DecayController, RectifyConfig
+from dpm.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class PruningRounds:
         pruned = self.controller.pruned
         if not pruned or self.controller.decaying:
             return
+        fault_point("rounds:before_removal")  # tests: a kill between the decay's end and the removal
         self.pruner.remove(pruned, optimizer)
         self.controller.forget(pruned)
         self.controller.bind(self.model)
