@@ -268,3 +268,39 @@ def test_bad_gate_decorator_keys_fail_with_one_line():
         validate(smoke("pruner.decay_vector=filter"))
     validate(compose(["experiment=paper/gate_decorator_vgg16_cifar10", "dpm=sr"]))
     validate(compose(["experiment=paper/gate_decorator_resnet56_cifar10", "dpm=sp"]))
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL right after a checkpoint (in-process: a CLI run per kill costs ~20 s here)."""
+
+
+@pytest.mark.parametrize("point", ["tick2:epoch1", "finetune:epoch1"])
+def test_killed_run_resumes_to_the_same_metrics(tmp_path, monkeypatch, caplog, point):
+    """Killed after tick 2's checkpoint (its selection not yet made, +SR decays in flight) or after
+    the melted model's fine-tune epoch, the rerun continues to what an uninterrupted run gives."""
+    import dpm.train
+
+    ref = run(smoke("dpm=sr"), tmp_path / "ref")
+
+    def fault(name: str) -> None:
+        if name == point:
+            raise Killed(name)
+
+    monkeypatch.setattr(dpm.train, "fault_point", fault)
+    with pytest.raises(Killed):
+        run(smoke("dpm=sr"), tmp_path / "run")
+    monkeypatch.undo()
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        resumed = run(smoke("dpm=sr"), tmp_path / "run")
+    phase = point.split(":")[0]
+    assert f"{phase}: resuming after epoch 1" in caplog.text
+    assert ("gate_decorator: resuming at tick 2" if phase == "tick2" else "resuming the fine-tune") in caplog.text
+    skip = RUN_SPECIFIC | {"pretrain_checkpoint"}
+    assert ref["released"] >= 1 and ref["ticks"] >= 3
+    assert {k: v for k, v in resumed.items() if k not in skip} == {k: v for k, v in ref.items() if k not in skip}
+    assert (tmp_path / "run" / "gate_decorator_ticks.json").read_text() == \
+        (tmp_path / "ref" / "gate_decorator_ticks.json").read_text()
+    wr = load_checkpoint(tmp_path / "ref" / CHECKPOINT)["model"]
+    wk = load_checkpoint(tmp_path / "run" / CHECKPOINT)["model"]
+    assert wr.keys() == wk.keys() and all(torch.equal(wr[k], wk[k]) for k in wr)

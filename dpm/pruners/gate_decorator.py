@@ -28,7 +28,7 @@ import logging
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Any, Hashable, Iterator
+from typing import Any, Hashable, Iterable
 
 import torch
 from torch import nn
@@ -84,7 +84,8 @@ class GateDecorator:
         self.unit = {u.key: u for u in units}
         sizes = Counter(u.group for u in units)
         self.floor = {g: max(1, math.ceil(min_channel_ratio * n)) for g, n in sizes.items()}
-        self.targets = {u.key: self._target(u, decay_vector) for u in units}
+        params = dict(model.named_parameters())
+        self.targets = {u.key: self._target(u, decay_vector, params) for u in units}
         replacement = self._replacement if rectify is not None and rectify.budget == "strict" else None
         self.controller = DecayController(model, N, interval=decay_interval, schedule=schedule, rectify=rectify,
                                           replacement=replacement)
@@ -113,13 +114,12 @@ class GateDecorator:
         self.phase_step = 0
         self.phase_steps = 1
         self.drain_total = 0
-        self.ticks = self.tocks = self.drain_steps = self.drain_epochs = self.admitted = 0
+        self.ticks = self.tocks = self.drains = self.drain_steps = self.drain_epochs = self.admitted = 0
         self.tick_log: list[dict] = []
 
-    def _target(self, u: ChannelUnit, decay_vector: str) -> Target:
+    def _target(self, u: ChannelUnit, decay_vector: str, params: dict[str, nn.Parameter]) -> Target:
         slices = [Slice(self.gbns[bn].gate, 0, (c,)) for bn, c in u.bns]
         if decay_vector == "channel":
-            params = dict(self.model.named_parameters())
             slices += [Slice(params[name], dim, idx) for name, dim, idx in u.producers]
             slices += [Slice(self.gbns[bn].bias, 0, (c,)) for bn, c in u.bns]
         return Target(u.key, u.group, tuple(slices))
@@ -181,9 +181,9 @@ class GateDecorator:
     @torch.no_grad()
     def _sync_masks(self) -> None:
         """Set the mask of every unit the controller has driven to zero (and only those)."""
-        pruned = self.controller.pruned
-        if len(pruned) == len(self.masked):
+        if self.controller.counts()["pruned"] == len(self.masked):  # O(1): the usual step
             return
+        pruned = self.controller.pruned
         for key in pruned - self.masked:
             for bn, c in self.unit[key].bns:
                 self.gbns[bn].mask[c] = 0.0
@@ -200,10 +200,14 @@ class GateDecorator:
         out = torch.zeros(len(self.units), dtype=torch.float64, device=flat.device)
         return out.index_add_(0, self._rows, flat.index_select(0, self._flat))
 
-    def flops_remaining(self, removed: Iterator[Hashable] | frozenset | None = None) -> float:
+    def flops_remaining(self, removed: Iterable[Hashable] | None = None) -> float:
         """Native MACs left with ``removed`` (default: pruned + decaying units) gone, over the unpruned."""
         removed = self.removed() if removed is None else removed
         return macs_without(self.skeleton, sorted(removed), self.example) / self.base_macs
+
+    def target_met(self, removed: Iterable[Hashable] | None = None) -> bool:
+        """The stopping rule: native MACs left (``removed`` gone; default pruned + decaying) <= the target."""
+        return self.flops_remaining(removed) <= self.flops_target
 
     def _choose(self, scores: list[float], count: int, excluded: frozenset) -> list[Hashable]:
         """The ``count`` lowest-scored units outside ``excluded`` whose group stays above its floor."""
@@ -267,7 +271,7 @@ class GateDecorator:
                 "masked": sorted(self.masked), "mode": self.mode, "current": self.current,
                 "phase_step": self.phase_step, "phase_steps": self.phase_steps, "drain_total": self.drain_total,
                 "ticks": self.ticks, "tocks": self.tocks, "drain_steps": self.drain_steps,
-                "drain_epochs": self.drain_epochs,
+                "drains": self.drains, "drain_epochs": self.drain_epochs,
                 "admitted": self.admitted, "tick_log": copy.deepcopy(self.tick_log)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -279,7 +283,7 @@ class GateDecorator:
         self.masked = {tuple(k) for k in state["masked"]}
         self.current = tuple(state["current"]) if state["current"] is not None else None
         for key in ("last_scores", "mode", "phase_step", "phase_steps", "drain_total", "ticks", "tocks",
-                    "drain_steps", "drain_epochs", "admitted"):
+                    "drains", "drain_steps", "drain_epochs", "admitted"):
             setattr(self, key, state[key])
         self.tick_log = copy.deepcopy(state["tick_log"])
 
@@ -435,7 +439,7 @@ def _prune(ctx, N: int, loop_ckpt: Path) -> _MeltRecord:
             phase_cfg = p.tick
             loader = ctx.phase_loader(phase, phase_cfg.batch_size)
             steps = len(loader) * phase_cfg.epochs
-        else:  # drain: tick-style steps until every decay has ended
+        else:  # drain (numbered on its own): tick-style steps until every decay has ended
             loader = _Steps(ctx.phase_loader(phase, p.tick.batch_size), gd.drain_total)
             phase_cfg = _phase_cfg(p.tick, loader.epochs)
             steps = gd.drain_total
@@ -476,7 +480,8 @@ def _prune(ctx, N: int, loop_ckpt: Path) -> _MeltRecord:
     atomic_write_json(ctx.run_dir / TICK_LOG, gd.tick_log)
     summary = {
         "N": N, "flops_target": p.flops_target, "prune_ratio": p.prune_ratio, "tock_every": p.tock_every,
-        "decay_vector": p.decay_vector, "ticks": gd.ticks, "tocks": gd.tocks, "drain_steps": gd.drain_steps,
+        "decay_vector": p.decay_vector, "ticks": gd.ticks, "rounds_done": gd.ticks, "tocks": gd.tocks,
+        "drain_steps": gd.drain_steps,
         "channels_total": len(units), "admitted": gd.admitted, "released": counts["releases_total"],
         "readmitted": counts["readmissions"], "pruned": len(removed),
         "native_flops_remaining": macs / gd.base_macs, "native_speedup": gd.base_macs / macs,
@@ -497,15 +502,22 @@ def _next_phase(gd: GateDecorator, kind: str, index: int, p: Any) -> tuple[str, 
         gd.tocks = index
         return "tick", index * p.tock_every + 1
     if kind == "drain":
+        gd.drains = index
+        if gd.controller.decaying:  # budget=strict admitted replacements for units released meanwhile
+            if index >= p.max_ticks:
+                raise UserError(f"pruner.max_ticks={p.max_ticks}: still draining strict-budget replacements after "
+                                f"{index} drains: raise dpm.T_rate / dpm.T_len or use dpm.budget=base")
+            gd.drain_total = gd.drain_length()
+            return "drain", index + 1
         # SR may have released units during the drain: keep ticking until the pruned ones meet the target.
-        if gd.flops_remaining(gd.controller.pruned) <= p.flops_target:
+        if gd.target_met(gd.controller.pruned):
             return None
-        return "tick", index + 1
+        return "tick", gd.ticks + 1
     gd.ticks = index
     record = gd.select()
     if record["flops_remaining"] <= p.flops_target:
         gd.drain_total = gd.drain_length()
-        return ("drain", index) if gd.drain_total > 0 else None
+        return ("drain", gd.drains + 1) if gd.drain_total > 0 else None
     if not record["selected"]:
         raise UserError(f"pruner.flops_target={p.flops_target}: no unit can be selected any more (every layer "
                         f"at pruner.min_channel_ratio={p.min_channel_ratio}) and {record['flops_remaining']:.4f} "
