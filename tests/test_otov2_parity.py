@@ -1,7 +1,8 @@
 """DHSPG against the original: only_train_once 2.0.16, teacher-forced (../shared/docs/otov2-dhspg.md).
 
 Each step both optimizers get the same parameters (ours are synced to the original's) and the same
-gradients (the original model's backward pass), so the comparison is one step deep: a free-running
+gradients (the original model's backward pass), so the comparison is one step deep (sgd with and
+without heavy ball, epsilon 0 and 0.9, on VGG16-BN and ResNet-56; adam and adamw on ResNet-56): a free-running
 comparison diverges chaotically at lr 0.1 and proves nothing. Asserted per step: every parameter
 within 1e-6 of the original's, the same zero groups (per producer parameter, the rows that are
 exactly zero), and at the end a zero count of at least 10 % of the groups, so the sets do not
@@ -65,32 +66,36 @@ def _import_original():
 
 
 CASES = [
-    # model, options, first_momentum, epsilon, lmbda, steps
-    ("vgg16_bn", {"classifier": "mlp"}, 0.0, 0.9, 1.0, 40),
-    ("vgg16_bn", {"classifier": "mlp"}, 0.9, 0.0, 1.0, 40),
-    ("resnet56", {"shortcut": "projection"}, 0.9, 0.9, 1.0, 40),
-    ("resnet56", {"shortcut": "projection"}, 0.0, 0.0, 1.0, 40),
+    # model, options, variant, lr, first_momentum, epsilon, lmbda, steps
+    ("vgg16_bn", {"classifier": "mlp"}, "sgd", 0.1, 0.0, 0.9, 1.0, 40),
+    ("vgg16_bn", {"classifier": "mlp"}, "sgd", 0.1, 0.9, 0.0, 1.0, 40),
+    ("resnet56", {"shortcut": "projection"}, "sgd", 0.1, 0.9, 0.9, 1.0, 40),
+    ("resnet56", {"shortcut": "projection"}, "sgd", 0.1, 0.0, 0.0, 1.0, 40),
+    ("resnet56", {"shortcut": "projection"}, "adam", 0.01, None, 0.9, 0.1, 40),
+    # adamw with the decoupled l1_norm decay x / ||x|| per group (the one variant that reads the type).
+    ("resnet56", {"shortcut": "projection"}, "adamw-l1_norm", 0.01, None, 0.9, 0.1, 40),
 ]
 
 
-@pytest.mark.parametrize("name,options,momentum,epsilon,lmbda,steps", CASES,
-                         ids=[f"{c[0]}-m{c[2]}-eps{c[3]}-lam{c[4]}" for c in CASES])
-def test_dhspg_matches_only_train_once_2_0_16(name, options, momentum, epsilon, lmbda, steps):
+@pytest.mark.parametrize("name,options,variant,lr,momentum,epsilon,lmbda,steps", CASES,
+                         ids=[f"{c[0]}-{c[2]}-m{c[4]}-eps{c[5]}-lam{c[6]}" for c in CASES])
+def test_dhspg_matches_only_train_once_2_0_16(name, options, variant, lr, momentum, epsilon, lmbda, steps):
     OTO = _import_original()
+    variant, _, wd_type = variant.partition("-")
     torch.manual_seed(0)
     theirs = build_model(name, 10, 3, **options)
     ours = build_model(name, 10, 3, **options)
     ours.load_state_dict(theirs.state_dict())
     x = torch.randn(2, 3, 32, 32)
-    kw = dict(lr=0.1, lmbda=lmbda, epsilon=epsilon, first_momentum=momentum, weight_decay=5e-4,
+    kw = dict(lr=lr, weight_decay_type=wd_type or "l2_norm", lmbda=lmbda, epsilon=epsilon, first_momentum=momentum, weight_decay=5e-4,
               target_group_sparsity=0.7, tolerance_group_sparsity=0.2, start_pruning_steps=2)
     with contextlib.redirect_stdout(io.StringIO()):  # 2.0.16 prints its progress
         oto = OTO(theirs, x[:1])
-        ref = oto.dhspg(variant="sgd", **kw)
+        ref = oto.dhspg(variant=variant, **kw)
     theirs.train()  # OTO leaves the model in eval mode
     zigs, _ = zero_invariant_groups(ours, x[:1], num_classes=10)
     ours.train()
-    opt = DHSPG(zigs, ours.parameters(), variant="sgd", **kw)
+    opt = DHSPG(zigs, ours.parameters(), variant=variant, **kw)
     assert len(zigs) == sum(1 for g in ref.param_groups if g["group_type"] >= 4)
     assert sum(z.num_groups for z in zigs) == sum(g["num_groups"] for g in ref.param_groups if g["group_type"] >= 4)
 
