@@ -304,3 +304,10 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, monkeypatch, caplog, p
     wr = load_checkpoint(tmp_path / "ref" / CHECKPOINT)["model"]
     wk = load_checkpoint(tmp_path / "run" / CHECKPOINT)["model"]
     assert wr.keys() == wk.keys() and all(torch.equal(wr[k], wk[k]) for k in wr)
+
+
+def test_strict_budget_replacements_are_drained_before_the_melt(tmp_path):
+    m = run(smoke("dpm=sr", "dpm.budget=strict"), tmp_path / "strict")
+    assert m["status"] == "complete" and m["target_met"] and m["released"] >= 1
+    # every release was replaced by the next-lowest unit, and every admitted unit ended removed or released
+    assert m["admitted"] == m["pruned"] + m["released"]
