@@ -245,6 +245,7 @@ def test_smoke_runs_of_base_sp_sr_reach_the_flops_target_without_reselecting_dec
             selected = {tuple(k) for k in record["selected"]}
             # candidates never include a channel still decaying, nor one already zero
             assert not selected & {tuple(k) for k in record["decaying_before"]}, (v, record["tick"])
+            assert record["excluded"] >= len(record["decaying_before"]), (v, record["tick"])
             assert not selected & pruned, (v, record["tick"])
             if v != "sr":  # without releases every earlier selection is decaying or zero
                 pruned |= selected
