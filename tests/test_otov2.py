@@ -374,3 +374,29 @@ def test_bad_otov2_settings_fail_with_the_key(override, key):
 
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         validate(compose(["experiment=otov2_smoke", override]))
+
+
+def test_killed_sr_run_resumes_to_the_same_result(tmp_path):
+    """Killed mid-decay (end of DHSPG epoch 1) and again after the fine-tune's checkpoint, the run
+    resumes to the uninterrupted run's metrics and pruned weights: DHSPG's state_dict (partition,
+    momentum, admissions) and the controller's go into the phase checkpoint."""
+    from conftest import run_cli
+
+    args = ["experiment=otov2_smoke", "dpm=sr", "pruner.train.epochs=3", "dpm.N=4"]
+    ref = run_cli([*args, f"hydra.run.dir={tmp_path / 'ref'}"])
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    killed = tmp_path / "killed"
+    for fault in ("dhspg:epoch1", "finetune:epoch1"):
+        proc = run_cli([*args, f"hydra.run.dir={killed}"], env={"DPM_FAULT_AT": fault})
+        assert proc.returncode == -9, (fault, proc.stderr[-2000:])
+    resumed = run_cli([*args, f"hydra.run.dir={killed}"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    skip = {"wall_time_s", "run_dir", "history", "pruned_model"}
+    a = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    b = json.loads((killed / "metrics.json").read_text())
+    assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
+    assert json.loads((tmp_path / "ref" / "dpm_log.json").read_text()) == \
+        json.loads((killed / "dpm_log.json").read_text())
+    wa = load_checkpoint(tmp_path / "ref" / "pruned_model.pt")["model"].state_dict()
+    wb = load_checkpoint(killed / "pruned_model.pt")["model"].state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

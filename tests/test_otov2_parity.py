@@ -29,8 +29,9 @@ from helpers import one_thread  # noqa: F401  (autouse fixture)
 REQUIRED = os.environ.get("DPM_REQUIRE_PARITY") == "1"
 
 
-def _import_original():
-    """Import only_train_once 2.0.16 with the torch-2.14 shims of the spec (a test-only monkeypatch)."""
+def _import_original(monkeypatch):
+    """Import only_train_once 2.0.16 with the torch-2.14 shims of the spec; the global patches
+    (legacy ONNX export, Tensor.cuda without a GPU) are undone after the test."""
     try:
         import only_train_once  # noqa: F401
     except ImportError as err:
@@ -40,22 +41,20 @@ def _import_original():
         pytest.skip(reason)
     import torch.onnx
 
-    if not hasattr(torch.onnx, "_optimize_graph"):
+    if not hasattr(torch.onnx, "_optimize_graph"):  # a private alias torch 2.14 moved; harmless to keep
         from torch.onnx._internal.torchscript_exporter import utils as _u
 
         torch.onnx._optimize_graph = _u._optimize_graph
-    if not getattr(torch.onnx.export, "_dpm_legacy", False):
-        original = torch.onnx.export
+    original = torch.onnx.export
 
-        @functools.wraps(original)
-        def export(*a, **k):
-            k.setdefault("dynamo", False)
-            return original(*a, **k)
+    @functools.wraps(original)
+    def export(*a, **k):
+        k.setdefault("dynamo", False)  # 2.0.16 matches names of the legacy TorchScript exporter
+        return original(*a, **k)
 
-        export._dpm_legacy = True
-        torch.onnx.export = export
+    monkeypatch.setattr(torch.onnx, "export", export)
     if not torch.cuda.is_available():
-        torch.Tensor.cuda = lambda self, *a, **k: self  # 2.0.16 hard-codes .cuda()
+        monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)  # 2.0.16 hard-codes .cuda()
     from only_train_once import OTO
     import operation.operator as oo  # 2.0.16 appends its own folder to sys.path
 
@@ -79,8 +78,9 @@ CASES = [
 
 @pytest.mark.parametrize("name,options,variant,lr,momentum,epsilon,lmbda,steps", CASES,
                          ids=[f"{c[0]}-{c[2]}-m{c[4]}-eps{c[5]}-lam{c[6]}" for c in CASES])
-def test_dhspg_matches_only_train_once_2_0_16(name, options, variant, lr, momentum, epsilon, lmbda, steps):
-    OTO = _import_original()
+def test_dhspg_matches_only_train_once_2_0_16(name, options, variant, lr, momentum, epsilon, lmbda, steps,
+                                              monkeypatch):
+    OTO = _import_original(monkeypatch)
     variant, _, wd_type = variant.partition("-")
     torch.manual_seed(0)
     theirs = build_model(name, 10, 3, **options)
