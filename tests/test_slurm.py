@@ -190,6 +190,28 @@ def test_preempted_job_requeues_and_resumes_from_its_checkpoint_to_the_same_metr
     assert list(runs["status"]) == ["complete"] and list(runs["variant"]) == ["sp"]
 
 
+def test_a_crashed_job_is_reported_as_failed_not_lost(slurm, tmp_path):
+    """One job of two is SIGKILLed (after pretrain epoch 2, like an OOM kill): SLURM marks it
+    FAILED, the multirun fails, and the sweep's report still lists both runs, the killed one as
+    failed or incomplete."""
+    sweep = tmp_path / "sweep"
+    try:
+        done = run_cli(["-m", "experiment=smoke", "trainer.pretrain.epochs=1,2", *LAUNCHER, f"hydra.sweep.dir={sweep}"],
+                       env={"DPM_FAULT_AT": "pretrain:epoch2"}, timeout=240)
+    finally:
+        _cancel(sweep)
+    assert done.returncode != 0, done.stdout[-2000:]
+    assert "has not produced any output (state: FAILED)" in done.stderr, done.stderr[-3000:]
+    states = {job: _sacct_states(job)[-1][0] for job in _job_ids(sweep)}
+    assert sorted(states.values()) == ["COMPLETED", "FAILED"], states
+    runs = _report_rows(sweep).sort_values("run_dir")
+    assert len(runs) == 2, runs
+    complete, killed = runs.iloc[0], runs.iloc[1]
+    assert complete["status"] == "complete" and complete["epochs.pretrain"] == 1
+    assert killed["status"] != "complete" and "killed" in killed["problem"], killed.to_dict()
+    assert "1 failed or incomplete" in (sweep / "report" / "report.md").read_text()
+
+
 def _run_logs(sweep: Path) -> str:
     """The run dirs' own logs (appended across restarts)."""
     return "".join(p.read_text(errors="replace") for p in sorted(sweep.glob("*/*.log")))
