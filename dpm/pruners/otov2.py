@@ -124,6 +124,26 @@ class ZeroInvariantGroup:
                 cols.append(t.index_select(pr.dim, pr.index).movedim(pr.dim, 0).reshape(self.num_groups, -1))
         return torch.cat(cols, dim=1)
 
+    def row_norms(self, tensors: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """L2 norm of every row, from each producer's rows in place (no group matrix is built)."""
+        sq = None
+        for pr, t in zip(self.producers, self.params if tensors is None else tensors):
+            rows = t.reshape(self.num_groups, -1) if pr.index is None else \
+                t.index_select(pr.dim, pr.index).movedim(pr.dim, 0).reshape(self.num_groups, -1)
+            n = torch.linalg.vector_norm(rows, dim=1)
+            sq = n * n if sq is None else sq + n * n
+        return sq.sqrt()
+
+    def zero_rows(self, mask: torch.Tensor) -> None:
+        """Set the rows in ``mask`` (bool, one per group) to exactly zero in every producer."""
+        for pr in self.producers:
+            p = pr.param
+            if pr.index is None:
+                p.data.masked_fill_(mask.view(-1, *[1] * (p.dim() - 1)), 0.0)
+            else:
+                idx = pr.index.view(self.num_groups, pr.per_row)[mask].flatten()
+                p.data.index_fill_(pr.dim, idx, 0.0)
+
     def scatter(self, matrix: torch.Tensor) -> None:
         """Write a group matrix back into the producer parameters (2.0.16's ``update_xs``)."""
         left = 0
@@ -362,9 +382,11 @@ class DHSPG(torch.optim.Optimizer):
             for p in group["params"]:
                 grads[p] = self._grad_variant(group, p)
         zig_groups = self.param_groups[:len(self.zigs)]
-        xs = [z.gather(z.params) for z in self.zigs]
-        ds = [z.gather([grads[p] for p in z.params]) for z in self.zigs]
+        xs: list[torch.Tensor | None] = [None] * len(self.zigs)
+        ds: list[torch.Tensor | None] = [None] * len(self.zigs)
         if not self.partitioned and t - 1 == self.partition_step:
+            xs = [z.gather(z.params) for z in self.zigs]
+            ds = [z.gather([grads[p] for p in z.params]) for z in self.zigs]
             self.partition(xs, ds)
 
         for group in self.param_groups[len(self.zigs):]:  # type default: plain base step
@@ -377,9 +399,22 @@ class DHSPG(torch.optim.Optimizer):
 
         reached = self.group_sparsity >= self.target_group_sparsity
         to_admit: list[Target] = []
+        fixed = t > self.half_space_project_steps or self.fixed_zero_groups  # L363-365
         for i, (z, group) in enumerate(zip(self.zigs, zig_groups)):
-            x, d = xs[i], ds[i]
             lr = group["lr"]
+            gp = self.penalized[i]
+            penalise = bool(gp.any()) and not reached
+            if not penalise and self.variant != "adamw":
+                # Nothing row-wise this step: the same arithmetic (x - lr * d, then the fixed zeros)
+                # per parameter in place, without building the group matrices.
+                zero = z.row_norms() == 0.0 if fixed else None
+                for q in z.params:
+                    q.sub_(lr * grads[q])
+                if zero is not None and bool(zero.any()):
+                    z.zero_rows(zero)
+                continue
+            x = xs[i] if xs[i] is not None else z.gather(z.params)
+            d = ds[i] if ds[i] is not None else z.gather([grads[q] for q in z.params])
             hat_x = x - lr * d
             x_norm = torch.norm(x, p=2, dim=1)
             if self.variant == "adamw":
@@ -387,8 +422,7 @@ class DHSPG(torch.optim.Optimizer):
                     hat_x = hat_x - lr * group["weight_decay"] * x
                 else:
                     hat_x = hat_x - lr * group["weight_decay"] * x / (x_norm + _SAFE_GUARD).unsqueeze(1)
-            gp = self.penalized[i]
-            if bool(gp.any()) and not reached:
+            if penalise:
                 lam = torch.ones_like(x_norm) * group["lmbda"]
                 if t >= self.warm_up_steps:
                     d_norm = torch.norm(d, p=2, dim=1)
@@ -401,21 +435,21 @@ class DHSPG(torch.optim.Optimizer):
                     over = lam_adj >= upper
                     lam_adj[over] = (upper[over] + lower[over]) / 2.0
                     lam[adj] = lam_adj
-                mixed = torch.zeros_like(d)
-                nz = x_norm > 0.0
-                mixed[nz] = x[nz] / (x_norm[nz] + _SAFE_GUARD).unsqueeze(1)
-                hat_x[gp] -= lr * lam[gp].unsqueeze(1) * mixed[gp]
+                # L347-351 on every row at once: the G_np rows get a coefficient of exactly 0 (and
+                # x / (||x|| + 1e-8) is 0 on zero rows), so each G_p element sees 2.0.16's arithmetic.
+                coef = (lr * lam) * gp.to(lam.dtype)
+                hat_x -= coef.unsqueeze(1) * (x / (x_norm + _SAFE_GUARD).unsqueeze(1))
                 self.last_lambdas[z.name] = lam
                 if t >= self.warm_up_steps and t >= self.half_space_project_steps:
-                    rows = self._half_space_rows(hat_x, x, x_norm, gp, group["epsilon"], i)
-                    if rows.numel():
+                    proj = self._half_space_rows(hat_x, x, x_norm, gp, group["epsilon"], i)
+                    if proj is not None and bool(proj.any()):
                         if ctl is None:
-                            hat_x[rows] = 0.0  # L390 / L388: the abrupt zeroing
+                            hat_x.masked_fill_(proj.unsqueeze(1), 0.0)  # L390 / L388: the abrupt zeroing
                         else:
-                            self.admitted[i][rows] = True
-                            to_admit.extend(z.targets[r] for r in rows.tolist())
-            if t > self.half_space_project_steps or self.fixed_zero_groups:  # L363-365
-                hat_x[x_norm == 0.0] = 0.0
+                            self.admitted[i] |= proj
+                            to_admit.extend(z.targets[r] for r in proj.nonzero().flatten().tolist())
+            if fixed:
+                hat_x.masked_fill_((x_norm == 0.0).unsqueeze(1), 0.0)
             z.scatter(hat_x)
 
         if ctl is not None:
@@ -428,21 +462,22 @@ class DHSPG(torch.optim.Optimizer):
         return loss
 
     def _half_space_rows(self, hat_x: torch.Tensor, x: torch.Tensor, x_norm: torch.Tensor, gp: torch.Tensor,
-                         epsilon: float, i: int) -> torch.Tensor:
-        """Rows (ZIG indices) the half-space projection zeroes (L373-391), never decaying ones."""
-        idx = gp.nonzero().flatten()
-        hx, xx, xn = hat_x[idx], x[idx], x_norm[idx]
-        n = idx.numel()
-        if not float((xn == 0).sum()) / n < self.upper_group_sparsity:
-            return idx[:0]
-        proj = torch.sum(hx * xx, dim=1) < epsilon * xn ** 2
-        proj &= ~self.admitted[i][idx]
-        trial = float(torch.logical_or(proj, xn == 0).sum()) / n
+                         epsilon: float, i: int) -> torch.Tensor | None:
+        """Row mask of the G_p groups the half-space projection zeroes (L373-391); rows admitted to
+        the decay are never projected again. None when the ZIG's G_p is at its sparsity cap."""
+        n = int(gp.sum())
+        zero = x_norm == 0
+        if not float((zero & gp).sum()) / n < self.upper_group_sparsity:
+            return None
+        proj = gp & (torch.sum(hat_x * x, dim=1) < epsilon * x_norm ** 2) & ~self.admitted[i]
+        trial = float(((proj | zero) & gp).sum()) / n
         if trial > self.upper_group_sparsity:  # unreachable at upper = 1.0; 2.0.16's arithmetic kept
             cap = min(max(0, int(n * (trial - self.upper_group_sparsity))), n - 1)
             cand = proj.nonzero().flatten()
-            return idx[cand[torch.randperm(cand.numel())[:cap].sort()[0].to(cand.device)]]
-        return idx[proj]
+            keep = cand[torch.randperm(cand.numel())[:cap].sort()[0].to(cand.device)]
+            proj = torch.zeros_like(proj)
+            proj[keep] = True
+        return proj
 
     def _take_releases(self) -> None:
         """Self-Rectifying released groups leave G_p for good (OTOv2 chooses G_p once)."""
@@ -487,13 +522,14 @@ class DHSPG(torch.optim.Optimizer):
     @torch.no_grad()
     def group_norms(self) -> list[torch.Tensor]:
         """Per ZIG, the L2 norm of every group vector (current parameters)."""
-        return [torch.norm(z.gather(z.params), p=2, dim=1) for z in self.zigs]
+        return [z.row_norms() for z in self.zigs]
 
     def compute_group_sparsity(self) -> float:
         """(zero groups [+ decaying groups]) / (groups + 6e-6), in float32 as 2.0.16 computes it."""
         total = torch.zeros(6) + 1e-6
         zero = torch.zeros(6)
-        for z, norms in zip(self.zigs, self.group_norms()):
+        for z in self.zigs:
+            norms = z.row_norms()
             total[z.group_type] += z.num_groups
             zero[z.group_type] += torch.sum(norms == 0.0).cpu()
         if self.controller is not None:
