@@ -579,16 +579,30 @@ class DHSPG(torch.optim.Optimizer):
 # ---------------------------------------------------------------------------------------------- stage
 class ControllerHook:
     """Training-loop hook that puts the decay controller into the phase checkpoint (DHSPG drives
-    the controller from inside its own step) and exposes it for per-step logging."""
+    the controller from inside its own step) and exposes it for per-step logging.
 
-    def __init__(self, controller: DecayController) -> None:
+    With ``evaluate`` it also records the test top-1 right before the step that starts pruning
+    (``start_step`` DHSPG steps done): OTOv2 trains from scratch, so the accuracy before the stage
+    is chance level and this is the meaningful "before pruning" number.
+    """
+
+    def __init__(self, controller: DecayController, evaluate: Callable[[], float] | None = None,
+                 start_step: int = 0) -> None:
         self.controller = controller
+        self.evaluate, self.start_step = evaluate, start_step
+        self.top1_at_start: float | None = None
+
+    def step_start(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.evaluate is not None and self.top1_at_start is None and \
+                getattr(optimizer, "num_steps", None) == self.start_step:
+            self.top1_at_start = self.evaluate()
 
     def state_dict(self) -> dict:
-        return {"controller": self.controller.state_dict()}
+        return {"controller": self.controller.state_dict(), "top1_at_start": self.top1_at_start}
 
     def load_state_dict(self, state: dict) -> None:
         self.controller.load_state_dict(state["controller"])
+        self.top1_at_start = state.get("top1_at_start")
 
 
 def dhspg_kwargs(p: Any) -> dict[str, Any]:
@@ -654,11 +668,12 @@ def run_stage(ctx) -> dict:
         holder["opt"] = opt
         return opt
 
-    summary = ctx.run_phase("dhspg", ctx.run_dir / CHECKPOINT, hooks=[ControllerHook(controller)],
-                            phase_cfg=p.train, loader=loader, optimizer_factory=make_optimizer)
+    hook = ControllerHook(controller, lambda: ctx.evaluate("test")[0], start)
+    summary = ctx.run_phase("dhspg", ctx.run_dir / CHECKPOINT, hooks=[hook], phase_cfg=p.train, loader=loader,
+                            optimizer_factory=make_optimizer)
     summary["phase"] = "dhspg"
     opt = holder["opt"]
-    out: dict[str, Any] = {"N": N, "start_pruning_step": start,
+    out: dict[str, Any] = {"N": N, "start_pruning_step": start, "top1_at_pruning_start": hook.top1_at_start,
                            "target_group_sparsity": p.target_group_sparsity}
     out.update(opt.summary())
     out["decaying_at_end"] = controller.counts()["decaying"]
