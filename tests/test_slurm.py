@@ -116,27 +116,25 @@ def test_two_point_smoke_multirun_runs_as_slurm_jobs_and_reports_both_rows(slurm
     assert "0 failed or incomplete" in (sweep / "report" / "report.md").read_text()
 
 
-def test_preempted_job_requeues_and_resumes_from_its_checkpoint_to_the_same_metrics(slurm, tmp_path):
-    """A `debug` job pre-empted by a `high` job after fine-tune epoch 2 (of 6) gets SIGUSR2,
-    submitit requeues it, and the restarted job (SLURM_RESTART_COUNT=1) resumes in the same run
-    dir after epoch 2 or 3 and ends exactly where an uninterrupted run ends."""
-    epochs = 6
-    args = [*TINY, "dpm=sp", "trainer.pretrain.epochs=1", f"trainer.finetune.epochs={epochs}"]
+EPOCHS = 6  # fine-tune epochs of the pre-empted run
+PREEMPTED = [*TINY, "dpm=sp", "trainer.pretrain.epochs=1", f"trainer.finetune.epochs={EPOCHS}"]
+
+
+def _preempted_sweep(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, Path, str]:
+    """A one-job sweep on `debug`, pre-empted by a `high` job right after its fine-tune epoch 2.
+
+    The job sleeps 2 s after each epoch's checkpoint (DPM_FAULT_SLEEP_S, dpm.faults), so SIGUSR2
+    arrives after epoch 2 or 3 of 6. Each start of the job appends its SLURM_RESTART_COUNT (empty on
+    the first start) to tmp_path/restarts.txt. Returns the sweep's outcome, its dir and the id of
+    the `high` job."""
     sweep, restarts = tmp_path / "sweep", tmp_path / "restarts.txt"
-    # Each start of the job appends its SLURM_RESTART_COUNT (empty on the first start).
     setup = (f'hydra.launcher.setup=["export OMP_NUM_THREADS=1",'
              f'"echo $SLURM_JOB_ID restart=$SLURM_RESTART_COUNT >> {restarts}"]')
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # The uninterrupted reference: the same run with the basic launcher, its own pretrain cache.
-    ref_dir = tmp_path / "reference"
-    reference = subprocess.Popen([sys.executable, "-m", "dpm", *args, f"hydra.run.dir={ref_dir}"], cwd=ROOT,
-                                 env={**env, "DPM_CACHE_DIR": str(tmp_path / "ref-cache")},
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    # The SLURM run sleeps 2 s after each epoch's checkpoint (dpm.faults): pre-empted at a known epoch.
     out = (tmp_path / "sweep.out").open("w")
-    sweeping = subprocess.Popen([sys.executable, "-m", "dpm", "-m", *args, *LAUNCHER, "hydra.launcher.partition=debug",
-                                 setup, f"hydra.sweep.dir={sweep}"], cwd=ROOT, env={**env, "DPM_FAULT_SLEEP_S": "2"},
-                                stdout=out, stderr=subprocess.STDOUT, text=True)
+    sweeping = subprocess.Popen([sys.executable, "-m", "dpm", "-m", *PREEMPTED, *overrides, *LAUNCHER,
+                                 "hydra.launcher.partition=debug", setup, f"hydra.sweep.dir={sweep}"], cwd=ROOT,
+                                env={**os.environ, "DPM_FAULT_SLEEP_S": "2"}, stdout=out, stderr=subprocess.STDOUT,
+                                text=True)
     try:
         deadline = time.time() + 150
         while "finetune epoch 2/" not in _run_logs(sweep):
@@ -151,34 +149,54 @@ def test_preempted_job_requeues_and_resumes_from_its_checkpoint_to_the_same_metr
                               capture_output=True, text=True, timeout=30)
         assert high.returncode == 0, high.stderr
         sweeping.wait(timeout=240)
-        reference.wait(timeout=120)
     finally:
-        for proc in (sweeping, reference):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-                proc.wait(timeout=30)
+        if sweeping.poll() is None:
+            sweeping.send_signal(signal.SIGINT)
+            sweeping.wait(timeout=30)
         _cancel(sweep)
         out.close()
-    log = (tmp_path / "sweep.out").read_text()
-    assert sweeping.returncode == 0, log[-4000:]
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    done = subprocess.CompletedProcess(sweeping.args, sweeping.returncode, (tmp_path / "sweep.out").read_text(), "")
+    return done, sweep, high.stdout.strip().split(";")[0]
+
+
+def test_preempted_job_requeues_and_resumes_from_its_checkpoint_to_the_same_metrics(slurm, tmp_path):
+    """A `debug` job pre-empted by a `high` job after fine-tune epoch 2 (of 6) gets SIGUSR2,
+    submitit requeues it, and the restarted job (SLURM_RESTART_COUNT=1) resumes in the same run
+    dir after epoch 2 or 3 and ends exactly where an uninterrupted run ends."""
+    # The uninterrupted reference, meanwhile: the same run with the basic launcher, its own pretrain
+    # cache, one thread like the SLURM job (the launcher's setup exports OMP_NUM_THREADS=1).
+    ref_dir = tmp_path / "reference"
+    reference = subprocess.Popen([sys.executable, "-m", "dpm", *PREEMPTED, f"hydra.run.dir={ref_dir}"], cwd=ROOT,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1", "DPM_CACHE_DIR": str(tmp_path / "ref-cache")},
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        done, sweep, high = _preempted_sweep(tmp_path)
+        _, ref_err = reference.communicate(timeout=120)
+    finally:
+        if reference.poll() is None:
+            reference.kill()
+            reference.wait()
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert reference.returncode == 0, ref_err[-3000:]
 
     # SLURM pre-empted the job (submitit caught SIGUSR2 and checkpointed), requeued it, restarted it.
     (job,) = _job_ids(sweep)
     states = _sacct_states(job)
     assert states[0][0] in ("REQUEUED", "PREEMPTED") and states[-1] == ("COMPLETED", "debug"), states
-    assert _sacct_states(high.stdout.strip().split(";")[0])[-1][0] == "COMPLETED"
+    assert _sacct_states(high)[-1] == ("COMPLETED", "high")
     job_log = "".join(p.read_text() for p in (sweep / ".submitit" / job).glob("*_log.*"))
     assert "Caught signal SIGUSR2" in job_log and "this job is preempted" in job_log, job_log[-3000:]
-    counts = [int(c or 0) for c in re.findall(r"restart=(\d*)$", restarts.read_text(), re.M)]
-    assert counts[0] == 0 and max(counts) >= 1, restarts.read_text()
+    restarts = (tmp_path / "restarts.txt").read_text()
+    counts = [int(c or 0) for c in re.findall(r"restart=(\d*)$", restarts, re.M)]
+    assert len(counts) >= 2 and counts[0] == 0 and max(counts) >= 1, restarts
 
     # The restarted job resumed in the same run dir from an epoch strictly between the first and the last.
     logs = _run_logs(sweep)
     resumed = [int(k) for k in re.findall(r"finetune: resuming after epoch (\d+)", logs)]
-    assert len(resumed) == 1 and 1 < resumed[0] + 1 < epochs, logs[-3000:]
-    done_epochs = [int(k) for k in re.findall(r"finetune epoch (\d+)/", logs)]
-    assert done_epochs == list(range(1, resumed[0] + 1)) + list(range(resumed[0] + 1, epochs + 1)), done_epochs
+    assert len(resumed) == 1 and 1 < resumed[0] + 1 < EPOCHS, logs[-3000:]
+    before, after = logs.split("finetune: resuming after epoch")
+    assert set(range(1, resumed[0] + 1)) <= {int(k) for k in re.findall(r"finetune epoch (\d+)/", before)}
+    assert [int(k) for k in re.findall(r"finetune epoch (\d+)/", after)] == list(range(resumed[0] + 1, EPOCHS + 1))
 
     # Same result as the uninterrupted run, and the sweep's report counts it as complete.
     (metrics_path,) = sweep.glob("*/metrics.json")
@@ -188,6 +206,21 @@ def test_preempted_job_requeues_and_resumes_from_its_checkpoint_to_the_same_metr
     assert _comparable(metrics) == _comparable(ref)
     runs = _report_rows(sweep)
     assert list(runs["status"]) == ["complete"] and list(runs["variant"]) == ["sp"]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "W&B does not resume yet: dpm/loggers.py calls wandb.init without a stable id, so the requeued job "
+    "starts a second W&B run, and the pre-empted job finishes the first as failed (its finish() can even "
+    "raise once SLURM has SIGTERMed the wandb service, failing the sweep). Needs a run-dir-persisted id "
+    "with resume='allow' (and a guarded finish) in dpm/loggers.py / dpm/run.py; then drop this marker."))
+def test_a_preempted_wandb_run_resumes_under_the_same_id(slurm, tmp_path):
+    done, sweep, _ = _preempted_sweep(tmp_path, "logger=wandb", "logger.mode=offline")
+    (metrics_path,) = sweep.glob("*/metrics.json")
+    ids = {p.name.rsplit("-", 1)[-1] for p in tmp_path.rglob("offline-run-*") if p.is_dir()}
+    assert len(ids) == 1, f"W&B runs of one dpm run: {sorted(ids)}"
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert json.loads(metrics_path.read_text())["status"] == "complete"
+    assert "finetune: resuming after epoch" in _run_logs(sweep)
 
 
 def test_a_crashed_job_is_reported_as_failed_not_lost(slurm, tmp_path):
