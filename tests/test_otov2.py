@@ -379,6 +379,7 @@ def test_killed_sr_run_resumes_to_the_same_result(tmp_path):
     from conftest import run_cli
 
     args = ["experiment=otov2_smoke", "dpm=sr", "pruner.train.epochs=3", "dpm.N=4"]
+    # Through the CLI like the killed runs: same thread count, so the same float summation order.
     ref = run_cli([*args, f"hydra.run.dir={tmp_path / 'ref'}"])
     assert ref.returncode == 0, ref.stderr[-2000:]
     killed = tmp_path / "killed"
