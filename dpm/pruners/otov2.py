@@ -403,14 +403,15 @@ class DHSPG(torch.optim.Optimizer):
         for i, (z, group) in enumerate(zip(self.zigs, zig_groups)):
             lr = group["lr"]
             gp = self.penalized[i]
-            penalise = bool(gp.any()) and not reached
+            penalise = self.partitioned and not reached and bool(gp.any())  # host sync only while penalising
             if not penalise and self.variant != "adamw":
                 # Nothing row-wise this step: the same arithmetic (x - lr * d, then the fixed zeros)
                 # per parameter in place, without building the group matrices.
                 zero = z.row_norms() == 0.0 if fixed else None
                 for q in z.params:
                     q.sub_(lr * grads[q])
-                if zero is not None and bool(zero.any()):
+                # On a GPU an all-False fill is cheaper than the host sync of asking first.
+                if zero is not None and (zero.is_cuda or bool(zero.any())):
                     z.zero_rows(zero)
                 continue
             x = xs[i] if xs[i] is not None else z.gather(z.params)
@@ -465,13 +466,16 @@ class DHSPG(torch.optim.Optimizer):
                          epsilon: float, i: int) -> torch.Tensor | None:
         """Row mask of the G_p groups the half-space projection zeroes (L373-391); rows admitted to
         the decay are never projected again. None when the ZIG's G_p is at its sparsity cap."""
+        proj = gp & (torch.sum(hat_x * x, dim=1) < epsilon * x_norm ** 2) & ~self.admitted[i]
+        if self.upper_group_sparsity >= 1.0:
+            # The cap cannot bind (a zero row never meets the strict condition): no host syncs.
+            return proj
         n = int(gp.sum())
         zero = x_norm == 0
         if not float((zero & gp).sum()) / n < self.upper_group_sparsity:
             return None
-        proj = gp & (torch.sum(hat_x * x, dim=1) < epsilon * x_norm ** 2) & ~self.admitted[i]
         trial = float(((proj | zero) & gp).sum()) / n
-        if trial > self.upper_group_sparsity:  # unreachable at upper = 1.0; 2.0.16's arithmetic kept
+        if trial > self.upper_group_sparsity:  # 2.0.16's arithmetic kept (its size looks inverted)
             cap = min(max(0, int(n * (trial - self.upper_group_sparsity))), n - 1)
             cand = proj.nonzero().flatten()
             keep = cand[torch.randperm(cand.numel())[:cap].sort()[0].to(cand.device)]
@@ -528,10 +532,11 @@ class DHSPG(torch.optim.Optimizer):
         """(zero groups [+ decaying groups]) / (groups + 6e-6), in float32 as 2.0.16 computes it."""
         total = torch.zeros(6) + 1e-6
         zero = torch.zeros(6)
-        for z in self.zigs:
-            norms = z.row_norms()
+        # One device->host transfer for all ZIGs.
+        counts = torch.stack([torch.sum(z.row_norms() == 0.0) for z in self.zigs]).tolist()
+        for z, c in zip(self.zigs, counts):
             total[z.group_type] += z.num_groups
-            zero[z.group_type] += torch.sum(norms == 0.0).cpu()
+            zero[z.group_type] += c
         if self.controller is not None:
             zero[_CONV] += self.controller.counts()["decaying"]
         return float(torch.sum(zero) / torch.sum(total))
