@@ -327,6 +327,7 @@ def test_smoke_runs_of_base_sp_sr_complete(tmp_path):
         assert m["pruned_params"] < m["base_params"] and m["speedup"] > 1
         assert m["epochs"] == {"pretrain": 0, "dhspg": 2, "finetune": 1}
         assert m["top1_at_pruning_start"] is not None and m["start_pruning_step"] == 2
+        assert [r["epoch"] for r in m["dhspg_history"]] == [1, 2]
         assert m["top1_best_phase"] == "finetune"
         log = json.loads((tmp_path / v / "dpm_log.json").read_text())
         assert set(log) >= {"history", "releases", "trajectories"}
@@ -388,7 +389,7 @@ def test_killed_sr_run_resumes_to_the_same_result(tmp_path):
         assert proc.returncode == -9, (fault, proc.stderr[-2000:])
     resumed = run_cli([*args, f"hydra.run.dir={killed}"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    skip = {"wall_time_s", "run_dir", "history", "pruned_model"}
+    skip = {"wall_time_s", "run_dir", "history", "dhspg_history", "pruned_model"}
     a = json.loads((tmp_path / "ref" / "metrics.json").read_text())
     b = json.loads((killed / "metrics.json").read_text())
     assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}

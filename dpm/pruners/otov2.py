@@ -160,7 +160,8 @@ class ZeroInvariantGroup:
                 p.data.index_copy_(pr.dim, pr.index, block.reshape(moved).movedim(0, pr.dim))
 
 
-def zero_invariant_groups(model: nn.Module, example_inputs: torch.Tensor, num_classes: int):
+def zero_invariant_groups(model: nn.Module, example_inputs: torch.Tensor,
+                          num_classes: int) -> tuple[list["ZeroInvariantGroup"], Any]:
     """The ZIGs of ``model`` from Torch-Pruning's dependency groups (classifier ignored).
 
     Returns ``(zigs, pruner)``: the pruner (a :class:`dpm.pruners.DepGraphPruner`) names the groups'
@@ -696,6 +697,8 @@ def run_stage(ctx) -> dict:
                       keep_previous=False)
     out["pruned_model"] = str(ctx.run_dir / "pruned_model.pt")
     out["stage_epochs"] = {"dhspg": p.train.epochs, "finetune": cfg.trainer.finetune.epochs}
+    # metrics["history"] holds pretrain and finetune only (dpm.run): the DHSPG epochs go here.
+    out["dhspg_history"] = summary["history"]
     out["final_phase"] = summary
     if cfg.trainer.finetune.epochs > 0:
         out["top1_after_dhspg"], _ = ctx.evaluate("test")
