@@ -398,3 +398,20 @@ def test_killed_sr_run_resumes_to_the_same_result(tmp_path):
     wa = load_checkpoint(tmp_path / "ref" / "pruned_model.pt")["model"].state_dict()
     wb = load_checkpoint(killed / "pruned_model.pt")["model"].state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("name,options,widths", [
+    # Spec section 5: OTOv2's per-channel group sizes (producers only: conv I*9 + bias + BN weight and bias).
+    ("vgg16_bn", {"classifier": "mlp"}, {30, 579, 1155, 2307, 4611, 513}),
+    # Block-internal 146 / 290 / 578; residual stages (stem/shortcut + 9 conv2 + 10 BN) 1343 / 2628 / 5236.
+    ("resnet56", {"shortcut": "projection"}, {146, 290, 578, 1343, 2628, 5236}),
+])
+def test_group_vectors_of_the_paper_models_are_otov2s(name, options, widths):
+    from dpm.models import build_model
+
+    model = build_model(name, 10, 3, **options)
+    zigs, _ = zero_invariant_groups(model, torch.zeros(1, 3, 32, 32), num_classes=10)
+    assert model.training  # the graph build restored the mode
+    assert {sum(p.numel() // z.num_groups for p in z.params) for z in zigs} == widths
+    expected = (15, 4224 + 1024) if name == "vgg16_bn" else (30, 1120)
+    assert (len(zigs), sum(z.num_groups for z in zigs)) == expected
