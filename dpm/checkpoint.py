@@ -103,7 +103,7 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
             continue
         try:
             state = _read_checkpoint(candidate)
-        except (CorruptCheckpoint, RuntimeError, EOFError, ValueError, OSError) as err:
+        except Exception as err:  # torch.load raises many kinds (pickle, zip, EOF) for a damaged file
             errors.append(f"{candidate}: {err}")
             log.warning("checkpoint %s is unusable (%s)%s", candidate, err,
                         "; falling back to the previous one" if candidate == path else "")

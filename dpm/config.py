@@ -37,6 +37,8 @@ class DatasetConfig:
     train_subset: int = 0
     test_subset: int = 0
     download: bool = False
+    # A corrupt or truncated image in an ImageFolder copy: `fail` (naming it) or `skip` it with a warning.
+    bad_images: str = "fail"
     augment: bool = True
     mean: List[float] = field(default_factory=list)
     std: List[float] = field(default_factory=list)
@@ -298,6 +300,8 @@ def validate(cfg) -> None:
     expected = DATASET_CLASSES.get(cfg.dataset.name)
     if expected is not None and cfg.dataset.num_classes != expected:
         fail("dataset.num_classes", cfg.dataset.num_classes, f"{cfg.dataset.name} has {expected} classes")
+    if cfg.dataset.bad_images not in ("fail", "skip"):
+        fail("dataset.bad_images", cfg.dataset.bad_images, "valid: fail, skip")
     for key in ("val_size", "train_subset", "test_subset"):
         if cfg.dataset[key] < 0:
             fail(f"dataset.{key}", cfg.dataset[key], "must be >= 0 (0 = none / all)")

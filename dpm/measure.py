@@ -142,6 +142,47 @@ def native_macs_params(model: nn.Module, example_inputs: Inputs, pruner: str) ->
     return counter, macs, params
 
 
+def max_speedup_bound(model: nn.Module, example_inputs: Inputs, max_pruning_ratio: float = 1.0) -> float:
+    """An upper bound on the conv + linear MACs speed-up any channel pruner can reach on `model`.
+
+    Every conv / linear layer keeps at least one channel, and at least (1 - max_pruning_ratio) of
+    each dimension a pruner may shrink; the input channels of layers that read the network's input
+    and the outputs of the final layer never shrink. Channel couplings only lower what is reachable,
+    so a target above this bound is infeasible (validated before any training starts).
+    """
+    inputs = _resolve_inputs(model, example_inputs, DEFAULT_INPUT_SHAPE)  # one sample
+    model_input = inputs[0]
+    layers: list[tuple[nn.Module, int, bool]] = []  # (layer, MACs, reads the network input)
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if isinstance(module, nn.Linear):
+            macs = module.in_features * output.numel()
+        else:
+            macs = output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+        layers.append((module, int(macs), args[0].data_ptr() == model_input.data_ptr()))
+
+    probe = copy.deepcopy(model).eval()
+    handles = [m.register_forward_hook(hook) for m in probe.modules() if isinstance(m, (_ConvNd, nn.Linear))]
+    with torch.no_grad():
+        probe(*inputs)
+    for h in handles:
+        h.remove()
+    if not layers:
+        return 1.0
+    keep = 1.0 - max_pruning_ratio
+    total = minimum = 0.0
+    for i, (layer, macs, reads_input) in enumerate(layers):
+        n_in = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+        n_out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        depthwise = not isinstance(layer, nn.Linear) and layer.groups > 1 and layer.groups == n_in
+        last = i == len(layers) - 1
+        f_out = 1.0 if last else max(1.0 / n_out, keep)
+        f_in = 1.0 if reads_input or depthwise else max(1.0 / n_in, keep)
+        total += macs
+        minimum += macs * f_in * f_out
+    return total / max(minimum, 1e-12)
+
+
 def count_params(model: nn.Module) -> int:
     """Number of parameter elements (each shared tensor once, frozen tensors included)."""
     return int(sum(p.numel() for p in model.parameters()))

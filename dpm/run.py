@@ -249,6 +249,8 @@ def execute(cfg: DictConfig, run_dir: Path, log_metrics) -> dict:
     metrics.update({"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
                     "train_size": len(data.train) if hasattr(data.train, "__len__") else None,
                     "val_size": len(data.val) if data.val is not None else 0})
+    if cfg.pruner.name == "depgraph":
+        preflight_depgraph(ctx)  # an infeasible plan fails now, not after hours of pretraining
     # Stage 1: the pretrained baseline (a given checkpoint, the shared cache, or trained here).
     metrics.update(pretrained_baseline(cfg, model, run_dir, ctx.run_phase))
     pretrain_summary = metrics.pop("pretrain_summary")
@@ -289,6 +291,10 @@ def execute(cfg: DictConfig, run_dir: Path, log_metrics) -> dict:
     epochs = {"pretrain": metrics.pop("pretrain_epochs")}
     epochs.update(metrics.pop("stage_epochs", {}))
     metrics["epochs"] = epochs
+    skipped = pretrain_summary.get("skipped_steps", 0) + (final_phase.get("skipped_steps", 0)
+                                                          if final_phase is not pretrain_summary else 0)
+    if cfg.trainer.on_nan == "skip_step":
+        metrics["nonfinite_steps_skipped"] = skipped
     metrics["history"] = {"pretrain": pretrain_summary["history"],
                           "finetune": final_phase["history"] if final_phase.get("phase") == "finetune" else []}
     return metrics
@@ -332,10 +338,22 @@ def build_pruner(cfg: DictConfig, model: torch.nn.Module, example: torch.Tensor)
                           sparse_learning=cfg.trainer.sparse.epochs > 0)
 
 
-def make_rounds(cfg: DictConfig, model: torch.nn.Module, pruner, iters_per_epoch: int):
-    """The fine-tune hook that runs the selection rounds with the DPM decay (method.md section 6)."""
-    from dpm.core import RectifyConfig, resolve_decay_steps
-    from dpm.pruners.rounds import PruningRounds
+def preflight_depgraph(ctx: RunContext) -> None:
+    """Checks that need the model and data but no training: the speed-up is reachable and the rounds
+    and their decay fit into the fine-tune phase."""
+    from dpm.measure import max_speedup_bound
+
+    p = ctx.cfg.pruner
+    bound = max_speedup_bound(ctx.model, ctx.example, p.max_pruning_ratio)
+    if p.speedup > bound:
+        raise UserError(f"pruner.speedup={p.speedup}: {ctx.cfg.model.name} cannot get faster than about {bound:.2f}x "
+                        f"by pruning channels (max_pruning_ratio={p.max_pruning_ratio}): lower the target")
+    rounds_plan(ctx.cfg, len(ctx.phase_loader("finetune")))
+
+
+def rounds_plan(cfg: DictConfig, iters_per_epoch: int) -> tuple[int, int]:
+    """(N, round interval) in iterations for DepGraph's rounds; a UserError when they do not fit."""
+    from dpm.core import resolve_decay_steps
 
     d, p = cfg.dpm, cfg.pruner
     iters_total = iters_per_epoch * cfg.trainer.finetune.epochs
@@ -352,6 +370,16 @@ def make_rounds(cfg: DictConfig, model: torch.nn.Module, pruner, iters_per_epoch
     if (p.rounds - 1) * interval + N * d.interval > iters_total:
         raise UserError(f"pruner.rounds={p.rounds} every {interval} iterations with N={N} needs more than the "
                         f"{iters_total} fine-tune iterations: raise trainer.finetune.epochs or lower the rounds")
+    return N, interval
+
+
+def make_rounds(cfg: DictConfig, model: torch.nn.Module, pruner, iters_per_epoch: int):
+    """The fine-tune hook that runs the selection rounds with the DPM decay (method.md section 6)."""
+    from dpm.core import RectifyConfig
+    from dpm.pruners.rounds import PruningRounds
+
+    d, p = cfg.dpm, cfg.pruner
+    N, interval = rounds_plan(cfg, iters_per_epoch)
     rectify = None
     if d.variant == "sr":
         rectify = RectifyConfig(t_rate=d.T_rate, t_len=d.T_len, c_rate_form=d.c_rate_form,
@@ -411,7 +439,7 @@ def pretrain_key_fields(cfg: DictConfig) -> dict:
     return {"model": OmegaConf.to_container(cfg.model, resolve=True),
             "dataset": {k: OmegaConf.to_container(d, resolve=True)[k] for k in
                         ("name", "num_classes", "in_channels", "image_size", "val_size", "train_subset",
-                         "augment", "mean", "std", "synthetic_train", "synthetic_test")},
+                         "augment", "mean", "std", "synthetic_train", "synthetic_test", "bad_images")},
             "seed": cfg.seed,
             "recipe": OmegaConf.to_container(cfg.trainer.pretrain, resolve=True),
             "max_steps_per_epoch": cfg.trainer.max_steps_per_epoch, "bf16": cfg.trainer.bf16}
@@ -550,8 +578,71 @@ def _hydra_entry():
     return hydra_main
 
 
+def check_overrides(args: list[str]) -> None:
+    """Compose the config the command line asks for (each value of a sweep once) and turn Hydra's
+    multi-line composition errors into one line naming the key, the bad value and the fix.
+    Hydra's own options (`-m`, `--cfg`, ...) and `hydra.*` overrides are left to Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from dpm.quickstart import compose
+
+    plain, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd"):
+            return  # another primary config: Hydra reports its own errors
+        if arg in ("--cfg", "-c", "--package", "-p", "--info", "-i", "--experimental-rerun"):
+            i += 1 if arg in ("--info", "-i") and (i + 1 >= len(args) or "=" in args[i + 1]) else 2
+            continue
+        if not arg.startswith("-") and not arg.lstrip("+~").startswith(("hydra.", "hydra/")):
+            plain.append(arg)
+        i += 1
+    try:
+        parsed = OverridesParser.create().parse_overrides(plain)
+    except HydraException as err:
+        raise UserError(f"{str(err).strip().splitlines()[0]}: write overrides as key=value") from None
+    first = [o.input_line if not o.is_sweep_override() else
+             f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" for o in parsed]
+    trials = [first]
+    for i, o in enumerate(parsed):
+        if o.is_sweep_override():
+            trials += [first[:i] + [f"{o.get_key_element()}={v}"] + first[i + 1:] for v in o.sweep_string_iterator()]
+    for overrides in trials:
+        try:
+            compose(overrides)
+        except (HydraException, OmegaConfBaseException) as err:
+            raise UserError(composition_error_line(err)) from None
+
+
+def composition_error_line(err: Exception) -> str:
+    """One line for a Hydra/OmegaConf composition error: the key, the value, the fix."""
+    cause = err.__cause__ or err
+    text = str(err).strip()
+    if "Could not find '" in text:  # an unknown option of a config group
+        missing = text.split("Could not find '", 1)[1].split("'", 1)[0]
+        options = [line.strip() for line in text.split("Available options in", 1)[-1].splitlines()[1:]
+                   if line.startswith("\t") and "=" not in line and not line.strip().endswith("_schema")]
+        group, _, name = missing.rpartition("/")
+        return f"{group}={name}: no such {group} config; valid: {', '.join(options) or '(none)'}"
+    key = getattr(cause, "full_key", None)
+    message = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()[0]
+    if key and "could not be converted to" in message:
+        kind = message.rsplit(" ", 1)[-1].lower()
+        return f"{key}: {message}: give {'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+    if key and " not in " in message:
+        return f"{key}: no such key ({message}): check the spelling; `python -m dpm <overrides> --cfg job` prints every key"
+    return f"{text.splitlines()[0]}: {message}" if message not in text else text.splitlines()[0]
+
+
 def main() -> None:
     """`python -m dpm [overrides]` / the `dpm` console script."""
+    try:
+        check_overrides(sys.argv[1:])
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     _hydra_entry()()
 
 

@@ -40,3 +40,28 @@ def run_cli(args: list[str], env: dict | None = None, timeout: int = 300) -> sub
 def decode_cache(tmp_path_factory):
     """One decoded copy of the real CIFAR-10 for the whole session (decoding takes seconds)."""
     return tmp_path_factory.mktemp("decoded")
+
+
+# Fault-injection summary (tests/test_faults.py): the figures the README's reliability section quotes.
+FAULT_CASES: list[tuple[str, bool, bool]] = []  # (test id, survived, data lost)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "fault: a fault-injection case counted in the session summary")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and item.get_closest_marker("fault") is not None:
+        lost = report.failed and call.excinfo is not None and call.excinfo.typename == "DataLost"
+        FAULT_CASES.append((item.nodeid, report.passed, lost))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FAULT_CASES:
+        survived = sum(ok for _, ok, _ in FAULT_CASES)
+        lost = sum(lost for _, _, lost in FAULT_CASES)
+        terminalreporter.write_line(f"fault injection: {len(FAULT_CASES)} cases tried, {survived} survived, "
+                                    f"data lost in {lost}")

@@ -61,7 +61,7 @@ def build_data(cfg: Any, cache_dir: str | None = None) -> DataBundle:
         train, test = sources.load_synthetic(cfg.num_classes, cfg.in_channels, cfg.image_size,
                                              cfg.synthetic_train, cfg.synthetic_test)
     else:
-        train, test = sources.load_cifar(name, cfg.root, cfg.download, cache_dir)
+        train, test = sources.load_cifar(name, cfg.root, cfg.download, cache_dir, cfg.bad_images)
     found_classes = int(train.labels.max()) + 1
     if found_classes != cfg.num_classes:
         raise UserError(f"dataset.num_classes={cfg.num_classes} but {name} has {found_classes} classes: "

@@ -8,6 +8,7 @@ that and goes through `imagenet_folders` instead.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ import numpy as np
 import torch
 
 from dpm.errors import UserError
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
 
@@ -63,14 +66,16 @@ def load_synthetic(num_classes: int, in_channels: int, image_size: int, n_train:
     return draw(n_train), draw(n_test)
 
 
-def load_cifar(name: str, root: str | None, download: bool, cache_dir: str | None) -> tuple[ImageSplit, ImageSplit]:
+def load_cifar(name: str, root: str | None, download: bool, cache_dir: str | None,
+               bad_images: str = "fail") -> tuple[ImageSplit, ImageSplit]:
     """CIFAR-10/100 from an ImageFolder layout (train/<class>/, test/<class>/) or torchvision's format."""
     if not root:
         raise UserError(f"dataset.root is not set for {name}: set DPM_DATA_DIR to the folder holding "
                         f"{name}/ or pass dataset.root=PATH")
     root_path = Path(root).expanduser()
     if (root_path / "train").is_dir() and (root_path / "test").is_dir():
-        return (load_image_folder(root_path / "train", cache_dir), load_image_folder(root_path / "test", cache_dir))
+        return (load_image_folder(root_path / "train", cache_dir, bad_images),
+                load_image_folder(root_path / "test", cache_dir, bad_images))
     return load_torchvision_cifar(name, root_path, download)
 
 
@@ -92,33 +97,64 @@ def load_torchvision_cifar(name: str, root: Path, download: bool) -> tuple[Image
                             torch.tensor(s.targets, dtype=torch.int64)) for s in splits)
 
 
-def load_image_folder(folder: Path, cache_dir: str | None) -> ImageSplit:
+def load_image_folder(folder: Path, cache_dir: str | None, bad_images: str = "fail") -> ImageSplit:
     """Decode an ImageFolder tree (class folders sorted alphabetically = label order) into memory.
 
-    Decoding 60,000 JPEGs takes seconds; the result is cached as .npz keyed by the folder's path and
-    file list, so it happens once per machine rather than once per run.
+    Decoding 60,000 JPEGs takes seconds; the result is cached as .npz keyed by the folder's path,
+    file list and `bad_images` policy, so it happens once per machine rather than once per run.
+    A corrupt or truncated image is an error naming its path (`bad_images="fail"`), or is left out
+    with a warning (`"skip"`); an empty class folder or a folder without class folders is an error.
     """
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
-    files = [(f, label) for label, c in enumerate(classes)
-             for f in sorted((folder / c).iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
-    if not files:
-        raise UserError(f"no images under {folder}: expected {folder}/<class>/*.jpg")
-    key = hashlib.sha1((str(folder.resolve()) + "\n".join(f"{f.name}:{f.stat().st_size}" for f, _ in files))
+    if not classes:
+        raise UserError(f"{folder} has no class folders: expected the ImageFolder layout {folder}/<class>/*.jpg")
+    files = []
+    for label, c in enumerate(classes):
+        found = [(f, label) for f in sorted((folder / c).iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
+        if not found:
+            raise UserError(f"class folder {folder / c} holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                            f"remove it or add its images")
+        files += found
+    key = hashlib.sha1((str(folder.resolve()) + bad_images + "\n".join(f"{f.name}:{f.stat().st_size}" for f, _ in files))
                        .encode()).hexdigest()[:16]
     cache_file = Path(cache_dir) / "datasets" / f"{folder.parent.name}-{folder.name}-{key}.npz" if cache_dir else None
     if cache_file is not None and cache_file.exists():
         with np.load(cache_file) as z:
             return ImageSplit(torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]))
-    from PIL import Image
-
-    images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f, _ in files]).transpose(0, 3, 1, 2)
-    labels = np.array([label for _, label in files], dtype=np.int64)
+    decoded, labels, skipped = [], [], []
+    for f, label in files:
+        try:
+            decoded.append(decode_image(f))
+        except (OSError, ValueError, SyntaxError) as err:  # what PIL raises for corrupt/truncated files
+            if bad_images != "skip":
+                raise UserError(f"cannot decode image {f} ({err}): replace or delete it, or set "
+                                f"dataset.bad_images=skip to leave such images out") from None
+            skipped.append(f)
+            continue
+        labels.append(label)
+    if skipped:
+        log.warning("%d unreadable image(s) left out of %s (dataset.bad_images=skip), e.g. %s", len(skipped), folder,
+                    skipped[0])
+    shapes = {a.shape for a in decoded}
+    if len(shapes) > 1:
+        raise UserError(f"images under {folder} differ in size ({', '.join(map(str, sorted(shapes)))}): resize them to "
+                        f"one size")
+    images = np.stack(decoded).transpose(0, 3, 1, 2)
+    labels = np.array(labels, dtype=np.int64)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(f".{os.getpid()}.tmp.npz")
         np.savez(tmp, images=images, labels=labels)
         os.replace(tmp, cache_file)
     return ImageSplit(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels))
+
+
+def decode_image(path: Path) -> np.ndarray:
+    """One image as an RGB uint8 array (H, W, 3); raises what PIL raises for a corrupt or truncated file."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 def imagenet_folders(root: str | None) -> tuple[Path, Path]:
