@@ -12,7 +12,8 @@ W&B layout (one W&B run per dpm run):
   (`<stage>/step`, optimizer steps within that stage);
 - tags = `logger.tags` + the run's `table` (when set) + `ablation`, `ablation:<name>` (when set);
 - config = the resolved config as a plain dict; summary = metrics.json's scalar fields;
-- a failed run is finished with exit_code=1 (marked failed in W&B).
+- a failed run is finished with exit_code=1 (marked failed in W&B); a pre-empted one is marked
+  preempting and continues under the same W&B id when its job is requeued (`<run_dir>/wandb_id`).
 """
 from __future__ import annotations
 
@@ -70,6 +71,7 @@ class WandbLogger:
         self.wandb = wandb
         self.log_every = max(int(getattr(cfg, "log_every", 0) or 0), 0)
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode,
+                              id=stable_run_id(run_dir), resume="allow",
                               group=cfg.group or wandb_group(config), job_type=RUN_JOB_TYPE,
                               tags=wandb_tags(cfg, config), config=config, dir=str(run_dir), name=run_dir.name,
                               reinit="finish_previous")
@@ -89,8 +91,30 @@ class WandbLogger:
             for key, value in summary.items():
                 if isinstance(value, (int, float, str, bool)) or value is None:
                     self.run.summary[key] = value
+            if summary.get("status") == "preempted":
+                self.run.mark_preempting()  # the requeued job resumes this W&B run
         finally:
-            self.run.finish(exit_code=1 if failed else 0)
+            # SLURM may already have killed W&B's service process at pre-emption: a logging error
+            # must not replace the run's own outcome.
+            try:
+                self.run.finish(exit_code=1 if failed else 0)
+            except Exception:  # noqa: BLE001
+                log.warning("could not finish the W&B run", exc_info=True)
+
+
+def stable_run_id(run_dir: Path) -> str:
+    """Made once and kept in `<run_dir>/wandb_id`, so a requeued or resumed run logs to the same W&B run."""
+    from dpm.checkpoint import atomic_write_bytes
+
+    path = Path(run_dir) / "wandb_id"
+    if path.is_file():
+        return path.read_text().strip()
+    import secrets
+    import string
+
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's id form
+    atomic_write_bytes(path, run_id.encode())
+    return run_id
 
 
 def make_logger(cfg: Any, config: dict, run_dir: Path) -> NullLogger | WandbLogger:

@@ -462,9 +462,16 @@ def _pm(mean: float, std: float) -> str:
     return f"{mean:.2f}" if std is None or math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
 
 
+PAPER_TABLE_COLUMNS = ["table", "model", "dataset", "pruner", "SL", "variant", "n", "top1 %", "Δtop1", "best %",
+                       "Δbest", "FLOPs %", "ΔFLOPs", "params %", "Δparams", "paper top1", "ours-paper top1",
+                       "paper FLOPs %", "ours-paper FLOPs", "paper params %"]
+
+
 def paper_table_display(table: pd.DataFrame) -> pd.DataFrame:
     """The paper table as text cells: mean ± std over seeds, signed deltas against base, the paper's
     numbers and ours minus theirs."""
+    if table.empty:  # no complete run yet (e.g. a sweep whose only run failed): the header alone
+        return pd.DataFrame(columns=PAPER_TABLE_COLUMNS)
     out = pd.DataFrame({
         "table": table["table"].replace("", "-"), "model": table["model"], "dataset": table["dataset"],
         "pruner": table["pruner"], "SL": table["sparse_learning"].map({True: "yes", False: "no"}).fillna("-"),

@@ -74,7 +74,9 @@ def _run_locked(cfg: DictConfig, run_dir: Path) -> dict:
         metrics["status"] = "complete"
         fault_point("run:before_metrics")  # tests: a kill after the work, before its record
     except BaseException as err:
-        metrics["status"] = "failed"
+        # SystemExit here comes from submitit's signal handler: the job is pre-empted or timed out
+        # and will be requeued to continue from its checkpoint.
+        metrics["status"] = "preempted" if isinstance(err, SystemExit) else "failed"
         metrics["error"] = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
         raise
     finally:
@@ -86,7 +88,10 @@ def _run_locked(cfg: DictConfig, run_dir: Path) -> dict:
                 raise  # the run's own record could not be written: that is the error
             log.error("could not write the failed metrics.json in %s", run_dir)  # the original error propagates
         if logger is not None:
-            logger.finish(metrics)
+            try:
+                logger.finish(metrics)
+            except Exception:  # noqa: BLE001  (a logging failure never replaces the run's outcome)
+                log.warning("the logger failed to finish", exc_info=True)
     return metrics
 
 
@@ -193,15 +198,17 @@ class RunContext:
                                      t.max_steps_per_epoch, t.channels_last, t.num_workers)
 
     def run_phase(self, phase: str, checkpoint_path: Path | None, hooks=(), phase_cfg=None, loader=None,
-                  **train_kwargs) -> dict:
+                  eval_loaders: dict | None = None, **train_kwargs) -> dict:
         """Train `ctx.model` for one phase (`trainer.<phase>` unless `phase_cfg` is given), checkpointed and
-        resumable at `checkpoint_path`; extra keyword arguments go to `dpm.train.train_phase`."""
+        resumable at `checkpoint_path` (evaluated on `eval_loaders`, default all of `ctx.eval_loaders`);
+        extra keyword arguments go to `dpm.train.train_phase`."""
         from dpm.train import train_phase
 
         t = self.cfg.trainer
         phase_cfg = phase_cfg if phase_cfg is not None else t[phase]
         loader = loader if loader is not None else self.phase_loader(phase, phase_cfg.batch_size)
-        return train_phase(self.model, phase, phase_cfg, loader, self.eval_loaders, self.device,
+        eval_loaders = self.eval_loaders if eval_loaders is None else eval_loaders
+        return train_phase(self.model, phase, phase_cfg, loader, eval_loaders, self.device,
                            checkpoint_path=checkpoint_path, hooks=hooks, progress=t.progress, bf16=t.bf16,
                            log_metrics=self.log_metrics, on_nan=t.on_nan, **train_kwargs)
 
@@ -497,24 +504,30 @@ def sparse_learning(cfg: DictConfig, model: torch.nn.Module, pruner, run_dir: Pa
     return {"sparse_source": source, "sparse_key": cache.key, "sparse_top1": summary.get("test_top1_final")}
 
 
+def resume_files(run_dir: Path) -> list[Path]:
+    """What a run dir needs to continue: its checkpoints (every stage's, with their kept
+    predecessors) and its W&B id."""
+    return sorted([*run_dir.glob("*.pt"), *run_dir.glob("*.pt.prev"), *run_dir.glob("wandb_id")])
+
+
 def adopt_unfinished_run(cfg: DictConfig, run_dir: Path) -> None:
     """resume=true in a fresh run dir: continue the newest unfinished run of the same name whose
     config matches (apart from run-time keys) by copying its checkpoints here."""
-    if any((run_dir / f).exists() for f in (CHECKPOINT, PRETRAIN_PROGRESS)):
+    if any(p.suffix in (".pt", ".prev") for p in resume_files(run_dir)):
         return  # this run dir has its own checkpoint: resumed in place
     wanted = comparable_config(OmegaConf.to_container(cfg, resolve=True))
-    candidates = sorted((p.parent for p in Path(cfg.output_root, cfg.name).glob(f"*/config.yaml")
+    candidates = sorted((p.parent for p in Path(cfg.output_root, cfg.name).glob("*/config.yaml")
                          if p.parent.resolve() != run_dir.resolve()),
                         key=lambda p: p.stat().st_mtime, reverse=True)
     for other in candidates:
         status = json.loads((other / "metrics.json").read_text()).get("status") if (other / "metrics.json").exists() else None
-        if status == "complete" or not any((other / f).exists() for f in (CHECKPOINT, PRETRAIN_PROGRESS)):
+        files = resume_files(other)
+        if status == "complete" or not any(p.suffix in (".pt", ".prev") for p in files):
             continue
         if comparable_config(OmegaConf.to_container(OmegaConf.load(other / "config.yaml"))) != wanted:
             continue
-        for f in (CHECKPOINT, PRETRAIN_PROGRESS):
-            if (other / f).exists():
-                shutil.copy2(other / f, run_dir / f)
+        for f in files:
+            shutil.copy2(f, run_dir / f.name)
         log.info("resuming the unfinished run %s", other)
         return
     log.warning("resume=true but no unfinished run of '%s' with this config under %s: starting fresh",
@@ -566,12 +579,17 @@ def _hydra_entry():
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
     def hydra_main(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
 
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
             metrics = run(cfg, run_dir)
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
+            if HydraConfig.get().mode == RunMode.MULTIRUN:
+                # The sweep's other points still run (a SLURM job records its failure for submitit);
+                # Hydra fails the sweep at the end and the report lists this run as failed.
+                raise
             sys.exit(2)
         print_summary(metrics)
 

@@ -308,3 +308,15 @@ def test_report_logs_its_tables_and_plots_to_an_offline_wandb_run(runs_dir, tmp_
     assert list((wandb_run / "files" / "media" / "images").glob("plots/accuracy_vs_flops*.png"))
     # A second report over the same dirs does not read the W&B files as runs.
     assert len(rp.load_runs([runs_dir])) == 11
+
+
+def test_report_of_only_failed_runs_has_the_header_and_lists_them(tmp_path):
+    from dpm.errors import UserError
+    from dpm.quickstart import compose
+    from dpm.run import run
+
+    with pytest.raises(UserError):
+        run(compose(["experiment=smoke", "trainer.pretrain.lr=1e30", "pretrain.cache=false"]), tmp_path / "runs" / "a")
+    report = rp.write_report([tmp_path / "runs"], tmp_path / "report", plots=False)
+    assert "0 complete, 1 failed or incomplete" in report.markdown and "(no complete runs)" in report.markdown
+    assert (tmp_path / "report" / "tables.tex").exists()

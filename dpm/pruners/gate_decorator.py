@@ -444,14 +444,10 @@ def _prune(ctx, N: int, loop_ckpt: Path) -> _MeltRecord:
             phase_cfg = _phase_cfg(p.tick, loader.epochs)
             steps = gd.drain_total
         gd.begin_phase(kind, index, steps)
-        evaluated = ctx.eval_loaders
-        if kind != "tock" and not p.eval_ticks:
-            ctx.eval_loaders = {}  # ticks are many and short: no test pass after each
-        try:
-            ctx.run_phase(phase, loop_ckpt, hooks=[gd], phase_cfg=phase_cfg, loader=loader,
-                          optimizer_factory=gd.optimizer)
-        finally:
-            ctx.eval_loaders = evaluated
+        # Ticks are many and short: no test pass after each unless asked.
+        evaluated = ctx.eval_loaders if kind == "tock" or p.eval_ticks else {}
+        ctx.run_phase(phase, loop_ckpt, hooks=[gd], phase_cfg=phase_cfg, loader=loader, eval_loaders=evaluated,
+                      optimizer_factory=gd.optimizer)
         if kind == "drain":
             gd.drain_epochs += phase_cfg.epochs
         current = _next_phase(gd, kind, index, p)
