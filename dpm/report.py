@@ -176,6 +176,7 @@ def load_run(run_dir: Path) -> dict:
             row.setdefault(key, value)
         if "sparse_learning" not in row and isinstance(cfg.get("trainer"), dict):
             row["sparse_learning"] = (cfg["trainer"].get("sparse") or {}).get("epochs", 0) > 0
+        row.update(_choice_facets(cfg, row))
     if not metrics_path.is_file():
         problem = "config.yaml but no metrics.json (killed, or never started)"
     status = metrics.get("status") if metrics else MISSING
@@ -188,6 +189,21 @@ def load_run(run_dir: Path) -> dict:
     row["dup_key"] = _dup_key(cfg, metrics)
     row["mtime"] = (metrics_path if metrics_path.is_file() else run_dir).stat().st_mtime
     return row
+
+
+#: DPM options an ablation sweeps that metrics.json does not record, read from the run's config
+#: (`dpm.<name>`), and the variants they mean something to (release rule and budget act only with
+#: Self-Rectifying, the schedule only when the decay is longer than one step).
+CHOICE_FACETS = {"release_rule": ("sr",), "budget": ("sr",), "schedule": ("sp", "sr")}
+
+
+def _choice_facets(cfg: dict, row: dict) -> dict:
+    """`release_rule` / `budget` / `schedule` of a run (None where its variant does not use them), so
+    that an ablation over them splits the table's rows and gets its plot."""
+    dpm_cfg = cfg.get("dpm") if isinstance(cfg.get("dpm"), dict) else {}
+    variant = row.get("variant", dpm_cfg.get("variant"))
+    return {name: dpm_cfg.get(name) if variant in variants else None
+            for name, variants in CHOICE_FACETS.items() if name not in row}
 
 
 def load_runs(dirs: Sequence[str | os.PathLike]) -> pd.DataFrame:
@@ -230,7 +246,7 @@ def aggregated_runs(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 #: DPM hyper-parameters an ablation sweeps; they split a variant's row only where they vary.
-SETTING_FACETS = ["N", "T_rate", "T_len"]
+SETTING_FACETS = ["N", "T_rate", "T_len", "release_rule", "budget", "schedule"]
 
 
 def run_settings(runs: pd.DataFrame) -> pd.Series:
@@ -628,6 +644,17 @@ def write_report(dirs: Sequence[str | os.PathLike], out: str | os.PathLike | Non
 # ----------------------------------------------------------------------------------------------
 # Plots
 
+def _file_label(label: str, limit: int = 120) -> str:
+    """A run label fit for a file name: sweep-dir names of many overrides exceed the 255-byte limit,
+    so long ones keep their start and a hash of the whole."""
+    import hashlib
+
+    safe = label.replace("/", "_")
+    if len(safe) <= limit:
+        return safe
+    return f"{safe[:limit - 9]}-{hashlib.sha1(safe.encode()).hexdigest()[:8]}"
+
+
 
 def _save(fig, path_stem: Path) -> list[Path]:
     """PNG and PDF of a figure, each written atomically."""
@@ -725,7 +752,11 @@ def plot_trajectories(dpm_log: dict, title: str, path_stem: Path) -> list[Path]:
 
 
 #: Facets of the ablation plots: metrics.json field -> axis label.
-ABLATION_FACETS = {"N": "N (decay steps)", "T_rate": "T_rate", "T_len": "T_len"}
+ABLATION_FACETS = {"N": "N (decay steps)", "T_rate": "T_rate", "T_len": "T_len", "release_rule": "release rule",
+                   "budget": "budget after a release", "schedule": "decay schedule s(n)"}
+#: Facets whose values are names, not numbers: drawn at evenly spaced positions, in this order.
+CATEGORICAL_FACETS = {"release_rule": ["and", "or"], "budget": ["base", "strict"],
+                      "schedule": ["linear", "cosine", "exp"]}
 #: Metrics on the ablation plots' y-axes: field -> axis label.
 ABLATION_METRICS = {"top1_final": "top-1 final (%)", "flops_remaining_pct": "FLOPs remaining (%)"}
 
@@ -733,18 +764,30 @@ ABLATION_METRICS = {"top1_final": "top-1 final (%)", "flops_remaining_pct": "FLO
 def ablation_facets(runs: pd.DataFrame) -> list[str]:
     """The ablation facets with at least two distinct values among the aggregated runs."""
     ok = aggregated_runs(runs)
-    return [f for f in ABLATION_FACETS
-            if f in ok and pd.to_numeric(ok[f], errors="coerce").dropna().nunique() >= 2]
+    return [f for f in ABLATION_FACETS if f in ok and _facet_values(ok[f], f).dropna().nunique() >= 2]
+
+
+def _facet_values(values: pd.Series, facet: str) -> pd.Series:
+    """Numbers for a numeric facet; for a categorical one its names (None/NaN where unset)."""
+    if facet in CATEGORICAL_FACETS:
+        return values.where(values.notna() & (values.astype(str) != "None"), None)
+    return pd.to_numeric(values, errors="coerce")
 
 
 def plot_ablation(runs: pd.DataFrame, facet: str, path_stem: Path) -> list[Path]:
-    """Top-1 final and FLOPs % remaining against one facet (N, T_rate or T_len): mean ± std over
+    """Top-1 final and FLOPs % remaining against one facet (N, T_rate, T_len, or the release rule,
+    budget or schedule, drawn as named positions): mean ± std over
     seeds, one curve per (model, dataset, pruner, variant). Runs without the facet (e.g. T_rate of a
     base run) are left out; other facets are averaged over, so sweep one facet at a time."""
     plt = _pyplot()
     ok = aggregated_runs(runs).copy()
-    ok[facet] = pd.to_numeric(ok[facet], errors="coerce")
+    ok[facet] = _facet_values(ok[facet], facet)
     ok = ok[ok[facet].notna()]
+    categories = None
+    if facet in CATEGORICAL_FACETS:  # names at evenly spaced positions, the known ones in their order
+        known = CATEGORICAL_FACETS[facet]
+        categories = [c for c in known if c in set(ok[facet])] + sorted(set(ok[facet]) - set(known))
+        ok[facet] = ok[facet].map({c: i for i, c in enumerate(categories)})
     curves = ["model", "dataset", "pruner", "variant"]
     for key in curves:
         if key not in ok:
@@ -760,6 +803,9 @@ def plot_ablation(runs: pd.DataFrame, facet: str, path_stem: Path) -> list[Path]
             ax.errorbar(stats.index, stats["mean"], yerr=np.nan_to_num(stats["std"]), marker="o", capsize=3,
                         label=name)
         ax.set_xlabel(ABLATION_FACETS[facet])
+        if categories is not None:
+            ax.set_xticks(range(len(categories)), categories)
+            ax.set_xlim(-0.5, len(categories) - 0.5)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -826,7 +872,7 @@ def write_plots(runs: pd.DataFrame, ref: pd.DataFrame, out: Path) -> list[Path]:
             if not log_path.is_file():
                 continue
             logs[label] = json.loads(log_path.read_text())
-            written += plot_trajectories(logs[label], label, out / f"trajectories_{label}")
+            written += plot_trajectories(logs[label], label, out / f"trajectories_{_file_label(label)}")
         if any(log.get("history") for log in logs.values()):
             written += plot_released(logs, out / "released_over_training")
     return written
