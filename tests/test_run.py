@@ -163,4 +163,4 @@ def test_cli_multirun_writes_one_run_dir_per_job(tmp_path):
     assert proc.returncode == 0, proc.stderr
     found = sorted((json.loads(p.read_text())["seed"], p.parent.name)
                    for p in (tmp_path / "sweep").glob("*/metrics.json"))
-    assert found == [(0, "0_experiment=smoke,seed=0"), (1, "1_experiment=smoke,seed=1")]
+    assert found == [(0, "0_seed=0"), (1, "1_seed=1")]  # the experiment is the sweep dir's name, not a subdir

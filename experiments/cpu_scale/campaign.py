@@ -1,0 +1,173 @@
+"""The CPU-scale CIFAR-10 campaign (issue 11): baselines, selection on validation, paired tables.
+
+    python experiments/cpu_scale/campaign.py all            # every stage, resumable (hours on 2 cores)
+    python experiments/cpu_scale/campaign.py pretrain       # the per-seed baselines (shared by all bases)
+    python experiments/cpu_scale/campaign.py select --bases depgraph
+    python experiments/cpu_scale/campaign.py table --bases depgraph,otov2
+    python experiments/cpu_scale/campaign.py report         # results/cpu_scale/ from every finished table
+
+Every stage is a Hydra multirun of `python -m dpm` into a fixed sweep dir under
+`$DPM_OUTPUT_ROOT/cpu_scale/` (run_id=campaign), so re-running a stage skips its complete runs and
+resumes killed ones from their checkpoints: the campaign can be carried across several sittings.
+
+Selection (never on the test set): on seed SELECT_SEED's validation split (5,000 held-out training
+images), +SP picks N from N_GRID by `val_top1_final`; then +SR, at that N, picks (T_rate, T_len)
+from SR_GRID. `selection_<base>.csv` records every point; the chosen values feed the table, which
+runs base / +SP / +SR over SEEDS and reports test accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "results" / "cpu_scale"
+BASES = ("depgraph", "otov2", "gate_decorator")
+SEEDS = "0,1,2,3,4"
+SELECT_SEED = 0
+N_GRID = {"depgraph": (0.1, 0.5, 1.5), "otov2": (0.1, 0.25, 1.0), "gate_decorator": (0.1, 0.5, 1.0)}
+SR_GRID = {"dpm.T_rate": (0.0, 1e-3), "dpm.T_len": (1.0, 1.5, 2.0)}
+# Smoke mode (tests): a tiny slice of the same data and recipe, seconds per run.
+SMOKE = ["dataset.train_subset=400", "dataset.val_size=200", "dataset.test_subset=200", "trainer.pretrain.epochs=1",
+         "trainer.max_steps_per_epoch=3", "trainer.eval_batch_size=200"]
+
+
+def results_dir(smoke: bool) -> Path:
+    """Committed results for the real campaign; smoke results stay in the output tree."""
+    return output_root() / "cpu_scale" / "results_smoke" if smoke else RESULTS
+
+
+def grids(base: str, smoke: bool) -> tuple[tuple, dict]:
+    """N_epochs and SR grids (smaller in smoke mode)."""
+    if smoke:
+        return N_GRID[base][:2], {"dpm.T_rate": (0.0,), "dpm.T_len": (1.0, 2.0)}
+    return N_GRID[base], SR_GRID
+
+
+def output_root() -> Path:
+    return Path(os.environ.get("DPM_OUTPUT_ROOT", ROOT / "outputs"))
+
+
+def sweep_dir(stage: str) -> Path:
+    return output_root() / "cpu_scale" / stage
+
+
+def multirun(stage: str, overrides: list[str], smoke: bool) -> Path:
+    """One resumable sweep; returns its dir. A failed point fails the stage (after the others ran)."""
+    out = sweep_dir(stage)
+    extra = []
+    if smoke:  # DepGraph's second round must fall inside the 3-step smoke epochs
+        extra = SMOKE + (["pruner.round_interval=6"] if "depgraph" in stage else [])
+    # Numbered run dirs: the overrides would make names longer than a file name may be (each run's
+    # config.yaml says what it is), and a job's number is stable when a stage is re-run.
+    cmd = [sys.executable, "-m", "dpm", "-m", *overrides, *extra, "run_id=campaign", f"hydra.sweep.dir={out}",
+           "hydra.sweep.subdir=${hydra.job.num}",
+           *os.environ.get("CAMPAIGN_LAUNCHER", "").split()]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    return out
+
+
+def runs_of(directory: Path) -> list[dict]:
+    found = [json.loads(p.read_text()) for p in sorted(directory.rglob("metrics.json"))]
+    return [m for m in found if m.get("status") == "complete"]
+
+
+def best(runs: list[dict], key: str) -> dict:
+    """Highest validation accuracy; ties go to the first (the grids list conservative values first)."""
+    if not runs:
+        raise SystemExit(f"no complete selection run to choose {key} from: run the select stage first")
+    return max(runs, key=lambda m: m["val_top1_final"])
+
+
+def select(base: str, smoke: bool) -> dict:
+    """+SP's N, then +SR's thresholds at that N, on the validation split of SELECT_SEED."""
+    common = [f"experiment=cpu_scale/{base}", f"seed={SELECT_SEED}", "ablation=selection"]
+    base_dir = multirun(f"select_{base}_base", [*common, "dpm=base"], smoke)
+    n_grid, sr_grid = grids(base, smoke)
+    sp_dir = multirun(f"select_{base}_sp", [*common, "dpm=sp", f"dpm.N_epochs={','.join(map(str, n_grid))}"], smoke)
+    chosen_sp = best(runs_of(sp_dir), "N")
+    n_epochs = n_epochs_of(chosen_sp)
+    sr_dir = multirun(f"select_{base}_sr", [*common, "dpm=sr", f"dpm.N_epochs={n_epochs}",
+                                            *(f"{k}={','.join(map(str, v))}" for k, v in sr_grid.items())], smoke)
+    sr_runs = runs_of(sr_dir)
+    chosen_sr = best(sr_runs, "T_rate, T_len")
+    choice = {"base": base, "N_epochs": n_epochs, "T_rate": chosen_sr["T_rate"], "T_len": chosen_sr["T_len"],
+              "sp_val_top1": chosen_sp["val_top1_final"], "sr_val_top1": chosen_sr["val_top1_final"],
+              "base_val_top1": next((m["val_top1_final"] for m in runs_of(base_dir)), None)}
+    write_selection(base, runs_of(base_dir) + runs_of(sp_dir) + sr_runs, choice, smoke)
+    return choice
+
+
+def n_epochs_of(metrics: dict) -> float:
+    """The dpm.N_epochs a run was configured with (from its resolved config)."""
+    import yaml
+
+    config = yaml.safe_load((Path(metrics["run_dir"]) / "config.yaml").read_text())
+    return config["dpm"]["N_epochs"]
+
+
+def write_selection(base: str, runs: list[dict], choice: dict, smoke: bool) -> None:
+    import pandas as pd
+
+    out = results_dir(smoke) / "selection"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [{"variant": m["variant"], "N_epochs": n_epochs_of(m) if m["variant"] != "base" else None, "N": m["N"],
+             "T_rate": m.get("T_rate"), "T_len": m.get("T_len"), "val_top1_final": m["val_top1_final"],
+             "released": m.get("released"), "flops_remaining_pct": m["flops_remaining_pct"]} for m in runs]
+    pd.DataFrame(rows).to_csv(out / f"selection_{base}.csv", index=False)
+    (out / f"chosen_{base}.json").write_text(json.dumps(choice, indent=2) + "\n")
+    print(f"{base}: chose {choice}")
+
+
+def chosen(base: str, smoke: bool) -> dict:
+    path = results_dir(smoke) / "selection" / f"chosen_{base}.json"
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run `campaign.py select --bases {base}` first")
+    return json.loads(path.read_text())
+
+
+def table(base: str, seeds: str, smoke: bool) -> Path:
+    c = chosen(base, smoke)
+    return multirun(f"table_{base}", [f"experiment=cpu_scale/{base}", "dpm=base,sp,sr", f"seed={seeds}",
+                                      f"dpm.N_epochs={c['N_epochs']}", f"dpm.T_rate={c['T_rate']}",
+                                      f"dpm.T_len={c['T_len']}"], smoke)
+
+
+def report(bases: list[str], smoke: bool) -> None:
+    dirs = [str(sweep_dir(f"table_{b}")) for b in bases if sweep_dir(f"table_{b}").exists()]
+    if not dirs:
+        raise SystemExit("no table sweep has run yet")
+    out = results_dir(smoke) / "report"
+    subprocess.run([sys.executable, "-m", "dpm.report", *dirs, "--out", str(out)], cwd=ROOT, check=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=["pretrain", "select", "table", "report", "all"])
+    parser.add_argument("--bases", default=",".join(BASES))
+    parser.add_argument("--seeds", default=SEEDS)
+    parser.add_argument("--smoke", action="store_true", help="a tiny slice of the data, seconds per run (tests)")
+    args = parser.parse_args(argv)
+    bases = [b for b in args.bases.split(",") if b]
+    unknown = set(bases) - set(BASES)
+    if unknown:
+        parser.error(f"unknown base(s) {sorted(unknown)}; valid: {', '.join(BASES)}")
+    if args.stage in ("pretrain", "all"):
+        seeds = ",".join(sorted(set(args.seeds.split(",")) | {str(SELECT_SEED)}, key=int))
+        multirun("pretrain", ["experiment=cpu_scale/pretrain", f"seed={seeds}"], args.smoke)
+    for base in bases:
+        if args.stage in ("select", "all"):
+            select(base, args.smoke)
+        if args.stage in ("table", "all"):
+            table(base, args.seeds, args.smoke)
+    if args.stage in ("report", "all"):
+        report(bases, args.smoke)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""The CPU-scale campaign script (experiments/cpu_scale/campaign.py) end to end on a tiny slice of
+the real CIFAR-10: baselines, selection on validation only, the paired table and its report."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import CIFAR10, ROOT
+
+pytestmark = pytest.mark.skipif(not CIFAR10.is_dir(), reason=f"the real CIFAR-10 copy is not at {CIFAR10}")
+
+
+def campaign(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DPM_DATA_DIR": str(CIFAR10.parent), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "experiments/cpu_scale/campaign.py", *args, "--smoke"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_campaign_selects_on_validation_then_reports_paired_seeds():
+    done = campaign("all", "--bases", "depgraph", "--seeds", "0,1")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    root = Path(os.environ["DPM_OUTPUT_ROOT"]) / "cpu_scale"
+    # One pretrained baseline per seed, shared by the selection and the table.
+    pretrains = [json.loads(p.read_text()) for p in (root / "pretrain").rglob("metrics.json")]
+    assert sorted(m["seed"] for m in pretrains) == [0, 1]
+    table_runs = [json.loads(p.read_text()) for p in (root / "table_depgraph").rglob("metrics.json")]
+    assert {m["pretrain_source"] for m in table_runs} == {"cache"}
+    # The selection read validation accuracy only and chose from its grid; the table used the choice.
+    selection = pd.read_csv(root / "results_smoke" / "selection" / "selection_depgraph.csv")
+    choice = json.loads((root / "results_smoke" / "selection" / "chosen_depgraph.json").read_text())
+    sp = selection[selection["variant"] == "sp"]
+    assert choice["N_epochs"] == sp.loc[sp["val_top1_final"].idxmax(), "N_epochs"]
+    assert set(selection["variant"]) == {"base", "sp", "sr"}
+    assert sorted((m["variant"], m["seed"]) for m in table_runs) == \
+        sorted((v, s) for v in ("base", "sp", "sr") for s in (0, 1))
+    assert all(m["status"] == "complete" for m in table_runs)
+    assert {m["T_len"] for m in table_runs if m["variant"] == "sr"} == {choice["T_len"]}
+    stats = pd.read_csv(root / "results_smoke" / "report" / "stats.csv")
+    assert set(stats["comparison"]) >= {"+SP - base", "+SR - base"} and (stats["n"] == 2).all()
+    # Re-running a finished stage runs nothing again.
+    again = campaign("table", "--bases", "depgraph", "--seeds", "0,1")
+    assert again.returncode == 0 and again.stdout.count("run already complete") + again.stderr.count(
+        "run already complete") == 6
