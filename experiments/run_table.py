@@ -175,8 +175,9 @@ def plan(experiment: str, extra: list[str], seeds: str, variants: str | None) ->
                   f"trainer.max_steps_per_epoch={c.trainer.max_steps_per_epoch}",
                   f"trainer.bf16={hydra_value(bool(c.trainer.bf16))}",
                   f"cache_dir={hydra_value(c.cache_dir)}"]
+    # Its report lists the baselines' accuracy per seed; plots of pretraining alone say nothing.
     warmup += [f"name={name}_pretrain", "table=null", "ablation=null", f"seed={seeds}",
-               "hydra.sweep.subdir='seed_${seed}'"]
+               "hydra.sweep.subdir='seed_${seed}'", "+hydra.callbacks.report.plots=false"]
     # The warm-up must fill exactly the cache entries the prune runs read.
     warm_cfg = compose(first_values(warmup))
     validate(warm_cfg)
