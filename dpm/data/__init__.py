@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import torch
 
-from dpm.data.loaders import FolderLoader, SplitLoader, epoch_generator, random_crop_flip
+from dpm.data.loaders import FolderLoader, SplitLoader, apply_crop_flip, draw_crop_flip, epoch_generator, random_crop_flip
 from dpm.data.sources import ImageSplit, imagenet_folders, stratified_pick
 from dpm.data import sources
 from dpm.errors import UserError
@@ -107,4 +107,5 @@ def eval_loader(data: DataBundle, split: str, batch_size: int, device: torch.dev
 
 
 __all__ = ["DATASET_NAMES", "DataBundle", "ImageSplit", "SplitLoader", "FolderLoader", "build_data",
-           "train_loader", "eval_loader", "epoch_generator", "random_crop_flip", "stratified_pick"]
+           "train_loader", "eval_loader", "epoch_generator", "random_crop_flip", "draw_crop_flip", "apply_crop_flip",
+           "stratified_pick"]

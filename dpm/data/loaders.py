@@ -18,17 +18,20 @@ def epoch_generator(seed: int, phase: str, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + phase_code * 10_007 + epoch) % (2**63))
 
 
-def random_crop_flip(images: torch.Tensor, padding: int, g: torch.Generator) -> torch.Tensor:
-    """Random crop with zero padding plus horizontal flip, per image, for a whole batch at once.
+def draw_crop_flip(b: int, padding: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The random part of `random_crop_flip` for b images: (dy, dx, flip), on the CPU."""
+    dy = torch.randint(0, 2 * padding + 1, (b,), generator=g)
+    dx = torch.randint(0, 2 * padding + 1, (b,), generator=g)
+    flip = torch.rand(b, generator=g) < 0.5
+    return dy, dx, flip
 
-    Same distribution as torchvision's RandomCrop(size, padding) + RandomHorizontalFlip on [0, 1]
-    images (padding is black, before normalisation).
-    """
+
+def apply_crop_flip(images: torch.Tensor, padding: int, dy: torch.Tensor, dx: torch.Tensor,
+                    flip: torch.Tensor) -> torch.Tensor:
+    """Crop each image of the batch at offset (dy, dx) of its zero-padded copy, flipped where `flip`;
+    one gather for the whole batch, on the images' device."""
     b, _, h, w = images.shape
     padded = torch.nn.functional.pad(images, (padding,) * 4)
-    dy = torch.randint(0, 2 * padding + 1, (b,), generator=g).to(images.device)
-    dx = torch.randint(0, 2 * padding + 1, (b,), generator=g).to(images.device)
-    flip = (torch.rand(b, generator=g) < 0.5).to(images.device)
     rows = dy[:, None] + torch.arange(h, device=images.device)[None, :]
     cols = dx[:, None] + torch.arange(w, device=images.device)[None, :]
     cols = torch.where(flip[:, None], cols.flip(1), cols)
@@ -38,48 +41,129 @@ def random_crop_flip(images: torch.Tensor, padding: int, g: torch.Generator) -> 
     return out.permute(0, 3, 1, 2)
 
 
+def random_crop_flip(images: torch.Tensor, padding: int, g: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding plus horizontal flip, per image, for a whole batch at once.
+
+    Same distribution as torchvision's RandomCrop(size, padding) + RandomHorizontalFlip on [0, 1]
+    images (padding is black, before normalisation).
+    """
+    dy, dx, flip = draw_crop_flip(images.shape[0], padding, g)
+    return apply_crop_flip(images, padding, dy.to(images.device), dx.to(images.device), flip.to(images.device))
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; from pinned memory and without blocking the host on CUDA."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class SplitLoader:
-    """Iterates (images, labels) batches of an in-memory split, normalised, on `device`."""
+    """Iterates (images, labels) batches of an in-memory split, normalised, on `device`.
+
+    The split stays on the device as uint8; a batch is gathered, cropped, flipped and normalised
+    there. The epoch's order and augmentation draws are made on the CPU from (seed, phase, epoch)
+    and copied to the device once per epoch, so a step never waits on the host.
+
+    With `world_size` > 1 (DDP, dpm.distributed) a training batch of `batch_size` is the global
+    batch: every rank draws the same order and augmentation and takes its own contiguous slice of
+    each batch (so the ranks' shards differ, and together they are the one-device batch); an eval
+    split is cut into one contiguous share per rank.
+    """
 
     def __init__(self, split: ImageSplit, batch_size: int, mean: Sequence[float], std: Sequence[float],
                  device: torch.device | str = "cpu", train: bool = False, augment: bool = False,
-                 seed: int = 0, phase: str = "eval", max_steps: int = 0, channels_last: bool = False):
+                 seed: int = 0, phase: str = "eval", max_steps: int = 0, channels_last: bool = False,
+                 rank: int | None = None, world_size: int | None = None):
+        from dpm import distributed
+
         self.split, self.batch_size = split, batch_size
         self.train, self.augment = train, augment
         self.seed, self.phase, self.max_steps = seed, phase, max_steps
         self.device = torch.device(device)
         self.channels_last = channels_last
+        self.rank = distributed.rank() if rank is None else rank
+        self.world_size = distributed.world_size() if world_size is None else world_size
+        if train and batch_size < self.world_size:
+            raise ValueError(f"batch size {batch_size} is smaller than the {self.world_size} ranks sharing it")
         c = split.images.shape[1]
         self.mean = torch.tensor(list(mean) or [0.0] * c, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(list(std) or [1.0] * c, device=self.device).view(1, -1, 1, 1)
         self.epoch = 0
+        if train:
+            images, labels = split.images, split.labels
+        else:
+            lo, hi = self._eval_share()
+            images, labels = split.images[lo:hi], split.labels[lo:hi]
         # Keep the uint8 copy on the device once: no per-step host-to-device image traffic.
-        self.images = split.images.to(self.device)
-        self.labels = split.labels.to(self.device)
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device)
+
+    def _eval_share(self) -> tuple[int, int]:
+        n = len(self.split)
+        return self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
+        if not self.train:
+            return -(-len(self.images) // self.batch_size)
         n = len(self.split)
-        steps = n // self.batch_size if self.train else -(-n // self.batch_size)
-        if self.train and n % self.batch_size > 1:
-            steps += 1  # a last batch of one image would break BatchNorm in train mode: it is dropped
+        steps = n // self.batch_size
+        if n % self.batch_size >= 2 * self.world_size:
+            steps += 1  # a last batch of one image per rank would break BatchNorm in train mode: it is dropped
         return min(steps, self.max_steps) if self.max_steps else steps
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        g = epoch_generator(self.seed, self.phase, self.epoch)
-        n = len(self.split)
-        order = torch.randperm(n, generator=g).to(self.device) if self.train else torch.arange(n, device=self.device)
+    def epoch_plan(self, epoch: int) -> dict:
+        """The epoch's draws on the CPU: the global order and, per step, crop/flip of the global
+        batch (drawn in the order the loader has always drawn them, so results do not change)."""
+        g = epoch_generator(self.seed, self.phase, epoch)
+        n, steps = len(self.split), len(self)
+        order = torch.randperm(n, generator=g)
+        plan = {"order": order[:min(n, steps * self.batch_size)]}
+        if self.augment:
+            draws = [draw_crop_flip(len(order[s * self.batch_size:(s + 1) * self.batch_size]), 4, g)
+                     for s in range(steps)]
+            plan.update({k: torch.cat([d[i] for d in draws]) if draws else torch.zeros(0, dtype=torch.long)
+                         for i, k in enumerate(("dy", "dx", "flip"))})
+        return plan
+
+    def shard(self, step: int, global_len: int) -> tuple[int, int]:
+        """This rank's [lo, hi) within step's global batch of `global_len` images."""
+        start = step * self.batch_size
+        return start + self.rank * global_len // self.world_size, start + (self.rank + 1) * global_len // self.world_size
+
+    def shard_indices(self, epoch: int) -> torch.Tensor:
+        """The image indices this rank trains on in `epoch`, in order."""
+        order = self.epoch_plan(epoch)["order"]
+        parts = []
         for step in range(len(self)):
-            index = order[step * self.batch_size:(step + 1) * self.batch_size]
+            lo, hi = self.shard(step, len(order[step * self.batch_size:(step + 1) * self.batch_size]))
+            parts.append(order[lo:hi])
+        return torch.cat(parts) if parts else order[:0]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if not self.train:
+            for step in range(len(self)):
+                sl = slice(step * self.batch_size, (step + 1) * self.batch_size)
+                yield self._finish(self.images[sl].float().div_(255)), self.labels[sl]
+            return
+        plan = {k: _to_device(v, self.device) for k, v in self.epoch_plan(self.epoch).items()}
+        order = plan["order"]
+        for step in range(len(self)):
+            lo, hi = self.shard(step, len(order[step * self.batch_size:(step + 1) * self.batch_size]))
+            index = order[lo:hi]
             x = self.images[index].float().div_(255)
             if self.augment:
-                x = random_crop_flip(x, 4, g)
-            x = (x - self.mean) / self.std
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.labels[index]
+                x = apply_crop_flip(x, 4, plan["dy"][lo:hi], plan["dx"][lo:hi], plan["flip"][lo:hi])
+            yield self._finish(x), self.labels[index]
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
 
 
 class FolderLoader:
@@ -97,19 +181,30 @@ class FolderLoader:
         self.batch_size, self.train, self.seed, self.phase = batch_size, train, seed, phase
         self.num_workers, self.max_steps = num_workers, max_steps
         self.device, self.channels_last, self.epoch = torch.device(device), channels_last, 0
+        from dpm import distributed
+
+        # DDP: `batch_size` is the global batch; each rank reads its DistributedSampler share.
+        self.world_size, self.rank = distributed.world_size(), distributed.rank()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        steps = (len(self.dataset) // self.batch_size if self.train
-                 else -(-len(self.dataset) // self.batch_size))
+        n = -(-len(self.dataset) // self.world_size)
+        batch = max(self.batch_size // self.world_size, 1)
+        steps = n // batch if self.train else -(-n // batch)
         return min(steps, self.max_steps) if self.max_steps else steps
 
     def __iter__(self):
+        sampler, shuffle = None, self.train
+        if self.world_size > 1:
+            sampler = torch.utils.data.DistributedSampler(self.dataset, self.world_size, self.rank, shuffle=self.train,
+                                                          seed=self.seed, drop_last=self.train)
+            sampler.set_epoch(self.epoch)
+            shuffle = None
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size, shuffle=self.train, drop_last=self.train,
-            num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+            self.dataset, batch_size=max(self.batch_size // self.world_size, 1), shuffle=shuffle, sampler=sampler,
+            drop_last=self.train, num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
             generator=epoch_generator(self.seed, self.phase, self.epoch), persistent_workers=False)
         for step, (x, y) in enumerate(loader):
             if self.max_steps and step >= self.max_steps:

@@ -101,7 +101,8 @@ def load_image_folder(folder: Path, cache_dir: str | None, bad_images: str = "fa
     """Decode an ImageFolder tree (class folders sorted alphabetically = label order) into memory.
 
     Decoding 60,000 JPEGs takes seconds; the result is cached as .npz keyed by the folder's path,
-    file list and `bad_images` policy, so it happens once per machine rather than once per run.
+    file list (names, sizes, modification times) and `bad_images` policy, so it happens once per
+    machine rather than once per run, and again after any file is added, removed or rewritten.
     A corrupt or truncated image is an error naming its path (`bad_images="fail"`), or is left out
     with a warning (`"skip"`); an empty class folder or a folder without class folders is an error.
     """
@@ -115,8 +116,7 @@ def load_image_folder(folder: Path, cache_dir: str | None, bad_images: str = "fa
             raise UserError(f"class folder {folder / c} holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
                             f"remove it or add its images")
         files += found
-    key = hashlib.sha1((str(folder.resolve()) + bad_images + "\n".join(f"{f.name}:{f.stat().st_size}" for f, _ in files))
-                       .encode()).hexdigest()[:16]
+    key = cache_key(folder, files, bad_images)
     cache_file = Path(cache_dir) / "datasets" / f"{folder.parent.name}-{folder.name}-{key}.npz" if cache_dir else None
     if cache_file is not None and cache_file.exists():
         with np.load(cache_file) as z:
@@ -147,6 +147,16 @@ def load_image_folder(folder: Path, cache_dir: str | None, bad_images: str = "fa
         np.savez(tmp, images=images, labels=labels)
         os.replace(tmp, cache_file)
     return ImageSplit(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels))
+
+
+def cache_key(folder: Path, files: list, bad_images: str) -> str:
+    """What the decoded copy of `folder` depends on: its path, every file's class folder, name,
+    size and mtime, and the bad-image policy."""
+    h = hashlib.sha1((str(folder.resolve()) + "\n" + bad_images).encode())
+    for f, _ in files:
+        st = f.stat()
+        h.update(f"\n{f.parent.name}/{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
 
 
 def decode_image(path: Path) -> np.ndarray:
