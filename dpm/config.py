@@ -67,12 +67,22 @@ class PhaseConfig:
 @dataclass
 class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # 256: larger CPU batches spend more time in page faults than in convolutions.
-    eval_batch_size: int = 256
+    # null = auto: 256 on CPU (larger CPU batches spend more time in page faults than in
+    # convolutions), 1024 on CUDA.
+    eval_batch_size: Optional[int] = None
     num_workers: int = 0
     deterministic: bool = False
-    bf16: bool = False  # bf16 autocast, CUDA only
-    channels_last: bool = False
+    # The fast GPU path: bf16 autocast and channels_last on unless set below (data stays on the
+    # device and is augmented there on every device). null = auto: on for CUDA, off on CPU.
+    fast: Optional[bool] = None
+    bf16: Optional[bool] = None  # bf16 autocast, CUDA only; null = as trainer.fast
+    channels_last: Optional[bool] = None  # null = as trainer.fast
+    # torch.compile the training forward (recompiled after each physical removal).
+    compile: bool = False
+    # Data-parallel training (DDP): processes per node x nodes, one per device; launch with
+    # torchrun or srun (dpm/distributed.py). Batch sizes stay global.
+    devices: int = 1
+    nodes: int = 1
     progress: bool = True
     # A NaN/inf loss: `fail` stops the run naming the step (the last good checkpoint is kept);
     # `skip_step` skips such steps and counts them (costs one host sync a step).
@@ -360,6 +370,20 @@ def validate(cfg) -> None:
             fail(f"trainer.{phase}.milestones", list(p.milestones), "must be increasing")
     if cfg.trainer.on_nan not in ("fail", "skip_step"):
         fail("trainer.on_nan", cfg.trainer.on_nan, "valid: fail, skip_step")
+    t = cfg.trainer
+    if t.devices < 1 or t.nodes < 1:
+        fail("trainer.devices" if t.devices < 1 else "trainer.nodes", min(t.devices, t.nodes), "must be >= 1")
+    world = t.devices * t.nodes
+    if world > 1:
+        if cfg.pruner.name in ("gate_decorator", "otov2"):
+            fail("trainer.devices", t.devices, f"pruner={cfg.pruner.name} is not supported with trainer.devices > 1 "
+                                               f"yet: use pruner=depgraph or one device")
+        for phase in ("pretrain", "sparse", "finetune"):
+            if t[phase].epochs and t[phase].batch_size % world:
+                fail(f"trainer.{phase}.batch_size", t[phase].batch_size,
+                     f"the global batch must divide evenly over the {world} processes")
+    if t.eval_batch_size is not None and t.eval_batch_size < 1:
+        fail("trainer.eval_batch_size", t.eval_batch_size, "must be >= 1 (or null = auto)")
     if cfg.trainer.max_steps_per_epoch < 0:
         fail("trainer.max_steps_per_epoch", cfg.trainer.max_steps_per_epoch, "must be >= 0 (0 = whole epoch)")
     if cfg.logger.mode not in ("online", "offline", "disabled"):

@@ -35,7 +35,7 @@ CHECKPOINT = "checkpoint.pt"
 PRETRAIN_PROGRESS = "pretrain_last.pt"
 # Keys that may change between a run and its resumption without changing its result.
 RUNTIME_KEYS = ("run_id", "resume", "force_resume", "trainer.device", "trainer.progress", "trainer.num_workers",
-                "trainer.eval_batch_size", "logger", "output_root", "cache_dir", "dataset.root")
+                "trainer.eval_batch_size", "trainer.compile", "logger", "output_root", "cache_dir", "dataset.root")
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
@@ -44,19 +44,57 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     Raises UserError for bad input (after writing a `failed` metrics.json); the CLI turns it into
     one line on stderr.
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # Refusals that must not touch what the run dir holds: a second process, or a changed config.
-    with run_dir_lock(run_dir):
-        refuse_changed_config(cfg, run_dir)
-        previous = run_dir / "metrics.json"
-        if previous.exists() and json.loads(previous.read_text()).get("status") == "complete":
-            log.info("run already complete: %s", previous)
-            return json.loads(previous.read_text())
-        return _run_locked(cfg, run_dir)
+    from dpm import distributed
+
+    joined = join_process_group(cfg)
+    try:
+        # Under DDP every rank works in rank 0's run dir (Hydra's timestamped dirs may differ).
+        run_dir = Path(distributed.broadcast_object(str(run_dir)))
+        if not distributed.is_main():
+            verdict = distributed.broadcast_object(None)  # rank 0's refusal or go-ahead
+            if verdict != "run":
+                if isinstance(verdict, dict):
+                    return verdict
+                raise UserError(verdict)
+            return _run_locked(cfg, run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # Refusals that must not touch what the run dir holds: a second process, or a changed config.
+        with run_dir_lock(run_dir):
+            try:
+                refuse_changed_config(cfg, run_dir)
+            except UserError as err:
+                distributed.broadcast_object(str(err))
+                raise
+            previous = run_dir / "metrics.json"
+            if previous.exists() and json.loads(previous.read_text()).get("status") == "complete":
+                log.info("run already complete: %s", previous)
+                distributed.broadcast_object(json.loads(previous.read_text()))
+                return json.loads(previous.read_text())
+            distributed.broadcast_object("run")
+            return _run_locked(cfg, run_dir)
+    finally:
+        if joined:
+            distributed.teardown()
+
+
+def join_process_group(cfg: DictConfig) -> bool:
+    """trainer.devices x trainer.nodes > 1: join the DDP process group (True if this call created it)."""
+    from dpm import distributed
+    from dpm.train import resolve_device
+
+    t = cfg.trainer
+    devices, nodes = OmegaConf.select(t, "devices", default=1), OmegaConf.select(t, "nodes", default=1)
+    if devices * nodes <= 1 or distributed.is_initialized():
+        return False
+    distributed.setup(devices, nodes, resolve_device(t.device).type)
+    return True
 
 
 def _run_locked(cfg: DictConfig, run_dir: Path) -> dict:
+    from dpm import distributed
+
+    if not distributed.is_main():
+        return _run_follower(cfg, run_dir)
     t0 = time.time()
     metrics: dict[str, Any] = identity_fields(cfg)
     metrics.update(run_dir=str(run_dir), git_sha=git_sha(), status="running")
@@ -67,6 +105,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path) -> dict:
         atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(resolved).encode())
         if cfg.resume:
             adopt_unfinished_run(cfg, run_dir)
+        distributed.barrier()  # the other ranks read the checkpoints adopted here
         from dpm.loggers import make_logger
 
         logger = make_logger(cfg.logger, resolved, run_dir)
@@ -93,6 +132,28 @@ def _run_locked(cfg: DictConfig, run_dir: Path) -> dict:
             except Exception:  # noqa: BLE001  (a logging failure never replaces the run's outcome)
                 log.warning("the logger failed to finish", exc_info=True)
     return metrics
+
+
+def _run_follower(cfg: DictConfig, run_dir: Path) -> dict:
+    """A DDP rank other than 0: the same work, with nothing written (no metrics.json, config,
+    checkpoints or W&B: rank 0 writes them)."""
+    from dpm.loggers import NullLogger
+
+    validate(cfg)
+    distributed_barrier()  # rank 0 adopts an unfinished run's checkpoints first (resume=true)
+    from dpm import distributed
+
+    metrics = identity_fields(cfg)
+    metrics.update(run_dir=str(run_dir), rank=distributed.rank())
+    metrics.update(execute(cfg, run_dir, NullLogger()))
+    metrics["status"] = "complete"
+    return metrics
+
+
+def distributed_barrier() -> None:
+    from dpm import distributed
+
+    distributed.barrier()
 
 
 @contextlib.contextmanager
@@ -188,6 +249,7 @@ class RunContext:
     eval_loaders: dict
     log_metrics: Any
     metrics: dict = field(default_factory=dict)
+    speed: Any = None  # dpm.train.Speed: bf16, channels_last, compile, eval batch for this device
 
     def phase_loader(self, phase: str, batch_size: int | None = None):
         """The training loader of a phase; its order and augmentation depend on (seed, phase, epoch) only."""
@@ -195,7 +257,14 @@ class RunContext:
 
         t = self.cfg.trainer
         return dpm_data.train_loader(self.data, batch_size or t[phase].batch_size, self.device, self.cfg.seed, phase,
-                                     t.max_steps_per_epoch, t.channels_last, t.num_workers)
+                                     t.max_steps_per_epoch, self._speed().channels_last, t.num_workers)
+
+    def _speed(self):
+        from dpm.train import resolve_speed
+
+        if self.speed is None:
+            self.speed = resolve_speed(self.cfg.trainer, self.device)
+        return self.speed
 
     def run_phase(self, phase: str, checkpoint_path: Path | None, hooks=(), phase_cfg=None, loader=None,
                   eval_loaders: dict | None = None, **train_kwargs) -> dict:
@@ -209,13 +278,14 @@ class RunContext:
         loader = loader if loader is not None else self.phase_loader(phase, phase_cfg.batch_size)
         eval_loaders = self.eval_loaders if eval_loaders is None else eval_loaders
         return train_phase(self.model, phase, phase_cfg, loader, eval_loaders, self.device,
-                           checkpoint_path=checkpoint_path, hooks=hooks, progress=t.progress, bf16=t.bf16,
-                           log_metrics=self.log_metrics, on_nan=t.on_nan, **train_kwargs)
+                           checkpoint_path=checkpoint_path, hooks=hooks, progress=t.progress,
+                           bf16=self._speed().bf16, log_metrics=self.log_metrics, on_nan=t.on_nan,
+                           compile=self._speed().compile, **train_kwargs)
 
     def evaluate(self, split: str = "test") -> tuple[float, float]:
         from dpm.train import evaluate
 
-        return evaluate(self.model, self.eval_loaders[split], self.device, self.cfg.trainer.bf16)
+        return evaluate(self.model, self.eval_loaders[split], self.device, self._speed().bf16)
 
     def mark_before_prune(self) -> None:
         """Record the unpruned model's accuracy and counts (the base of every ratio in metrics.json)."""
@@ -233,27 +303,31 @@ def execute(cfg: DictConfig, run_dir: Path, log_metrics) -> dict:
     from dpm import data as dpm_data
     from dpm.config import PRUNER_STAGES
     from dpm.measure import compare_models, count_macs_params, native_macs_params
-    from dpm.train import recalibrate_bn, resolve_device
+    from dpm import distributed
+    from dpm.train import recalibrate_bn, resolve_device, resolve_speed
 
     tcfg = cfg.trainer
-    device = resolve_device(tcfg.device)
+    device = distributed.device_for(resolve_device(tcfg.device))
+    speed = resolve_speed(tcfg, device)
     if tcfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     seed_everything(cfg.seed)
     data = dpm_data.build_data(cfg.dataset, cache_dir=cfg.cache_dir)
     model = build_configured_model(cfg).to(device)
-    if tcfg.channels_last:
+    if speed.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    eval_loaders = {"test": dpm_data.eval_loader(data, "test", tcfg.eval_batch_size, device, tcfg.channels_last,
+    eval_loaders = {"test": dpm_data.eval_loader(data, "test", speed.eval_batch_size, device, speed.channels_last,
                                                  tcfg.num_workers)}
     if data.val is not None:
-        eval_loaders["val"] = dpm_data.eval_loader(data, "val", tcfg.eval_batch_size, device, tcfg.channels_last,
+        eval_loaders["val"] = dpm_data.eval_loader(data, "val", speed.eval_batch_size, device, speed.channels_last,
                                                    tcfg.num_workers)
     ctx = RunContext(cfg, model, run_dir, device, torch.zeros(data.example_shape, device=device), data,
-                     eval_loaders, log_metrics)
+                     eval_loaders, log_metrics, speed=speed)
     metrics = ctx.metrics
     metrics.update({"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+                    "world_size": distributed.world_size(), "fast": speed.fast, "bf16": speed.bf16,
+                    "channels_last": speed.channels_last, "compile": speed.compile,
                     "train_size": len(data.train) if hasattr(data.train, "__len__") else None,
                     "val_size": len(data.val) if data.val is not None else 0})
     if cfg.pruner.name == "depgraph":
@@ -310,6 +384,8 @@ def execute(cfg: DictConfig, run_dir: Path, log_metrics) -> dict:
 def depgraph_stage(ctx: RunContext) -> dict:
     """DepGraph (or no pruner): optional sparse learning, then selection rounds with DPM inside the
     fine-tune phase (method.md section 6)."""
+    from dpm import distributed
+
     cfg, tcfg = ctx.cfg, ctx.cfg.trainer
     out: dict[str, Any] = {}
     pruner = build_pruner(cfg, ctx.model, ctx.example)
@@ -328,7 +404,9 @@ def depgraph_stage(ctx: RunContext) -> dict:
     if rounds is not None:
         out.update(rounds.summary())
         out["target_met"] = out["native_speedup"] >= cfg.pruner.speedup * (1 - 1e-9)
-        atomic_write_json(ctx.run_dir / "dpm_log.json", decay_log(rounds.controller))
+        dpm_log = decay_log(rounds.controller)
+        if distributed.is_main():
+            atomic_write_json(ctx.run_dir / "dpm_log.json", dpm_log)
     out["stage_epochs"] = {"sparse": tcfg.sparse.epochs if pruner else 0, "finetune": tcfg.finetune.epochs}
     return out
 
@@ -449,7 +527,16 @@ def pretrain_key_fields(cfg: DictConfig) -> dict:
                          "augment", "mean", "std", "synthetic_train", "synthetic_test", "bad_images")},
             "seed": cfg.seed,
             "recipe": OmegaConf.to_container(cfg.trainer.pretrain, resolve=True),
-            "max_steps_per_epoch": cfg.trainer.max_steps_per_epoch, "bf16": cfg.trainer.bf16}
+            "max_steps_per_epoch": cfg.trainer.max_steps_per_epoch, "bf16": resolved_bf16(cfg)}
+
+
+def resolved_bf16(cfg: DictConfig) -> bool:
+    """trainer.bf16 as the run resolves it (null follows trainer.fast and the device)."""
+    from dpm.train import resolve_device, resolve_speed
+
+    if cfg.trainer.bf16 is not None:
+        return bool(cfg.trainer.bf16)
+    return resolve_speed(cfg.trainer, resolve_device(cfg.trainer.device)).bf16
 
 
 def pretrained_baseline(cfg: DictConfig, model: torch.nn.Module, run_dir: Path, run_phase) -> dict:
@@ -474,17 +561,24 @@ def pretrained_baseline(cfg: DictConfig, model: torch.nn.Module, run_dir: Path, 
 
 
 def cached_phase(cache: StageCache, phase: str, model: torch.nn.Module, train) -> tuple[str, dict]:
-    """Load the phase's result from the shared cache, or train it (under the key's lock) and publish it."""
-    with cache.lock():
-        entry = cache.load()
+    """Load the phase's result from the shared cache, or train it (under the key's lock) and publish it.
+    Under DDP rank 0 holds the lock, decides, and alone publishes; the other ranks follow it."""
+    from dpm import distributed
+
+    main = distributed.is_main()
+    with cache.lock() if main else contextlib.nullcontext():
+        entry = cache.load() if main else None
+        if distributed.broadcast_object(entry is not None) and entry is None:
+            entry = cache.load()  # published by rank 0 under its lock
         if entry is not None:
             model.load_state_dict(entry["model"])
             log.info("reusing the cached %s result %s (%s)", phase, cache.key, cache.model_path)
             source, summary = "cache", entry["summary"]
         else:
             summary = train(cache.progress_path)
-            cache.publish({"model": model.state_dict(), "summary": summary, "key": cache.key_fields})
-            log.info("%s result cached as %s", phase, cache.model_path)
+            if main:
+                cache.publish({"model": model.state_dict(), "summary": summary, "key": cache.key_fields})
+                log.info("%s result cached as %s", phase, cache.model_path)
             source = "trained"
     summary["phase"] = phase
     return source, summary
@@ -591,7 +685,8 @@ def _hydra_entry():
                 # Hydra fails the sweep at the end and the report lists this run as failed.
                 raise
             sys.exit(2)
-        print_summary(metrics)
+        if not metrics.get("rank"):  # DDP: rank 0 reports
+            print_summary(metrics)
 
     return hydra_main
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dpm import distributed
 from dpm.checkpoint import atomic_torch_save, checkpoint_exists, load_checkpoint, rng_state, set_rng_state
 from dpm.errors import UserError
 from dpm.faults import fault_point, fault_step
@@ -45,6 +47,32 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"trainer.device={name} but no CUDA device is visible: use trainer.device=auto or cpu")
     return device
+
+
+@dataclass(frozen=True)
+class Speed:
+    """The speed settings a run resolves from `trainer` for its device (dpm.config.TrainerConfig)."""
+
+    fast: bool
+    bf16: bool
+    channels_last: bool
+    compile: bool
+    eval_batch_size: int
+
+
+def resolve_speed(tcfg: Any, device: torch.device) -> Speed:
+    """`trainer.fast` null = on for CUDA; bf16 and channels_last follow it unless set; the eval
+    batch is 1024 on CUDA and 256 on CPU unless set. On CPU everything stays as the plain loop
+    (bf16 autocast is CUDA only; channels_last is slower there)."""
+    def get(key: str, default: Any = None) -> Any:
+        return getattr(tcfg, key, default) if not isinstance(tcfg, dict) else tcfg.get(key, default)
+
+    cuda = device.type == "cuda"
+    fast = cuda if get("fast") is None else bool(get("fast"))
+    bf16 = (fast and cuda) if get("bf16") is None else bool(get("bf16"))
+    channels_last = (fast and cuda) if get("channels_last") is None else bool(get("channels_last"))
+    eval_batch = get("eval_batch_size") or (1024 if cuda else 256)
+    return Speed(fast, bf16, channels_last, bool(get("compile", False)), int(eval_batch))
 
 
 def make_optimizer(model: nn.Module, phase_cfg: Any) -> torch.optim.Optimizer:
@@ -86,6 +114,10 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, bf16: boo
         correct += (out.argmax(1) == y).sum()
         n += len(y)
     model.train(was_training)
+    if distributed.is_initialized():  # each rank evaluated its share of the split
+        seen = torch.tensor(float(n), device=device)
+        distributed.all_reduce_sum(correct, loss_sum, seen)
+        n = int(seen.item())
     return 100.0 * correct.item() / max(n, 1), loss_sum.item() / max(n, 1)
 
 
@@ -110,7 +142,21 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int = 50) -> Non
         model(x)
     for m, momentum in zip(bns, saved):
         m.momentum = momentum
+    average_buffers(model)  # DDP: each rank saw its own batches
     model.train(was_training)
+
+
+@torch.no_grad()
+def average_buffers(model: nn.Module) -> None:
+    """Under DDP, make BatchNorm running statistics equal on every rank (their mean); a no-op otherwise."""
+    if not distributed.is_initialized():
+        return
+    import torch.distributed as tdist
+
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            tdist.all_reduce(buf)
+            buf.div_(distributed.world_size())
 
 
 def train_phase(
@@ -128,6 +174,7 @@ def train_phase(
     optimizer_factory: Callable[[nn.Module, Any], torch.optim.Optimizer] = None,
     scheduler_factory: Callable[[torch.optim.Optimizer, Any], Any] = None,
     on_nan: str = "fail",
+    compile: bool = False,
 ) -> dict:
     """Train `model` for `phase_cfg.epochs` epochs with SGD and the phase's schedule.
 
@@ -149,6 +196,11 @@ def train_phase(
     epoch's checkpoint is written, so the last good checkpoint stays the latest (`on_nan="fail"`;
     checked on the device, read every NAN_CHECK_EVERY steps). `on_nan="skip_step"` instead skips
     every step whose loss is not finite (one host sync a step) and counts them in the summary.
+
+    Under a process group (dpm.distributed) the forward runs through DDP (rebuilt whenever a hook
+    replaced parameters, e.g. a physical removal), the loader yields this rank's share, losses,
+    accuracies and evaluations are summed over ranks, and only rank 0 writes the checkpoint.
+    `compile=True` runs the forward through torch.compile.
     """
     optimizer_factory = optimizer_factory or make_optimizer
     scheduler_factory = scheduler_factory or make_scheduler
@@ -185,6 +237,9 @@ def train_phase(
             set_rng_state(state["rng"])
             log.info("%s: resuming after epoch %d from %s", phase, start_epoch, checkpoint_path)
 
+    forward = distributed.TrainModule(model, compile=compile)
+    main = distributed.is_main()
+    progress = progress and main
     model.train()
     for epoch in range(start_epoch, phase_cfg.epochs):
         t0 = time.time()
@@ -201,7 +256,7 @@ def train_phase(
             if mixup > 0:
                 x, y, y_mix, lam = mixup_batch(x, y, mixup)
             with autocast(device, bf16):
-                out = model(x)
+                out = forward(x)
                 loss = F.cross_entropy(out.float(), y)
                 if mixup > 0:
                     loss = lam * loss + (1 - lam) * F.cross_entropy(out.float(), y_mix)
@@ -212,7 +267,12 @@ def train_phase(
                 loss = loss * float("nan")  # fault injection (tests): a loss that went bad
             optimizer.zero_grad(set_to_none=True)
             if on_nan == "skip_step":
-                if not torch.isfinite(loss):  # the host sync this policy costs
+                finite = torch.isfinite(loss.detach()).float()
+                if distributed.is_initialized():  # every rank skips together, or DDP would hang
+                    import torch.distributed as tdist
+
+                    tdist.all_reduce(finite, op=tdist.ReduceOp.MIN)
+                if not bool(finite):  # the host sync this policy costs
                     skipped_steps += 1
                     log.warning("%s step %d: loss %s, step skipped (trainer.on_nan=skip_step)", phase, phase_step,
                                 loss.item())
@@ -221,6 +281,7 @@ def train_phase(
                 first_nonfinite = torch.where((first_nonfinite < 0) & ~torch.isfinite(loss.detach()),
                                               torch.full_like(first_nonfinite, phase_step), first_nonfinite)
                 if step % NAN_CHECK_EVERY == NAN_CHECK_EVERY - 1:
+                    distributed.all_reduce_max(first_nonfinite)
                     _raise_if_nonfinite(first_nonfinite, phase, epoch, phase_cfg)
             loss.backward()
             for hook in hooks:
@@ -231,18 +292,26 @@ def train_phase(
             loss_sum += loss.detach() * len(y)
             correct += (out.detach().argmax(1) == y).sum()
             seen += len(y)
-            if log_every > 0:
+            if log_every > 0 and main:
                 if phase_step % log_every == 0:
                     log_metrics(_step_record(phase, phase_step, loss, lr, hooks))
             if progress and step % 20 == 0:  # one host sync per 20 steps, only for the bar
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
                                 lr=f"{lr:.4g}")
+        distributed.all_reduce_max(first_nonfinite)
         _raise_if_nonfinite(first_nonfinite, phase, epoch, phase_cfg)
         bad = nonfinite_parameters(model)
         if bad:
             raise NumericalError(f"{phase}: parameter {bad[0]} is not finite after epoch {epoch + 1}; the last good "
                                  f"checkpoint is kept: lower trainer.{phase}.lr (now {phase_cfg.lr}) or check the data")
         scheduler.step()
+        if distributed.is_initialized():
+            # One collective an epoch: the ranks' sums, and rank 0's BatchNorm statistics everywhere
+            # (DDP broadcasts them before each forward; the last batch left each rank its own).
+            seen_t = torch.tensor(float(seen), device=device)
+            distributed.all_reduce_sum(loss_sum, correct, seen_t)
+            seen = int(seen_t.item())
+            sync_buffers(model)
         train_loss = loss_sum.item() / max(seen, 1)
         record = {"phase": phase, "epoch": epoch + 1, "lr": lr, "train_loss": train_loss,
                   "train_top1": 100.0 * correct.item() / max(seen, 1)}
@@ -253,19 +322,30 @@ def train_phase(
         log.info("%s epoch %d/%d  loss %.4f  train %.2f%%  %s  lr %.4g  (%.1fs)", phase, epoch + 1,
                  phase_cfg.epochs, train_loss, record["train_top1"],
                  "  ".join(f"{s} {record[f'{s}_top1']:.2f}%" for s in eval_loaders), lr, record["epoch_time_s"])
-        if log_metrics is not None:
+        if log_metrics is not None and main:
             epoch_record = {f"{phase}/{k}": v for k, v in record.items() if k != "phase"}
             if steps_per_epoch is not None:  # the stage's x-axis (see dpm.loggers)
                 epoch_record[f"{phase}/step"] = (epoch + 1) * steps_per_epoch
             log_metrics(epoch_record)
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and main:
             atomic_torch_save({"phase": phase, "epoch": epoch + 1, "model": model.state_dict(),
                                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                "hooks": [h.state_dict() if hasattr(h, "state_dict") else None for h in hooks],
                                "history": history, "rng": rng_state(),
                                "skipped_steps": skipped_steps}, checkpoint_path)
             fault_point(f"{phase}:epoch{epoch + 1}")
+        if checkpoint_path is not None:
+            distributed.barrier()  # no rank runs ahead of the checkpoint rank 0 is writing
     return summarize_phase(history, list(eval_loaders), skipped_steps)
+
+
+@torch.no_grad()
+def sync_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm statistics) on every rank."""
+    import torch.distributed as tdist
+
+    for buf in model.buffers():
+        tdist.broadcast(buf, 0)
 
 
 def mixup_batch(x: torch.Tensor, y: torch.Tensor, alpha: float):

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from dpm import distributed
 from dpm.core import DecayController, RectifyConfig
 from dpm.faults import fault_point
 
@@ -90,6 +91,8 @@ class PruningRounds:
         self.controller.register(t for k, t in candidates.items()
                                  if self.controller.status(k) not in ("decaying", "pruned"))
         keys = self.pruner.select(target, excluded=self.controller.candidates_excluded())
+        # DDP: the weights are equal on every rank, so is the selection; rank 0's is used regardless.
+        keys = distributed.broadcast_object(keys)
         log.info("round %d: %d channels selected for %.3fx (now %.3fx)", self.rounds_done, len(keys), target,
                  self.current_speedup())
         self.controller.admit([candidates[k] for k in keys])
@@ -103,6 +106,9 @@ class PruningRounds:
         if not pruned or self.controller.decaying:
             return
         fault_point("rounds:before_removal")  # tests: a kill between the decay's end and the removal
+        # DDP: every rank must remove the same channels at the same step (the DDP wrapper is rebuilt
+        # on the next forward); a divergence is an error, not a silently different model per rank.
+        distributed.agree(sorted(map(str, pruned)), f"the channels removed at iteration {self.iteration}")
         self.pruner.remove(pruned, optimizer)
         self.controller.forget(pruned)
         self.controller.bind(self.model)

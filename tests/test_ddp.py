@@ -1,0 +1,151 @@
+"""DDP on CPU (gloo): a 2-process DepGraph +SR run with a removal mid-run and releases, whose ranks
+train on different shards, agree on every DPM decision, and leave exactly one metrics.json."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import compose
+from dpm import distributed
+from dpm.errors import UserError
+
+# The digits +SR run of tests/test_depgraph_runs.py (rounds, releases, cooldowns), shortened.
+DDP_OVERRIDES = ["experiment=quickstart", "pruner=depgraph", "dpm=sr", "trainer.device=cpu", "trainer.deterministic=true",
+                 "trainer.progress=false", "trainer.pretrain.epochs=2", "trainer.finetune.epochs=3", "dpm.N=5",
+                 "pruner.rounds=3", "pruner.round_interval=10", "dpm.release_cooldown=2", "dpm.T_rate=0.002",
+                 "dpm.T_len=1.2", "trainer.devices=2"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, run_dirs: list[str], env: dict) -> None:
+    """One DDP rank: run the config through dpm.run.run, recording what this rank decided and trained on."""
+    os.environ.update(env)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import dpm.run as R
+    from dpm.data.loaders import SplitLoader
+    from dpm.pruners.rounds import PruningRounds
+
+    record: dict = {"rounds": [], "shards": {}, "rewraps": 0}
+    original_iter, original_start = SplitLoader.__iter__, PruningRounds._start_round
+
+    def spy_iter(self):
+        if self.train:
+            record["shards"][f"{self.phase}:{self.epoch}"] = self.shard_indices(self.epoch).tolist()
+        return original_iter(self)
+
+    def spy_start(self, optimizer):
+        original_start(self, optimizer)
+        record["rounds"].append({"iteration": self.iteration, "decaying": sorted(map(str, self.controller.decaying)),
+                                 "pruned": sorted(map(str, self.controller.pruned))})
+
+    captured = {}
+    original_make_rounds = R.make_rounds
+
+    def spy_make_rounds(*args, **kwargs):
+        captured["rounds"] = original_make_rounds(*args, **kwargs)
+        return captured["rounds"]
+
+    original_refresh = distributed.TrainModule.refresh
+
+    def spy_refresh(self):
+        before = self.signature
+        module = original_refresh(self)
+        if before is not None and self.signature is not before:
+            record["rewraps"] += 1
+        return module
+
+    SplitLoader.__iter__, PruningRounds._start_round, R.make_rounds = spy_iter, spy_start, spy_make_rounds
+    distributed.TrainModule.refresh = spy_refresh
+    metrics = R.run(compose(DDP_OVERRIDES), run_dirs[rank])
+    rounds = captured["rounds"]
+    record.update(metrics={k: metrics.get(k) for k in ("status", "top1_final", "native_speedup", "released", "pruned",
+                                                       "admitted", "rounds_done", "world_size")},
+                  removals=rounds.removals, summary=rounds.summary(), decay_log=R.decay_log(rounds.controller),
+                  sizes=[list(p.shape) for p in rounds.model.parameters()])
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record, default=str))
+
+
+def test_two_process_ddp_depgraph_sr_agrees_on_every_decision(tmp_path):
+    run_dirs = [str(tmp_path / "run"), str(tmp_path / "rank1_own_dir")]  # rank 1 must adopt rank 0's dir
+    env = {k: os.environ[k] for k in ("DPM_OUTPUT_ROOT", "DPM_CACHE_DIR")}
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), run_dirs, env), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+
+    # Each rank trained on its own half of every global batch: disjoint shards covering the batch.
+    assert r0["shards"].keys() == r1["shards"].keys() and r0["shards"]
+    for key in r0["shards"]:
+        a, b = r0["shards"][key], r1["shards"][key]
+        assert a and b and not set(a) & set(b) and abs(len(a) - len(b)) <= 1 + len(a) // 64
+
+    # A physical removal mid-run (DDP rebuilt after it) and at least one release.
+    assert r0["metrics"]["status"] == "complete" and r0["metrics"]["world_size"] == 2
+    assert r0["removals"] and r0["removals"][0]["iteration"] > 0 and r0["rewraps"] >= 1
+    assert r0["summary"]["released"] >= 1
+
+    # Every DPM decision, the per-step decay log and the final shapes agree across ranks.
+    for key in ("rounds", "removals", "summary", "decay_log", "sizes", "rewraps", "metrics"):
+        assert r0[key] == r1[key], key
+
+    # Exactly one metrics.json (rank 0's, in rank 0's run dir); rank 1 wrote nothing of its own.
+    found = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("metrics.json"))
+    assert found == ["run/metrics.json"]
+    assert not Path(run_dirs[1]).exists()
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert written["status"] == "complete" and written["top1_final"] == r1["metrics"]["top1_final"]
+    assert (tmp_path / "run" / "dpm_log.json").exists()
+
+
+def test_torchrun_cli_writes_one_run(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "dpm", "experiment=smoke", "pruner=depgraph", "dpm=sp", "dpm.N=2", "trainer.devices=2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = list((tmp_path / "outputs").rglob("metrics.json"))
+    assert len(found) == 1 and json.loads(found[0].read_text())["world_size"] == 2
+    assert proc.stdout.count("dpm smoke:") == 1  # one summary, from rank 0
+
+
+def test_launch_env_from_torchrun_and_slurm():
+    torchrun = distributed.launch_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1",
+                                       "MASTER_PORT": "1234"})
+    assert (torchrun["rank"], torchrun["world_size"], torchrun["local_rank"], torchrun["master_addr"],
+            torchrun["master_port"]) == (3, 8, 1, "n1", 1234)
+    slurm = distributed.launch_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+                                    "SLURM_NODELIST": "gpu[07-09,12],cpu1", "SLURM_JOB_ID": "4242"})
+    assert (slurm["rank"], slurm["world_size"], slurm["local_rank"], slurm["master_addr"]) == (5, 8, 1, "gpu07")
+    assert slurm["master_port"] == 20000 + 4242
+    assert distributed.launch_env({}) is None
+    assert distributed.first_host("node1") == "node1"
+    assert distributed.first_host("a-b[001-004]") == "a-b001"
+
+
+def test_devices_without_a_launcher_and_unsupported_pruners_are_clear_errors(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(UserError, match="torchrun --nproc_per_node 2"):
+        distributed.setup(2, 1, "cpu")
+    from dpm.config import validate
+
+    with pytest.raises(UserError, match="not supported with trainer.devices > 1"):
+        validate(compose(["experiment=gate_decorator_smoke", "trainer.devices=2"]))
+    with pytest.raises(UserError, match="divide evenly"):
+        validate(compose(["experiment=smoke", "pruner=depgraph", "trainer.devices=3"]))
