@@ -73,7 +73,9 @@ def hydra_value(value) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        return "inf" if value == math.inf else "-inf" if value == -math.inf else "nan" if value != value else repr(value)
+        if math.isinf(value) or math.isnan(value):
+            return str(value)  # inf, -inf, nan: Hydra's spelling too
+        return repr(value)
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(hydra_value(v) for v in value) + "]"
     if isinstance(value, dict):
@@ -231,7 +233,8 @@ def main(argv: list[str]) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = Path(os.environ.get("OUT") or Path(p["cfg"].output_root) / p["name"] / time.strftime("table_%Y-%m-%d_%H-%M-%S"))
+    out = Path(os.environ.get("OUT") or
+               Path(p["cfg"].output_root) / p["name"] / time.strftime("table_%Y-%m-%d_%H-%M-%S"))
     pre_dir, prune_dir = out / "pretrain", out / "prune"
     prune = [*p["prune"], *launcher, f"hydra.sweep.dir={prune_dir}"]
     slurm = any("slurm" in o for o in launcher)
@@ -253,13 +256,14 @@ def main(argv: list[str]) -> int:
                 try:
                     array = wait_for_array_id(pre_dir, warm)
                     print(f"pretrain sweep: SLURM job {array}; prune sweep depends on it (afterok)", flush=True)
-                    rc = subprocess.call(dpm_cmd([*prune, f"+hydra.launcher.additional_parameters.dependency=afterok:{array}",
-                                                  "+hydra.launcher.additional_parameters.kill_on_invalid_dep=yes"]),
-                                         cwd=ROOT)
+                    after = [f"+hydra.launcher.additional_parameters.dependency=afterok:{array}",
+                             "+hydra.launcher.additional_parameters.kill_on_invalid_dep=yes"]
+                    rc = subprocess.call(dpm_cmd([*prune, *after]), cwd=ROOT)
                 finally:
                     warm_rc = warm.wait()
             if warm_rc != 0:
-                print(f"error: the pretrain sweep failed ({warm_rc}): see {out / 'pretrain_sweep.log'}", file=sys.stderr)
+                print(f"error: the pretrain sweep failed ({warm_rc}): see {out / 'pretrain_sweep.log'}",
+                      file=sys.stderr)
                 rc = rc or warm_rc
     report = prune_dir / "report" / "report.md"
     print(f"report: {report if report.exists() else '(none: ' + str(prune_dir) + ' holds no runs)'}", flush=True)

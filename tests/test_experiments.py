@@ -135,7 +135,8 @@ def _check_table(out: Path, name: str, seeds: list[int]) -> tuple[list[dict], li
     per seed that all read it from the cache, and the report of the prune sweep."""
     kind = WARMUP_KIND[name]
     prune = _metrics(out / "prune")
-    assert sorted((m["variant"], m["seed"]) for m in prune) == sorted((v, s) for v in ("base", "sp", "sr") for s in seeds)
+    expected = sorted((v, s) for v in ("base", "sp", "sr") for s in seeds)
+    assert sorted((m["variant"], m["seed"]) for m in prune) == expected
     assert {m["status"] for m in prune} == {"complete"}, [m.get("error") for m in prune]
     runs = pd.read_csv(out / "prune" / "report" / "runs.csv")
     assert len(runs) == 3 * len(seeds) and set(runs["status"]) == {"complete"}
