@@ -84,6 +84,7 @@ def hydra_value(value) -> str:
 
 
 def leaf_overrides(prefix: str, tree: dict, skip: tuple[str, ...] = ()) -> list[str]:
+    """`prefix.key=value` for every leaf of a config subtree (`skip`: top-level keys left out)."""
     out = []
     for key, value in tree.items():
         if key in skip:
@@ -173,9 +174,10 @@ def plan(experiment: str, extra: list[str], seeds: str, variants: str | None) ->
         warmup = [f"model={choices.model}", f"dataset={choices.dataset}", f"trainer={choices.trainer}", *passthrough,
                   "pruner=none", "dpm=base", "trainer.finetune.epochs=0", "trainer.sparse.epochs=0",
                   *leaf_overrides("model.", model), *leaf_overrides("dataset.", dataset, skip=("root",)),
-                  *leaf_overrides("trainer.pretrain.", OmegaConf.to_container(c.trainer.pretrain, resolve=True)),
-                  f"trainer.max_steps_per_epoch={c.trainer.max_steps_per_epoch}",
-                  f"trainer.bf16={hydra_value(bool(c.trainer.bf16))}",
+                  # The whole trainer but the later phases: the baseline trains exactly as the prune
+                  # runs would train it (recipe, device, fast path, bf16 left null to resolve alike).
+                  *leaf_overrides("trainer.", OmegaConf.to_container(c.trainer, resolve=True),
+                                  skip=("finetune", "sparse")),
                   f"cache_dir={hydra_value(c.cache_dir)}"]
     # Its report lists the baselines' accuracy per seed; plots of pretraining alone say nothing.
     warmup += [f"name={name}_pretrain", "table=null", "ablation=null", f"seed={seeds}",

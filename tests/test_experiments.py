@@ -106,7 +106,18 @@ def test_paper_entry_warms_up_the_cache_its_prune_runs_read(name):
         if plan["kind"] == "pretrain":
             assert "pruner=none" in plan["warmup"] and "trainer.finetune.epochs=0" in plan["warmup"]
             assert "trainer.device=cpu" in plan["warmup"]  # run-time overrides reach both sweeps
+            # The baseline trains as the prune runs would train it: the same trainer but the later phases
+            # (device, fast path, bf16 / channels_last left to resolve alike, deterministic, step cap).
+            warm = run_table.compose(run_table.first_values(plan["warmup"]))
+            assert _trainer_but_later_phases(warm) == _trainer_but_later_phases(plan["cfg"])
         assert "dpm=base,sp,sr" in plan["prune"] and "seed=0,1" in plan["prune"]
+
+
+def _trainer_but_later_phases(cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    return {k: v for k, v in trainer.items() if k not in ("finetune", "sparse")}
 
 
 def test_a_pretrain_override_reaches_the_warm_up_sweep():
