@@ -67,6 +67,21 @@ def _worker(rank: int, world: int, port: int, out_dir: str, run_dirs: list[str],
             record["rewraps"] += 1
         return module
 
+    import dpm.loggers
+    import dpm.train
+
+    record.update(checkpoints_written=0, loggers_made=0)
+    original_save, original_logger = dpm.train.atomic_torch_save, dpm.loggers.make_logger
+
+    def spy_save(*args, **kwargs):
+        record["checkpoints_written"] += 1
+        return original_save(*args, **kwargs)
+
+    def spy_logger(*args, **kwargs):
+        record["loggers_made"] += 1
+        return original_logger(*args, **kwargs)
+
+    dpm.train.atomic_torch_save, dpm.loggers.make_logger = spy_save, spy_logger
     SplitLoader.__iter__, PruningRounds._start_round, R.make_rounds = spy_iter, spy_start, spy_make_rounds
     distributed.TrainModule.refresh = spy_refresh
     metrics = R.run(compose(DDP_OVERRIDES), run_dirs[rank])
@@ -98,6 +113,10 @@ def test_two_process_ddp_depgraph_sr_agrees_on_every_decision(tmp_path):
     # Every DPM decision, the per-step decay log and the final shapes agree across ranks.
     for key in ("rounds", "removals", "summary", "decay_log", "sizes", "rewraps", "metrics"):
         assert r0[key] == r1[key], key
+
+    # Checkpoints and the (W&B-capable) logger come from rank 0 only.
+    assert r0["checkpoints_written"] >= 2 and r1["checkpoints_written"] == 0
+    assert (r0["loggers_made"], r1["loggers_made"]) == (1, 0)
 
     # Exactly one metrics.json (rank 0's, in rank 0's run dir); rank 1 wrote nothing of its own.
     found = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("metrics.json"))
