@@ -330,18 +330,19 @@ def execute(cfg: DictConfig, run_dir: Path, log_metrics) -> dict:
                     "channels_last": speed.channels_last, "compile": speed.compile,
                     "train_size": len(data.train) if hasattr(data.train, "__len__") else None,
                     "val_size": len(data.val) if data.val is not None else 0})
+    # An infeasible plan fails now, not after hours of pretraining: each stage may check its own.
+    stage_module = importlib.import_module(PRUNER_STAGES[cfg.pruner.name]) if cfg.pruner.name in PRUNER_STAGES \
+        else None
     if cfg.pruner.name == "depgraph":
-        preflight_depgraph(ctx)  # an infeasible plan fails now, not after hours of pretraining
+        preflight_depgraph(ctx)
+    elif hasattr(stage_module, "preflight"):
+        stage_module.preflight(ctx)
     # Stage 1: the pretrained baseline (a given checkpoint, the shared cache, or trained here).
     metrics.update(pretrained_baseline(cfg, model, run_dir, ctx.run_phase))
     pretrain_summary = metrics.pop("pretrain_summary")
 
     # Stages 2 and 3: the base pruner with DPM, and fine-tuning.
-    if cfg.pruner.name in PRUNER_STAGES:
-        stage = importlib.import_module(PRUNER_STAGES[cfg.pruner.name]).run_stage
-    else:
-        stage = depgraph_stage
-    result = stage(ctx)
+    result = (stage_module.run_stage if stage_module is not None else depgraph_stage)(ctx)
     final_phase = result.pop("final_phase", None) or pretrain_summary
     if "top1_before_prune" not in metrics:
         ctx.mark_before_prune()

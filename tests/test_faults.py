@@ -174,6 +174,9 @@ BAD_CONFIGS = [
     (["dataset=cifar10", "model=resnet20", "dataset.root=/nonexistent/cifar10"],
      "dataset.root=/nonexistent/cifar10 holds neither train/ and test/ image folders"),
     (["pretrain.checkpoint=/nonexistent.pt"], "pretrain.checkpoint=/nonexistent.pt does not exist"),
+    (["experiment=gate_decorator_smoke", "pruner.flops_target=0.001"],
+     "pruner.flops_target=0.001: with every layer kept at pruner.min_channel_ratio=0.1 at least about"),
+    (["experiment=otov2_smoke", "pruner.target_group_sparsity=1.2"], "pruner.target_group_sparsity=1.2: must be in (0, 1)"),
 ]
 
 

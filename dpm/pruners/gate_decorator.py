@@ -362,10 +362,23 @@ def _phase_cfg(base: Any, epochs: int) -> Any:
     return out
 
 
+def preflight(ctx) -> None:
+    """Before any training: the FLOPs target must be above what the per-layer floor allows (a bound
+    from the conv / linear MACs with every layer at `min_channel_ratio`; couplings only raise it)."""
+    from dpm.measure import max_speedup_bound
+
+    p = ctx.cfg.pruner
+    floor = 1.0 / max_speedup_bound(ctx.model, ctx.example, 1.0 - p.min_channel_ratio)
+    if p.flops_target < floor:
+        raise UserError(f"pruner.flops_target={p.flops_target}: with every layer kept at pruner.min_channel_ratio="
+                        f"{p.min_channel_ratio} at least about {floor:.3g} of {ctx.cfg.model.name}'s FLOPs remain: "
+                        f"raise flops_target or lower min_channel_ratio")
+
+
 def run_stage(ctx) -> dict:
     """Gate Decorator with DPM between the pretrained baseline and the final measurement (see the
     module docstring); returns its metrics, ``final_phase`` and ``stage_epochs``."""
-    from dpm.checkpoint import load_checkpoint
+    from dpm.checkpoint import checkpoint_exists, load_checkpoint
     from dpm.run import CHECKPOINT
 
     cfg, p = ctx.cfg, ctx.cfg.pruner
@@ -376,7 +389,7 @@ def run_stage(ctx) -> dict:
     out: dict[str, Any] = {}
 
     resumed_finetune = None
-    if finetune_ckpt.exists():
+    if checkpoint_exists(finetune_ckpt):
         state = load_checkpoint(finetune_ckpt)
         if state.get("phase") == "finetune":
             resumed_finetune = state["hooks"][0]
