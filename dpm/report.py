@@ -349,7 +349,47 @@ def paper_table(frame: pd.DataFrame, reference: pd.DataFrame | None = None) -> p
     table["diff_top1"] = table["top1_final_mean"] - table["paper_top1"]
     table["diff_flops_pct"] = table["flops_remaining_pct_mean"] - table["paper_flops_pct"]
     table["diff_params_pct"] = table["params_remaining_pct_mean"] - table["paper_params_pct"]
+    table["base_check"] = base_checks(table, runs)
     return table
+
+
+# A base row further than this from the paper's base row is flagged (percentage points).
+BASE_TOLERANCE = {"top1": 1.0, "flops_pct": 2.0}
+
+
+def base_checks(table: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
+    """The base-reproduction gate, one note per row. A variant row is compared only beside its
+    base row: without one its deltas are withheld and the row says so. A base row is checked
+    against the paper's base numbers when the reference has them (full paper runs), and otherwise
+    against the base method's own rules: its runs met their target (DepGraph: in Torch-Pruning's
+    own counter, with Torch-Pruning's selection)."""
+    notes = []
+    for _, row in table.iterrows():
+        block = table
+        for key in BLOCK_KEYS:
+            block = block[block[key].astype(str) == str(row[key])]
+        if row["variant"] != "base":
+            notes.append("" if (block["variant"] == "base").any() else "no base row: deltas withheld")
+            continue
+        if not pd.isna(row["paper_top1"]):
+            off = [f"{name} {diff:+.2f}" for name, diff in (("top1", row["diff_top1"]), ("FLOPs", row["diff_flops_pct"]))
+                   if not pd.isna(diff) and abs(diff) > BASE_TOLERANCE["top1" if name == "top1" else "flops_pct"]]
+            notes.append(f"base deviates from the paper's ({', '.join(off)})" if off else "base matches the paper's")
+            continue
+        members = runs
+        for key in GROUP_KEYS:
+            members = members[members[key].astype(str) == str(row[key])]
+        met = members["target_met"] if "target_met" in members else pd.Series(dtype=object)
+        met = met.dropna()
+        if met.empty:
+            notes.append("")
+        elif not met.astype(bool).all():
+            notes.append(f"base missed its target in {int((~met.astype(bool)).sum())} of {len(met)} runs")
+        elif row["pruner"] == "depgraph":
+            notes.append("base = Torch-Pruning's selection, target met")
+        else:
+            notes.append("base met its target")
+    return notes
 
 
 def _sort_key(col: pd.Series) -> pd.Series:
@@ -480,7 +520,7 @@ def _pm(mean: float, std: float) -> str:
 
 PAPER_TABLE_COLUMNS = ["table", "model", "dataset", "pruner", "SL", "variant", "n", "top1 %", "Δtop1", "best %",
                        "Δbest", "FLOPs %", "ΔFLOPs", "params %", "Δparams", "paper top1", "ours-paper top1",
-                       "paper FLOPs %", "ours-paper FLOPs", "paper params %"]
+                       "paper FLOPs %", "ours-paper FLOPs", "paper params %", "base check"]
 
 
 def paper_table_display(table: pd.DataFrame) -> pd.DataFrame:
@@ -504,6 +544,7 @@ def paper_table_display(table: pd.DataFrame) -> pd.DataFrame:
         "paper FLOPs %": table["paper_flops_pct"].map(_fmt),
         "ours-paper FLOPs": table["diff_flops_pct"].map(lambda v: _fmt(v, True)),
         "paper params %": table["paper_params_pct"].map(_fmt),
+        "base check": table["base_check"].fillna("") if "base_check" in table else "",
     })
     # The paper prints deltas only on the +SP / +SR rows.
     for col in ("Δtop1", "Δbest", "ΔFLOPs", "Δparams"):

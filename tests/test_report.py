@@ -320,3 +320,23 @@ def test_report_of_only_failed_runs_has_the_header_and_lists_them(tmp_path):
     report = rp.write_report([tmp_path / "runs"], tmp_path / "report", plots=False)
     assert "0 complete, 1 failed or incomplete" in report.markdown and "(no complete runs)" in report.markdown
     assert (tmp_path / "report" / "tables.tex").exists()
+
+
+def test_base_gate_withholds_variants_without_base_and_checks_the_base_row(tmp_path):
+    from dpm.quickstart import compose
+    from dpm.run import run
+
+    for variant in ("base", "sp"):
+        run(compose(["experiment=smoke", "pruner=depgraph", f"dpm={variant}", "dpm.N=2"]), tmp_path / "both" / variant)
+    run(compose(["experiment=smoke", "pruner=depgraph", "dpm=sp", "dpm.N=2", "table=orphan"]),
+        tmp_path / "orphan" / "sp")
+    table = rp.paper_table(rp.load_runs([tmp_path]))
+    notes = dict(zip(zip(table["table"], table["variant"]), table["base_check"]))
+    assert notes[("", "base")] == "base = Torch-Pruning's selection, target met"
+    assert notes[("", "sp")] == ""
+    assert notes[("orphan", "sp")] == "no base row: deltas withheld"
+    ref = rp.load_reference()
+    ref.loc[len(ref)] = {"table": "", "base_pruner": "depgraph", "model": "tiny_cnn", "dataset": "synthetic",
+                         "variant": "base", "top1": 150.0, "flops_remaining_pct": 50.0}
+    gated = rp.paper_table(rp.load_runs([tmp_path / "both"]), ref)
+    assert gated.loc[gated["variant"] == "base", "base_check"].item().startswith("base deviates from the paper's (top1 ")
