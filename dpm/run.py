@@ -728,6 +728,14 @@ def check_overrides(args: list[str]) -> None:
             compose(overrides)
         except (HydraException, OmegaConfBaseException) as err:
             raise UserError(composition_error_line(err)) from None
+    # A sweep's run dirs are named after its overrides: many overrides exceed a file name's 255 bytes.
+    excluded = {"experiment", "run_id", "resume", "force_resume", "trainer.device", "trainer.progress", "logger",
+                "logger.mode"}
+    named = [o for o in first if o.split("=", 1)[0].lstrip("+~") not in excluded]
+    if any(a in ("-m", "--multirun") for a in args) and len(",".join(named)) > 230 and \
+            not any(a.startswith("hydra.sweep.subdir=") for a in args):
+        raise UserError(f"the sweep's run-dir names ({len(','.join(named))} characters of overrides) would exceed the "
+                        f"file-name limit: add 'hydra.sweep.subdir=${{hydra.job.num}}' (numbered run dirs)")
 
 
 def composition_error_line(err: Exception) -> str:

@@ -196,6 +196,16 @@ def test_bad_config_is_one_line_before_any_work(tmp_path, args, expected):
         assert read_metrics(run_dir)["status"] == "failed"
 
 
+def test_sweep_with_run_dir_names_too_long_is_one_line(tmp_path):
+    many = [f"trainer.{phase}.{key}={value}" for phase in ("pretrain", "finetune")
+            for key, value in (("lr", 0.05), ("weight_decay", 0.0005), ("momentum", 0.9), ("batch_size", 32))]
+    proc = run_cli(["-m", "experiment=smoke", "seed=0,1", *many, "trainer.eval_batch_size=64", "dataset.val_size=0",
+                    f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].endswith("add 'hydra.sweep.subdir=${hydra.job.num}' (numbered run dirs)")
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_checkpoint_of_another_model_is_one_line(tmp_path):
     torch.save(torch.nn.Linear(3, 3).state_dict(), tmp_path / "other.pt")
     proc = run_cli(["experiment=quickstart", f"pretrain.checkpoint={tmp_path / 'other.pt'}",
