@@ -137,23 +137,16 @@ def _run_locked(cfg: DictConfig, run_dir: Path) -> dict:
 def _run_follower(cfg: DictConfig, run_dir: Path) -> dict:
     """A DDP rank other than 0: the same work, with nothing written (no metrics.json, config,
     checkpoints or W&B: rank 0 writes them)."""
+    from dpm import distributed
     from dpm.loggers import NullLogger
 
     validate(cfg)
-    distributed_barrier()  # rank 0 adopts an unfinished run's checkpoints first (resume=true)
-    from dpm import distributed
-
+    distributed.barrier()  # rank 0 adopts an unfinished run's checkpoints first (resume=true)
     metrics = identity_fields(cfg)
     metrics.update(run_dir=str(run_dir), rank=distributed.rank())
     metrics.update(execute(cfg, run_dir, NullLogger()))
     metrics["status"] = "complete"
     return metrics
-
-
-def distributed_barrier() -> None:
-    from dpm import distributed
-
-    distributed.barrier()
 
 
 @contextlib.contextmanager
