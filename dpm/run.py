@@ -722,8 +722,9 @@ def check_overrides(args: list[str]) -> None:
         except (HydraException, OmegaConfBaseException) as err:
             raise UserError(composition_error_line(err)) from None
     # A sweep's run dirs are named after its overrides: many overrides exceed a file name's 255 bytes.
-    excluded = {"experiment", "run_id", "resume", "force_resume", "trainer.device", "trainer.progress", "logger",
-                "logger.mode"}
+    from dpm.quickstart import CONF_DIR
+
+    excluded = set(OmegaConf.load(CONF_DIR / "config.yaml").hydra.job.config.override_dirname.exclude_keys)
     named = [o for o in first if o.split("=", 1)[0].lstrip("+~") not in excluded]
     if any(a in ("-m", "--multirun") for a in args) and len(",".join(named)) > 230 and \
             not any(a.startswith("hydra.sweep.subdir=") for a in args):

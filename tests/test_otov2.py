@@ -179,12 +179,17 @@ def test_sgd_before_pruning_is_torch_sgd_with_coupled_weight_decay():
     twin = copy.deepcopy(model)
     ref = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     for b in batches(4):
-        backward(model, b)
-        backward(twin, b)
-        opt.step()
-        ref.step()
+        lockstep_step(b, (model, opt), (twin, ref))
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
+
+
+def lockstep_step(batch, *pairs) -> None:
+    """One step of each (model, optimizer) pair on the same batch: backward for all, then the steps."""
+    for model, _ in pairs:
+        backward(model, batch)
+    for _, opt in pairs:
+        opt.step()
 
 
 def run_steps(opt, model, data):
@@ -199,10 +204,7 @@ def test_sp_with_N_1_is_the_base_method_bit_for_bit():
     base_model, _, _, base, _ = build(**kw)
     sp_model, _, _, sp, _ = build(controller_N=1, **kw)
     for b in batches(10):
-        backward(base_model, b)
-        backward(sp_model, b)
-        base.step()
-        sp.step()
+        lockstep_step(b, (base_model, base), (sp_model, sp))
         for p, q in zip(base_model.parameters(), sp_model.parameters()):
             assert torch.equal(p, q)
         assert base.group_sparsity == sp.group_sparsity
