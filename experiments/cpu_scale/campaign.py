@@ -160,10 +160,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage in ("pretrain", "all"):
         seeds = ",".join(sorted(set(args.seeds.split(",")) | {str(SELECT_SEED)}, key=int))
         multirun("pretrain", ["experiment=cpu_scale/pretrain", f"seed={seeds}"], args.smoke)
-    for base in bases:
-        if args.stage in ("select", "all"):
+    # Every selection before any table: the SR defaults (conf/dpm/sr.yaml) need all bases' choices,
+    # and a sitting that ends mid-campaign leaves complete selections rather than one finished base.
+    if args.stage in ("select", "all"):
+        for base in bases:
             select(base, args.smoke)
-        if args.stage in ("table", "all"):
+    if args.stage in ("table", "all"):
+        for base in bases:
             table(base, args.seeds, args.smoke)
     if args.stage in ("report", "all"):
         report(bases, args.smoke)
