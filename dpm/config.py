@@ -89,6 +89,11 @@ class TrainerConfig:
     on_nan: str = "fail"
     # Cap on optimizer steps per epoch (0 = whole epoch): for smoke runs only.
     max_steps_per_epoch: int = 0
+    # Checkpoints inside an epoch, for epochs longer than a job may run (ImageNet on a cluster with a
+    # 10-minute limit or pre-emption): every this many optimizer steps and/or minutes; 0 = off (a
+    # checkpoint after every epoch either way). Run-time keys: they never change results.
+    checkpoint_every_steps: int = 0
+    checkpoint_every_minutes: float = 5.0
     pretrain: PhaseConfig = field(default_factory=PhaseConfig)
     # Sparse learning (DepGraph group_sl) between pretraining and pruning; weight decay 0 as the
     # regulariser replaces it. epochs 0 = off.
@@ -384,6 +389,9 @@ def validate(cfg) -> None:
                      f"the global batch must divide evenly over the {world} processes")
     if t.eval_batch_size is not None and t.eval_batch_size < 1:
         fail("trainer.eval_batch_size", t.eval_batch_size, "must be >= 1 (or null = auto)")
+    for key in ("checkpoint_every_steps", "checkpoint_every_minutes"):
+        if cfg.trainer[key] < 0:
+            fail(f"trainer.{key}", cfg.trainer[key], "must be >= 0 (0 = only after every epoch)")
     if cfg.trainer.max_steps_per_epoch < 0:
         fail("trainer.max_steps_per_epoch", cfg.trainer.max_steps_per_epoch, "must be >= 0 (0 = whole epoch)")
     if cfg.logger.mode not in ("online", "offline", "disabled"):

@@ -35,7 +35,8 @@ CHECKPOINT = "checkpoint.pt"
 PRETRAIN_PROGRESS = "pretrain_last.pt"
 # Keys that may change between a run and its resumption without changing its result.
 RUNTIME_KEYS = ("run_id", "resume", "force_resume", "trainer.device", "trainer.progress", "trainer.num_workers",
-                "trainer.eval_batch_size", "trainer.compile", "logger", "output_root", "cache_dir", "dataset.root")
+                "trainer.eval_batch_size", "trainer.compile", "trainer.checkpoint_every_steps",
+                "trainer.checkpoint_every_minutes", "logger", "output_root", "cache_dir", "dataset.root")
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
@@ -273,7 +274,8 @@ class RunContext:
         return train_phase(self.model, phase, phase_cfg, loader, eval_loaders, self.device,
                            checkpoint_path=checkpoint_path, hooks=hooks, progress=t.progress,
                            bf16=self._speed().bf16, log_metrics=self.log_metrics, on_nan=t.on_nan,
-                           compile=self._speed().compile, **train_kwargs)
+                           compile=self._speed().compile, checkpoint_every_steps=t.checkpoint_every_steps,
+                           checkpoint_every_minutes=t.checkpoint_every_minutes, **train_kwargs)
 
     def evaluate(self, split: str = "test") -> tuple[float, float]:
         from dpm.train import evaluate

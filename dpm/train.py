@@ -175,6 +175,8 @@ def train_phase(
     scheduler_factory: Callable[[torch.optim.Optimizer, Any], Any] = None,
     on_nan: str = "fail",
     compile: bool = False,
+    checkpoint_every_steps: int = 0,
+    checkpoint_every_minutes: float = 0.0,
 ) -> dict:
     """Train `model` for `phase_cfg.epochs` epochs with SGD and the phase's schedule.
 
@@ -201,6 +203,11 @@ def train_phase(
     replaced parameters, e.g. a physical removal), the loader yields this rank's share, losses,
     accuracies and evaluations are summed over ranks, and only rank 0 writes the checkpoint.
     `compile=True` runs the forward through torch.compile.
+
+    `checkpoint_every_steps` / `checkpoint_every_minutes` (0 = off) also checkpoint inside an epoch
+    (after the step that makes one due; minutes are polled every CHECKPOINT_POLL steps), and a run
+    resumed from such a checkpoint continues the epoch at the next step with its running sums: with
+    an in-memory loader (SplitLoader) to the same result as an uninterrupted run.
     """
     optimizer_factory = optimizer_factory or make_optimizer
     scheduler_factory = scheduler_factory or make_scheduler
@@ -217,7 +224,7 @@ def train_phase(
     optimizer = optimizer_factory(model, phase_cfg)
     scheduler = scheduler_factory(optimizer, phase_cfg)
     history: list[dict] = []
-    start_epoch = 0
+    start_epoch, start_step, partial = 0, 0, None
     if checkpoint_path is not None and checkpoint_exists(checkpoint_path):
         state = load_checkpoint(checkpoint_path)
         if state.get("phase") == phase:
@@ -234,23 +241,47 @@ def train_phase(
             history = state["history"]
             start_epoch = state["epoch"]
             skipped_steps = state.get("skipped_steps", 0)
+            start_step, partial = state.get("step", 0), state.get("partial")
             set_rng_state(state["rng"])
-            log.info("%s: resuming after epoch %d from %s", phase, start_epoch, checkpoint_path)
+            if start_step:
+                log.info("%s: resuming at step %d of epoch %d from %s", phase, start_step, start_epoch + 1,
+                         checkpoint_path)
+            else:
+                log.info("%s: resuming after epoch %d from %s", phase, start_epoch, checkpoint_path)
+
+    def save(epoch_done: int, step_done: int = 0, sums: dict | None = None) -> None:
+        """The phase's checkpoint: after `epoch_done` epochs and `step_done` steps of the next one."""
+        atomic_torch_save({"phase": phase, "epoch": epoch_done, "step": step_done, "partial": sums,
+                           "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "scheduler": scheduler.state_dict(),
+                           "hooks": [h.state_dict() if hasattr(h, "state_dict") else None for h in hooks],
+                           "history": history, "rng": rng_state(), "skipped_steps": skipped_steps}, checkpoint_path)
 
     forward = distributed.TrainModule(model, compile=compile)
     main = distributed.is_main()
     progress = progress and main
     model.train()
+    mid_epoch = checkpoint_path is not None and (checkpoint_every_steps > 0 or checkpoint_every_minutes > 0)
+    last_save = time.time()
     for epoch in range(start_epoch, phase_cfg.epochs):
         t0 = time.time()
-        train_loader.set_epoch(epoch)
+        first_step = start_step if epoch == start_epoch else 0
+        if first_step:
+            train_loader.set_epoch(epoch, first_step)
+        else:
+            train_loader.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
+        if first_step and partial:  # the running sums of the steps run before the checkpoint
+            loss_sum += partial["loss_sum"]
+            correct += partial["correct"]
+            seen = partial["seen"]
+            t0 -= partial["elapsed_s"]
         first_nonfinite = torch.full((), -1, dtype=torch.long, device=device)  # step index, -1 = none
         bar = _progress(train_loader, progress, f"{phase} {epoch + 1}/{phase_cfg.epochs}")
-        for step, (x, y) in enumerate(bar):
+        for step, (x, y) in enumerate(bar, start=first_step):
             for hook in hooks:
                 getattr(hook, "step_start", _noop)(optimizer)
             if mixup > 0:
@@ -298,6 +329,16 @@ def train_phase(
             if progress and step % 20 == 0:  # one host sync per 20 steps, only for the bar
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
                                 lr=f"{lr:.4g}")
+            if mid_epoch and (steps_per_epoch is None or step + 1 < steps_per_epoch) and _checkpoint_due(
+                    step + 1, last_save, checkpoint_every_steps, checkpoint_every_minutes, device):
+                # Never a checkpoint of a state that went bad: the NaN check runs first.
+                distributed.all_reduce_max(first_nonfinite)
+                _raise_if_nonfinite(first_nonfinite, phase, epoch, phase_cfg)
+                if main:
+                    save(epoch, step + 1, {"loss_sum": float(loss_sum), "correct": int(correct), "seen": seen,
+                                           "elapsed_s": time.time() - t0})
+                distributed.barrier()
+                last_save = time.time()
         distributed.all_reduce_max(first_nonfinite)
         _raise_if_nonfinite(first_nonfinite, phase, epoch, phase_cfg)
         bad = nonfinite_parameters(model)
@@ -328,15 +369,28 @@ def train_phase(
                 epoch_record[f"{phase}/step"] = (epoch + 1) * steps_per_epoch
             log_metrics(epoch_record)
         if checkpoint_path is not None and main:
-            atomic_torch_save({"phase": phase, "epoch": epoch + 1, "model": model.state_dict(),
-                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                               "hooks": [h.state_dict() if hasattr(h, "state_dict") else None for h in hooks],
-                               "history": history, "rng": rng_state(),
-                               "skipped_steps": skipped_steps}, checkpoint_path)
+            save(epoch + 1)
             fault_point(f"{phase}:epoch{epoch + 1}")
         if checkpoint_path is not None:
             distributed.barrier()  # no rank runs ahead of the checkpoint rank 0 is writing
+            last_save = time.time()
     return summarize_phase(history, list(eval_loaders), skipped_steps)
+
+
+def _checkpoint_due(steps_done: int, last_save: float, every_steps: int, every_minutes: float,
+                    device: torch.device) -> bool:
+    """Whether a mid-epoch checkpoint is due after `steps_done` steps of the epoch. The clock is read
+    every CHECKPOINT_POLL steps and, under DDP, rank 0's reading decides for every rank."""
+    if every_steps > 0 and steps_done % every_steps == 0:
+        return True
+    if every_minutes <= 0 or steps_done % CHECKPOINT_POLL:
+        return False
+    due = torch.tensor(float(time.time() - last_save >= 60.0 * every_minutes), device=device)
+    if distributed.is_initialized():
+        import torch.distributed as tdist
+
+        tdist.broadcast(due, src=0)
+    return bool(due)
 
 
 @torch.no_grad()
@@ -361,6 +415,8 @@ def mixup_batch(x: torch.Tensor, y: torch.Tensor, alpha: float):
 
 # Steps between reads of the on-device non-finite flag (one host sync each).
 NAN_CHECK_EVERY = 50
+# Steps between reads of the clock for trainer.checkpoint_every_minutes (a collective under DDP).
+CHECKPOINT_POLL = 20
 
 
 class NumericalError(UserError):

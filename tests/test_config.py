@@ -82,6 +82,7 @@ def test_unknown_group_option_fails_at_composition():
     ("dataset=cifar10 dataset.num_classes=100", "dataset.num_classes=100: cifar10 has 10 classes"),
     ("pruner.name=magic", "pruner.name='magic': unknown pruner"),
     ("model.shortcut=sideways", "model.shortcut='sideways'"),
+    ("trainer.checkpoint_every_minutes=-5", "trainer.checkpoint_every_minutes=-5.0: must be >= 0"),
 ])
 def test_semantic_checks_name_key_value_and_fix(override, message):
     cfg = compose(override.split())

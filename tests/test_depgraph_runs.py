@@ -126,6 +126,38 @@ def test_killed_pruning_run_resumes_to_the_same_metrics(tmp_path):
     assert {k: v for k, v in b.items() if k not in skip} == {k: v for k, v in a.items() if k not in skip}
 
 
+def test_run_killed_inside_epochs_resumes_from_mid_epoch_checkpoints_to_the_same_metrics(tmp_path):
+    """With trainer.checkpoint_every_steps, a kill inside a pretrain epoch and one inside a fine-tune
+    epoch (round 2's decay under way: rounds at steps 0, 10, 20, N = 5) resume at the step after the
+    last checkpoint and end where a run without mid-epoch checkpoints ends."""
+    from conftest import run_cli
+
+    args = ["experiment=quickstart", "dpm=sr", "trainer.deterministic=true", "trainer.pretrain.epochs=3",
+            "trainer.finetune.epochs=2", "dpm.N=5", "pruner.rounds=3", "pruner.round_interval=10",
+            "dpm.release_cooldown=2", "dpm.T_rate=0.002", "dpm.T_len=1.2"]
+    ref = run_cli([*args, f"hydra.run.dir={tmp_path / 'ref'}"], env={"DPM_CACHE_DIR": str(tmp_path / "c1")})
+    assert ref.returncode == 0, ref.stderr
+    run_args = [*args, "trainer.checkpoint_every_steps=4", f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {"DPM_CACHE_DIR": str(tmp_path / "c2")}
+    # 23 pretrain steps an epoch: step 35 is the 13th of epoch 2, killed after the checkpoint of its
+    # 12th; fine-tune step 13 is inside epoch 1, after the checkpoint of its 12th (round 2 decaying).
+    first = run_cli(run_args, env={**env, "DPM_FAULT_AT": "pretrain:kill_step35"})
+    assert first.returncode == -9, first.stderr[-2000:]
+    second = run_cli(run_args, env={**env, "DPM_FAULT_AT": "finetune:kill_step13"})
+    assert second.returncode == -9, second.stderr[-2000:]
+    assert "pretrain: resuming at step 12 of epoch 2" in second.stdout + second.stderr
+    third = run_cli(run_args, env=env)
+    assert third.returncode == 0, third.stderr
+    assert "finetune: resuming at step 12 of epoch 1" in third.stdout + third.stderr
+    a = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    skip = RUN_SPECIFIC | {"pretrain_checkpoint"}
+    assert a["rounds_done"] >= 2
+    assert {k: v for k, v in b.items() if k not in skip} == {k: v for k, v in a.items() if k not in skip}
+    strip = [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in a["history"]["finetune"]]
+    assert [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in b["history"]["finetune"]] == strip
+
+
 def test_sparse_learning_stage_is_shared_between_variants(tmp_path):
     sl = ["trainer.sparse.epochs=2", "trainer.sparse.lr=0.01", "pruner.reg=5e-4"]
     base = run(digits("dpm=base", *sl), tmp_path / "base")

@@ -116,3 +116,50 @@ def test_short_real_cifar10_run_is_above_chance(tmp_path, decode_cache):
     metrics = run(cfg, tmp_path / "run")
     assert metrics["status"] == "complete"
     assert metrics["top1_final"] > 20.0, metrics["top1_final"]  # chance is 10%
+
+
+def test_mid_epoch_start_step_continues_the_epochs_batches(tmp_path):
+    """A loader resumed at step k of an epoch yields that epoch's batches from k on: in memory
+    (images and augmentation equal) and from an image folder (the same images in the same order)."""
+    from PIL import Image
+
+    from dpm.data import FolderLoader
+
+    split, _ = load_synthetic(10, 3, 8, 40, 8)
+    loader = SplitLoader(split, 8, (0.5,) * 3, (0.25,) * 3, train=True, augment=True, seed=3, phase="finetune")
+    loader.set_epoch(2)
+    full = list(loader)
+    loader.set_epoch(2, 3)
+    resumed = list(loader)
+    assert len(resumed) == len(full) - 3
+    for (xa, ya), (xb, yb) in zip(full[3:], resumed):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    loader.set_epoch(3)  # the next epoch starts at its first step again
+    assert len(list(loader)) == len(full)
+
+    for c in range(2):
+        (tmp_path / f"class{c}").mkdir()
+        for i in range(9):
+            Image.new("RGB", (8, 8), (25 * i, 100 * c, 7)).save(tmp_path / f"class{c}" / f"{i}.png")
+    folder = FolderLoader(tmp_path, 4, (0.5,) * 3, (0.25,) * 3, 8, train=True, seed=1, phase="pretrain", num_workers=0)
+    folder.set_epoch(1)
+    whole = folder.indices()
+    assert sorted(whole) == list(range(18)) and whole != list(range(18))
+    folder.set_epoch(1, 2)
+    assert folder.indices() == whole[8:]
+    labels = [y for _, y in folder]
+    assert len(labels) == len(folder) - 2
+    assert torch.cat(labels).tolist() == [folder.dataset.targets[i] for i in whole[8:16]]
+
+
+def test_checkpoint_every_minutes_reads_the_clock_only_on_poll_steps():
+    import time
+
+    from dpm.train import CHECKPOINT_POLL, _checkpoint_due
+
+    long_ago, now, cpu = time.time() - 3600, time.time(), torch.device("cpu")
+    assert _checkpoint_due(CHECKPOINT_POLL, long_ago, 0, 5.0, cpu)
+    assert not _checkpoint_due(CHECKPOINT_POLL + 1, long_ago, 0, 5.0, cpu)  # between polls
+    assert not _checkpoint_due(CHECKPOINT_POLL, now, 0, 5.0, cpu)  # not yet 5 minutes
+    assert _checkpoint_due(6, now, 3, 0.0, cpu) and not _checkpoint_due(7, now, 3, 0.0, cpu)
+    assert not _checkpoint_due(CHECKPOINT_POLL, long_ago, 0, 0.0, cpu)  # off

@@ -1,7 +1,9 @@
 """Batches from in-memory splits, with CIFAR augmentation done on whole batches.
 
 The order and the augmentation of an epoch are drawn from a generator seeded by (seed, epoch), so
-an epoch's batches are the same whether the run started fresh or resumed from a checkpoint.
+an epoch's batches are the same whether the run started fresh or resumed from a checkpoint, and a
+run resumed inside an epoch (`set_epoch(epoch, start_step)`) continues with that epoch's remaining
+batches.
 """
 from __future__ import annotations
 
@@ -89,7 +91,7 @@ class SplitLoader:
         c = split.images.shape[1]
         self.mean = torch.tensor(list(mean) or [0.0] * c, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(list(std) or [1.0] * c, device=self.device).view(1, -1, 1, 1)
-        self.epoch = 0
+        self.epoch, self.start_step = 0, 0
         if train:
             images, labels = split.images, split.labels
         else:
@@ -103,8 +105,9 @@ class SplitLoader:
         n = len(self.split)
         return self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The epoch to draw, and the step to start from (a resumed epoch skips the steps it ran)."""
+        self.epoch, self.start_step = epoch, start_step
 
     def __len__(self) -> int:
         if not self.train:
@@ -151,7 +154,7 @@ class SplitLoader:
             return
         plan = {k: _to_device(v, self.device) for k, v in self.epoch_plan(self.epoch).items()}
         order = plan["order"]
-        for step in range(len(self)):
+        for step in range(self.start_step, len(self)):
             lo, hi = self.shard(step, len(order[step * self.batch_size:(step + 1) * self.batch_size]))
             index = order[lo:hi]
             x = self.images[index].float().div_(255)
@@ -180,14 +183,16 @@ class FolderLoader:
         self.dataset = ImageFolder(str(folder), T.Compose(tf + [T.ToTensor(), T.Normalize(mean, std)]))
         self.batch_size, self.train, self.seed, self.phase = batch_size, train, seed, phase
         self.num_workers, self.max_steps = num_workers, max_steps
-        self.device, self.channels_last, self.epoch = torch.device(device), channels_last, 0
+        self.device, self.channels_last, self.epoch, self.start_step = torch.device(device), channels_last, 0, 0
         from dpm import distributed
 
         # DDP: `batch_size` is the global batch; each rank reads its DistributedSampler share.
         self.world_size, self.rank = distributed.world_size(), distributed.rank()
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """As SplitLoader.set_epoch. Resumed inside an epoch, the remaining images come in the same
+        order; their random crops are fresh draws (the workers' streams restart)."""
+        self.epoch, self.start_step = epoch, start_step
 
     def __len__(self) -> int:
         n = -(-len(self.dataset) // self.world_size)
@@ -195,18 +200,26 @@ class FolderLoader:
         steps = n // batch if self.train else -(-n // batch)
         return min(steps, self.max_steps) if self.max_steps else steps
 
-    def __iter__(self):
-        sampler, shuffle = None, self.train
+    def indices(self) -> list[int]:
+        """This rank's images of the current epoch, in order, from `start_step` on."""
+        batch = max(self.batch_size // self.world_size, 1)
         if self.world_size > 1:
             sampler = torch.utils.data.DistributedSampler(self.dataset, self.world_size, self.rank, shuffle=self.train,
                                                           seed=self.seed, drop_last=self.train)
             sampler.set_epoch(self.epoch)
-            shuffle = None
+            order = list(sampler)
+        elif self.train:
+            order = torch.randperm(len(self.dataset), generator=epoch_generator(self.seed, self.phase, self.epoch)).tolist()
+        else:
+            order = list(range(len(self.dataset)))
+        return order[self.start_step * batch:]
+
+    def __iter__(self):
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=max(self.batch_size // self.world_size, 1), shuffle=shuffle, sampler=sampler,
+            self.dataset, batch_size=max(self.batch_size // self.world_size, 1), sampler=self.indices(),
             drop_last=self.train, num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
             generator=epoch_generator(self.seed, self.phase, self.epoch), persistent_workers=False)
-        for step, (x, y) in enumerate(loader):
+        for step, (x, y) in enumerate(loader, start=self.start_step):
             if self.max_steps and step >= self.max_steps:
                 break
             x = x.to(self.device, non_blocking=True)
