@@ -41,8 +41,21 @@ def test_campaign_selects_on_validation_then_reports_paired_seeds():
         sorted((v, s) for v in ("base", "sp", "sr") for s in (0, 1))
     assert all(m["status"] == "complete" for m in table_runs)
     assert {m["T_len"] for m in table_runs if m["variant"] == "sr"} == {choice["T_len"]}
+    assert (root / "results_smoke" / "selection" / "selection_depgraph.png").stat().st_size > 0
+    # SR's defaults: the grid point with the best validation gain over the chosen +SP.
+    defaults = json.loads((root / "results_smoke" / "selection" / "sr_defaults.json").read_text())
+    sr = selection[selection["variant"] == "sr"]
+    best = sr.loc[sr["val_top1_final"].idxmax()]
+    assert (defaults["T_rate"], defaults["T_len"]) == (best["T_rate"], best["T_len"])
+    assert defaults["beats_sp"] == (best["val_top1_final"] > choice["sp_val_top1"])
     stats = pd.read_csv(root / "results_smoke" / "report" / "stats.csv")
     assert set(stats["comparison"]) >= {"+SP - base", "+SR - base"} and (stats["n"] == 2).all()
+    # The committed copy keeps the summary plots and only seed 0's +SP / +SR trajectories.
+    plots = {p.name for p in (root / "results_smoke" / "report" / "plots").iterdir()}
+    assert "accuracy_vs_flops.png" in plots
+    trajectories = sorted(n for n in plots if n.startswith("trajectories_"))
+    full = sorted(p.name for p in (root / "report" / "plots").glob("trajectories_*.png"))
+    assert len(trajectories) == 2 and len(full) == 6 and set(trajectories) < set(full)  # base runs too (N = 1)
     # Re-running a finished stage runs nothing again.
     again = campaign("table", "--bases", "depgraph", "--seeds", "0,1")
     assert again.returncode == 0 and again.stdout.count("run already complete") + again.stderr.count(

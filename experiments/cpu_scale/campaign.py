@@ -121,9 +121,70 @@ def write_selection(base: str, runs: list[dict], choice: dict, smoke: bool) -> N
     rows = [{"variant": m["variant"], "N_epochs": n_epochs_of(m) if m["variant"] != "base" else None, "N": m["N"],
              "T_rate": m.get("T_rate"), "T_len": m.get("T_len"), "val_top1_final": m["val_top1_final"],
              "released": m.get("released"), "flops_remaining_pct": m["flops_remaining_pct"]} for m in runs]
-    pd.DataFrame(rows).to_csv(out / f"selection_{base}.csv", index=False)
+    frame = pd.DataFrame(rows)
+    frame.to_csv(out / f"selection_{base}.csv", index=False)
     (out / f"chosen_{base}.json").write_text(json.dumps(choice, indent=2) + "\n")
+    plot_selection(base, frame, choice, out / f"selection_{base}.png")
     print(f"{base}: chose {choice}")
+
+
+def plot_selection(base: str, frame, choice: dict, path: Path) -> None:
+    """The selection as ablation curves of validation top-1: +SP against N (log scale), +SR against
+    T_len, one line per T_rate, with the base run and the chosen +SP as reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_n, ax_t) = plt.subplots(1, 2, figsize=(11, 4.2))
+    sp = frame[frame["variant"] == "sp"].sort_values("N_epochs")
+    ax_n.plot(sp["N_epochs"], sp["val_top1_final"], "o-", label="+SP")
+    ax_n.axvline(choice["N_epochs"], color="tab:green", alpha=0.4, label="chosen N")
+    ax_n.set_xscale("log")
+    ax_n.set_xlabel("N (epochs of decay)")
+    sr = frame[frame["variant"] == "sr"]
+    for t_rate, group in sr.groupby("T_rate"):
+        group = group.sort_values("T_len")
+        ax_t.plot(group["T_len"], group["val_top1_final"], "o-", label=f"+SR, T_rate = {t_rate:g}")
+    ax_t.axhline(choice["sp_val_top1"], color="tab:blue", linestyle=":", label="+SP at the chosen N")
+    ax_t.set_xlabel(f"T_len (+SR at N = {choice['N_epochs']:g} epochs)")
+    for ax in (ax_n, ax_t):
+        if choice.get("base_val_top1") is not None:
+            ax.axhline(choice["base_val_top1"], color="gray", linestyle="--", label="base")
+        ax.set_ylabel("validation top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{base}: selection on seed {SELECT_SEED}'s validation split")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def sr_defaults(bases: list[str], smoke: bool) -> dict:
+    """The SR thresholds that beat +SP on validation by the most, averaged over the bases whose
+    selection is done (each SR point against its base's chosen +SP); `beats_sp` false when none does."""
+    import pandas as pd
+
+    out = results_dir(smoke) / "selection"
+    gains = []
+    for base in bases:
+        path = out / f"selection_{base}.csv"
+        if not path.exists():
+            continue
+        frame = pd.read_csv(path)
+        sp_val = chosen(base, smoke)["sp_val_top1"]
+        sr = frame[frame["variant"] == "sr"]
+        gains += [{"base": base, "T_rate": r.T_rate, "T_len": r.T_len, "gain": r.val_top1_final - sp_val}
+                  for r in sr.itertuples()]
+    if not gains:
+        raise SystemExit("no selection has run yet: run the select stage first")
+    mean = pd.DataFrame(gains).groupby(["T_rate", "T_len"])["gain"].agg(["mean", "count"]).reset_index()
+    top = mean.loc[mean["mean"].idxmax()]
+    result = {"c_rate_form": "radial", "T_rate": float(top["T_rate"]), "T_len": float(top["T_len"]),
+              "mean_val_gain_over_sp": float(top["mean"]), "bases": int(top["count"]),
+              "beats_sp": bool(top["mean"] > 0), "grid": mean.to_dict(orient="records")}
+    (out / "sr_defaults.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"SR defaults from validation: {result}")
+    return result
 
 
 def chosen(base: str, smoke: bool) -> dict:
@@ -141,11 +202,32 @@ def table(base: str, seeds: str, smoke: bool) -> Path:
 
 
 def report(bases: list[str], smoke: bool) -> None:
+    """The full report (a trajectory plot for every run) under the output tree; into the results a
+    curated copy: every table and CSV, the summary plots, and seed 0's +SP / +SR trajectories."""
+    import shutil
+
+    import pandas as pd
+
     dirs = [str(sweep_dir(f"table_{b}")) for b in bases if sweep_dir(f"table_{b}").exists()]
     if not dirs:
         raise SystemExit("no table sweep has run yet")
+    full = sweep_dir("report")
+    subprocess.run([sys.executable, "-m", "dpm.report", *dirs, "--out", str(full)], cwd=ROOT, check=True)
     out = results_dir(smoke) / "report"
-    subprocess.run([sys.executable, "-m", "dpm.report", *dirs, "--out", str(out)], cwd=ROOT, check=True)
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "plots").mkdir(parents=True)
+    for path in full.iterdir():
+        if path.is_file():
+            shutil.copy2(path, out / path.name)
+    runs = pd.read_csv(full / "runs.csv")
+    common = Path(os.path.commonpath([str(Path(d).resolve()) for d in runs["run_dir"]]))
+    keep = {"_".join(Path(r.run_dir).resolve().relative_to(common).parts)
+            for r in runs.itertuples() if r.seed == SELECT_SEED and r.variant in ("sp", "sr")}
+    for path in (full / "plots").iterdir():
+        stem = path.stem.removeprefix("trajectories_")
+        if not path.stem.startswith("trajectories_") or (stem in keep and path.suffix == ".png"):
+            shutil.copy2(path, out / "plots" / path.name)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage in ("select", "all"):
         for base in bases:
             select(base, args.smoke)
+        sr_defaults(bases, args.smoke)
     if args.stage in ("table", "all"):
         for base in bases:
             table(base, args.seeds, args.smoke)
