@@ -154,6 +154,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def gather_object(obj: Any) -> list[Any]:
+    """Every rank's value of a picklable object, in rank order, on every rank ([obj] alone)."""
+    if not is_initialized():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
 def agree(obj: Any, what: str) -> Any:
     """Rank 0's value; a RuntimeError if another rank computed something else (a DPM decision that
     diverged would silently train different models per rank)."""

@@ -274,10 +274,11 @@ def train_phase(
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
-        if first_step and partial:  # the running sums of the steps run before the checkpoint
-            loss_sum += partial["loss_sum"]
-            correct += partial["correct"]
-            seen = partial["seen"]
+        if first_step and partial:  # this rank's running sums of the steps before the checkpoint
+            mine = _rank_partial(partial["ranks"])
+            loss_sum += mine["loss_sum"]
+            correct += mine["correct"]
+            seen = mine["seen"]
             t0 -= partial["elapsed_s"]
         first_nonfinite = torch.full((), -1, dtype=torch.long, device=device)  # step index, -1 = none
         bar = _progress(train_loader, progress, f"{phase} {epoch + 1}/{phase_cfg.epochs}")
@@ -334,9 +335,10 @@ def train_phase(
                 # Never a checkpoint of a state that went bad: the NaN check runs first.
                 distributed.all_reduce_max(first_nonfinite)
                 _raise_if_nonfinite(first_nonfinite, phase, epoch, phase_cfg)
+                # Each rank's sums (they are summed over ranks only at the epoch's end).
+                ranks = distributed.gather_object({"loss_sum": float(loss_sum), "correct": int(correct), "seen": seen})
                 if main:
-                    save(epoch, step + 1, {"loss_sum": float(loss_sum), "correct": int(correct), "seen": seen,
-                                           "elapsed_s": time.time() - t0})
+                    save(epoch, step + 1, {"ranks": ranks, "elapsed_s": time.time() - t0})
                 distributed.barrier()
                 last_save = time.time()
         distributed.all_reduce_max(first_nonfinite)
@@ -375,6 +377,16 @@ def train_phase(
             distributed.barrier()  # no rank runs ahead of the checkpoint rank 0 is writing
             last_save = time.time()
     return summarize_phase(history, list(eval_loaders), skipped_steps)
+
+
+def _rank_partial(ranks: list[dict]) -> dict:
+    """This rank's share of the running sums saved with a mid-epoch checkpoint. Resumed with another
+    number of ranks, rank 0 takes all of them (the epoch's totals are unchanged) and the others none."""
+    if len(ranks) == distributed.world_size():
+        return ranks[distributed.rank()]
+    if not distributed.is_main():
+        return {"loss_sum": 0.0, "correct": 0, "seen": 0}
+    return {key: sum(r[key] for r in ranks) for key in ("loss_sum", "correct", "seen")}
 
 
 def _checkpoint_due(steps_done: int, last_save: float, every_steps: int, every_minutes: float,

@@ -168,3 +168,58 @@ def test_devices_without_a_launcher_and_unsupported_pruners_are_clear_errors(mon
         validate(compose(["experiment=gate_decorator_smoke", "trainer.devices=2"]))
     with pytest.raises(UserError, match="divide evenly"):
         validate(compose(["experiment=smoke", "pruner=depgraph", "trainer.devices=3"]))
+
+
+def test_killed_torchrun_run_resumes_inside_an_epoch_to_the_same_metrics(tmp_path):
+    """Two ranks killed inside a fine-tune epoch (a decay under way) resume from the mid-epoch
+    checkpoint rank 0 wrote and end with the metrics of an uninterrupted two-rank run."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    def torchrun(run_dir: Path, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "DPM_CACHE_DIR": str(run_dir.parent / f"{run_dir.name}_cache")}
+        if fault:
+            env["DPM_FAULT_AT"] = fault
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "-m", "dpm", "experiment=smoke", "pruner=depgraph", "dpm=sp", "dpm.N=3",
+                               "trainer.finetune.epochs=2", "trainer.devices=2", f"hydra.run.dir={run_dir}", *extra],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    ref = torchrun(tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    # 4 steps an epoch: fine-tune step 7 is the 4th of epoch 2, after the checkpoint of its 2nd.
+    killed = torchrun(tmp_path / "run", "trainer.checkpoint_every_steps=2", fault="finetune:kill_step7")
+    assert killed.returncode != 0
+    resumed = torchrun(tmp_path / "run", "trainer.checkpoint_every_steps=2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "finetune: resuming at step 2 of epoch 2" in resumed.stdout + resumed.stderr
+    a = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in ("top1_final", "top1_best", "pruned_macs", "pruned_params", "pruned", "admitted", "world_size"):
+        assert a[key] == b[key], key
+    strip = lambda h: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in h["finetune"]]  # noqa: E731
+    assert strip(b["history"]) == strip(a["history"])
+
+
+def _due_worker(rank: int, world: int, port: int, out: str) -> None:
+    import time
+
+    import torch.distributed as tdist
+
+    from dpm.train import CHECKPOINT_POLL, _checkpoint_due
+
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        # Rank 0's clock says due, rank 1's says not: both must follow rank 0 (or the barrier hangs).
+        last_save = time.time() - (3600 if rank == 0 else 0)
+        due = _checkpoint_due(CHECKPOINT_POLL, last_save, 0, 5.0, torch.device("cpu"))
+        Path(out, f"{rank}.json").write_text(json.dumps(due))
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_checkpoint_clock_is_rank_zeros_on_every_rank(tmp_path):
+    mp.spawn(_due_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)] == [True, True]
