@@ -467,7 +467,8 @@ def make_rounds(cfg: DictConfig, model: torch.nn.Module, pruner, iters_per_epoch
                                 release_rule=d.release_rule, release_cooldown=d.release_cooldown, budget=d.budget)
     return PruningRounds(model, pruner, speedup=p.speedup, rounds=p.rounds, interval=interval, N=N,
                          decay_interval=d.interval, schedule=d.schedule, include_consumers=d.include_consumers,
-                         rectify=rectify, max_extra_rounds=p.max_extra_rounds)
+                         rectify=rectify, max_extra_rounds=p.max_extra_rounds,
+                         total_steps=iters_per_epoch * cfg.trainer.finetune.epochs)
 
 
 def decay_log(controller) -> dict:

@@ -126,6 +126,17 @@ def test_killed_pruning_run_resumes_to_the_same_metrics(tmp_path):
     assert {k: v for k, v in b.items() if k not in skip} == {k: v for k, v in a.items() if k not in skip}
 
 
+def test_sr_releases_in_the_last_round_are_made_up_so_the_target_is_met(tmp_path):
+    """Thresholds of 0 release nearly every decaying channel: make-up rounds follow at once, and
+    when no N-step decay fits any more the channels still missing go at once (invariant 6)."""
+    m = run(digits("dpm=sr", "trainer.finetune.epochs=2", "dpm.N=8", "pruner.rounds=2", "pruner.round_interval=10",
+                   "dpm.T_rate=0", "dpm.T_len=0", "pruner.max_extra_rounds=3"), tmp_path / "run")
+    assert m["released"] >= 10 and m["target_met"] and m["native_speedup"] >= 2.0
+    assert m["rounds_done"] > 2  # make-up rounds ran
+    immediate = [r for r in m["removals"] if r.get("immediate")]
+    assert immediate and immediate[-1]["speedup"] >= 2.0 and len({r["iteration"] for r in immediate}) == 1  # once
+
+
 def test_run_killed_inside_epochs_resumes_from_mid_epoch_checkpoints_to_the_same_metrics(tmp_path):
     """With trainer.checkpoint_every_steps, a kill inside a pretrain epoch and one inside a fine-tune
     epoch (round 2's decay under way: rounds at steps 0, 10, 20, N = 5) resume at the step after the

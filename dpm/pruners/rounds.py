@@ -37,15 +37,21 @@ class PruningRounds:
         release_cooldown: rounds a released channel stays out of selection (None: the rest of the
             round it was released in).
         max_extra_rounds: with SR, rounds added after R while the target is not met.
+        total_steps: the phase's iterations. With SR, a round's releases can leave the target unmet
+            (budget=base has no substitute): after R rounds a make-up round starts as soon as no
+            decay is in flight, and when no decay of N steps fits any more (or the extra rounds
+            are used up) the channels still missing are removed at once, as the base method would,
+            so the final MACs meet the target, SR on or off (method.md invariant 6).
     """
 
     def __init__(self, model: torch.nn.Module, pruner: Any, *, speedup: float, rounds: int, interval: int,
                  N: int, decay_interval: int = 1, schedule: str = "linear", include_consumers: bool = False,
-                 rectify: RectifyConfig | None = None, max_extra_rounds: int = 10):
+                 rectify: RectifyConfig | None = None, max_extra_rounds: int = 10, total_steps: int | None = None):
         self.model, self.pruner = model, pruner
         self.speedup, self.rounds, self.interval = speedup, rounds, interval
         self.include_consumers = include_consumers
-        self.max_extra_rounds = max_extra_rounds
+        self.max_extra_rounds, self.total_steps = max_extra_rounds, total_steps
+        self.decay_steps = N * decay_interval
         replacement = self._replacement if rectify is not None and rectify.budget == "strict" else None
         self.controller = DecayController(model, N, interval=decay_interval, schedule=schedule, rectify=rectify,
                                           include_consumers=include_consumers, replacement=replacement)
@@ -55,12 +61,25 @@ class PruningRounds:
         self.admitted = 0
         self.removed = 0
         self.removals: list[dict] = []
+        self.closed = False         # the one-step removal after the make-up rounds has run
 
     # ------------------------------------------------------------------ hook
     def step_start(self, optimizer: torch.optim.Optimizer) -> None:
         # A round waits for the previous one's decay to end: selection sees no decaying channel.
-        if self.iteration >= self.next_round_at and not self.controller.decaying and self._wants_round():
+        if self.controller.decaying:
+            return
+        if self.rounds_done < self.rounds:
+            if self.iteration >= self.next_round_at:
+                self._start_round(optimizer)
+            return
+        if self.closed or not self._short_of_target():
+            return
+        # Past R, only SR's releases leave the target unmet: make up for them at once.
+        late = self.total_steps is not None and self.iteration + self.decay_steps > self.total_steps
+        if self.rounds_done < self.rounds + self.max_extra_rounds and not late:
             self._start_round(optimizer)
+        else:
+            self._remove_now(optimizer)
 
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.controller.before_step(optimizer)
@@ -74,12 +93,8 @@ class PruningRounds:
     def current_speedup(self) -> float:
         return self.pruner.base_native[0] / self.pruner.native_macs_params()[0]
 
-    def _wants_round(self) -> bool:
-        if self.rounds_done < self.rounds:
-            return True
-        # Past R: only SR's releases can leave the target unmet (budget=base keeps selecting).
-        return (self.controller.rectify is not None and self.rounds_done < self.rounds + self.max_extra_rounds
-                and self.current_speedup() < self.speedup * (1 - 1e-9))
+    def _short_of_target(self) -> bool:
+        return self.controller.rectify is not None and self.current_speedup() < self.speedup * (1 - 1e-9)
 
     def _start_round(self, optimizer: torch.optim.Optimizer) -> None:
         self.controller.start_round()
@@ -99,6 +114,28 @@ class PruningRounds:
         self.admitted += len(keys)
         self.next_round_at = self.iteration + self.interval
         self._remove_if_done(optimizer)
+
+    def _remove_now(self, optimizer: torch.optim.Optimizer) -> None:
+        """The base method's one-step removal of the channels still missing from the target, once:
+        cooling-down released channels are spared unless the target cannot be met without them."""
+        self.closed = True
+        spare_released = self.controller.candidates_excluded()
+        for excluded in (spare_released, frozenset(self.controller.decaying | self.controller.pruned)):
+            if not self._short_of_target():
+                break
+            keys = distributed.broadcast_object(self.pruner.select(self.speedup, excluded=excluded))
+            if not keys:
+                continue
+            self.pruner.remove(keys, optimizer)
+            self.controller.forget(keys)
+            self.controller.bind(self.model)
+            self.admitted += len(keys)
+            self.removed += len(keys)
+            record = {"iteration": self.iteration, "round": self.rounds_done, "removed": len(keys),
+                      "speedup": self.current_speedup(), "immediate": True}
+            self.removals.append(record)
+            log.info("after round %d: %d channels removed at once at iteration %d (no decay fits any more), "
+                     "speed-up %.3fx", self.rounds_done, len(keys), self.iteration, record["speedup"])
 
     def _remove_if_done(self, optimizer: torch.optim.Optimizer) -> None:
         """Remove the round's channels physically once none is decaying any more."""
@@ -138,7 +175,7 @@ class PruningRounds:
     def state_dict(self) -> dict:
         return {"pruner": self.pruner.state_dict(), "controller": self.controller.state_dict(),
                 "iteration": self.iteration, "rounds_done": self.rounds_done, "next_round_at": self.next_round_at,
-                "admitted": self.admitted, "removed": self.removed, "removals": self.removals}
+                "admitted": self.admitted, "removed": self.removed, "removals": self.removals, "closed": self.closed}
 
     def load_state_dict(self, state: dict) -> None:
         self.pruner.load_state_dict(state["pruner"])  # replays removals: the model has its pruned shape
@@ -146,3 +183,4 @@ class PruningRounds:
         self.controller.load_state_dict(state["controller"])
         for key in ("iteration", "rounds_done", "next_round_at", "admitted", "removed", "removals"):
             setattr(self, key, state[key])
+        self.closed = state.get("closed", False)
