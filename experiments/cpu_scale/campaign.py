@@ -12,7 +12,7 @@ resumes killed ones from their checkpoints: the campaign can be carried across s
 
 Selection (never on the test set): on seed SELECT_SEED's validation split (5,000 held-out training
 images), +SP picks N from N_GRID by `val_top1_final`; then +SR, at that N, picks (T_rate, T_len)
-from SR_GRID. `selection_<base>.csv` records every point; the chosen values feed the table, which
+from SR_GRID; only runs that met their pruning target are eligible. `selection_<base>.csv` records every point; the chosen values feed the table, which
 runs base / +SP / +SR over SEEDS and reports test accuracy.
 """
 from __future__ import annotations
@@ -81,10 +81,14 @@ def runs_of(directory: Path) -> list[dict]:
 
 
 def best(runs: list[dict], key: str) -> dict:
-    """Highest validation accuracy; ties go to the first (the grids list conservative values first)."""
+    """Highest validation accuracy among the runs that met their pruning target (a run that pruned
+    less is not comparable); ties go to the first (the grids list conservative values first)."""
     if not runs:
         raise SystemExit(f"no complete selection run to choose {key} from: run the select stage first")
-    return max(runs, key=lambda m: m["val_top1_final"])
+    eligible = [m for m in runs if m.get("target_met", True)]
+    if not eligible:
+        raise SystemExit(f"no selection run for {key} met its pruning target: see the selection CSV")
+    return max(eligible, key=lambda m: m["val_top1_final"])
 
 
 def select(base: str, smoke: bool) -> dict:
@@ -121,7 +125,8 @@ def write_selection(base: str, runs: list[dict], choice: dict, smoke: bool) -> N
     out.mkdir(parents=True, exist_ok=True)
     rows = [{"variant": m["variant"], "N_epochs": n_epochs_of(m) if m["variant"] != "base" else None, "N": m["N"],
              "T_rate": m.get("T_rate"), "T_len": m.get("T_len"), "val_top1_final": m["val_top1_final"],
-             "released": m.get("released"), "flops_remaining_pct": m["flops_remaining_pct"]} for m in runs]
+             "released": m.get("released"), "flops_remaining_pct": m["flops_remaining_pct"],
+             "target_met": m.get("target_met")} for m in runs]
     frame = pd.DataFrame(rows)
     frame.to_csv(out / f"selection_{base}.csv", index=False)
     (out / f"chosen_{base}.json").write_text(json.dumps(choice, indent=2) + "\n")
@@ -173,7 +178,7 @@ def sr_defaults(bases: list[str], smoke: bool) -> dict:
             continue
         frame = pd.read_csv(path)
         sp_val = chosen(base, smoke)["sp_val_top1"]
-        sr = frame[frame["variant"] == "sr"]
+        sr = frame[(frame["variant"] == "sr") & (frame["target_met"] != False)]  # noqa: E712 (NaN: unknown)
         gains += [{"base": base, "T_rate": r.T_rate, "T_len": r.T_len, "gain": r.val_top1_final - sp_val}
                   for r in sr.itertuples()]
     if not gains:
