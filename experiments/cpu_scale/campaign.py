@@ -252,15 +252,23 @@ def main(argv: list[str] | None = None) -> None:
         multirun("pretrain", ["experiment=cpu_scale/pretrain", f"seed={seeds}"], args.smoke)
     # Every selection before any table: the SR defaults (conf/dpm/sr.yaml) need all bases' choices,
     # and a sitting that ends mid-campaign leaves complete selections rather than one finished base.
+    failed: dict[str, str] = {}
     if args.stage in ("select", "all"):
         for base in bases:
-            select(base, args.smoke)
-        sr_defaults(bases, args.smoke)
+            try:
+                select(base, args.smoke)
+            except SystemExit as err:  # one base's selection must not hold up the others'
+                failed[base] = str(err)
+                print(f"{base}: selection failed: {err}", flush=True)
+        sr_defaults([b for b in bases if b not in failed], args.smoke)
     if args.stage in ("table", "all"):
         for base in bases:
-            table(base, args.seeds, args.smoke)
+            if base not in failed:
+                table(base, args.seeds, args.smoke)
     if args.stage in ("report", "all"):
         report(bases, args.smoke)
+    if failed:
+        raise SystemExit("; ".join(f"{b}: {m}" for b, m in failed.items()))
 
 
 if __name__ == "__main__":
