@@ -5,6 +5,8 @@ original package is tests/test_otov2_parity.py.
 """
 from __future__ import annotations
 
+import math
+
 import copy
 import json
 
@@ -267,6 +269,32 @@ def test_sr_release_leaves_G_p_for_good_and_strict_promotes_the_best_scoring_gro
     assert best is not None
     opt.promote([None])
     assert bool(opt.penalized[best[1]][best[2]])
+
+
+def test_base_budget_refills_G_p_only_as_far_as_the_target_needs():
+    """Releases that would leave G_p smaller than the target's group count are made up by score
+    (invariant 6); releases within the tolerance are not replaced."""
+    rectify = RectifyConfig(t_rate=0.0, t_len=0.0, budget="base")
+    for tolerance, refill in ((0.0, True), (0.3, False)):
+        model, zigs, _, opt, ctl = build(controller_N=6, rectify=rectify, lr=0.1, lmbda=0.5, epsilon=0.9,
+                                         target_group_sparsity=0.5, tolerance_group_sparsity=tolerance,
+                                         start_pruning_steps=1)
+        need = math.ceil(0.5 * sum(z.num_groups for z in zigs))
+        sizes = []
+        original = opt._take_releases
+
+        def spy(original=original, opt=opt):
+            original()
+            if opt.partitioned:
+                sizes.append(sum(int(m.sum()) for m in opt.penalized))
+
+        opt._take_releases = spy
+        run_steps(opt, model, batches(12))
+        assert ctl.log.releases, "no release happened: the test exercises nothing"
+        if refill:
+            assert 0 < opt.promoted <= len(ctl.log.releases) and min(sizes) >= need
+        else:
+            assert opt.promoted == 0 and min(sizes) >= need
 
 
 def test_removal_keeps_the_outputs_and_the_final_sparsity_meets_the_target():

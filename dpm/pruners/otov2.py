@@ -34,6 +34,7 @@ when its epochs are > 0 (0 in OTOv2's recipe, which trains once).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterable, Sequence
 
@@ -485,15 +486,24 @@ class DHSPG(torch.optim.Optimizer):
         return proj
 
     def _take_releases(self) -> None:
-        """Self-Rectifying released groups leave G_p for good (OTOv2 chooses G_p once)."""
+        """Self-Rectifying released groups leave G_p for good (OTOv2 chooses G_p once). With
+        budget=base, G_p is refilled by score only as far as the target needs: OTOv2's own
+        selection keeps its target reachable (strict already replaced each one)."""
         releases = self.controller.log.releases
-        for rec in releases[self.released_seen:]:
+        new = releases[self.released_seen:]
+        for rec in new:
             i, r = self._row_of[rec["key"]]
             self.penalized[i][r] = False
         self.released_seen = len(releases)
+        if new and self.controller.rectify is not None and self.controller.rectify.budget == "base":
+            total = sum(z.num_groups for z in self.zigs)
+            deficit = math.ceil(self.target_group_sparsity * total - 1e-9) - sum(int(m.sum()) for m in self.penalized)
+            if deficit > 0:
+                self.promote([None] * deficit, excluded={rec["key"] for rec in releases})
 
     def promote(self, released: Sequence[Target], excluded: Iterable[Hashable] = ()) -> list[Target]:
-        """``budget=strict``: per released group, the best-scoring G_np group joins G_p.
+        """Per released group, the best-scoring G_np group joins G_p (``budget=strict``; with
+        ``budget=base`` only as many as the target needs).
 
         Candidates keep every ZIG at >= q non-penalised groups (2.0.16's guarantee) and are neither
         zero nor ever admitted. Returns [] (nothing is admitted at once: a promoted group is
