@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,46 @@ def test_campaign_selects_on_validation_then_reports_paired_seeds():
     again = campaign("table", "--bases", "depgraph", "--seeds", "0,1")
     assert again.returncode == 0 and again.stdout.count("run already complete") + again.stderr.count(
         "run already complete") == 6
+
+
+def test_a_later_sitting_continues_from_the_committed_records():
+    """A fresh checkout has the committed results but no output tree and no baseline checkpoints:
+    the archived runs are restored and skipped, the baselines are re-made and must match."""
+    done = campaign("all", "--bases", "depgraph", "--seeds", "0")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    root = Path(os.environ["DPM_OUTPUT_ROOT"]) / "cpu_scale"
+    archived = root / "results_smoke" / "runs"
+    # Every finished run has its record (no checkpoint) in the results, large logs gzipped.
+    records = sorted(p.parent for p in archived.rglob("metrics.json"))
+    runs = sorted(p.parent for p in root.rglob("metrics.json") if archived not in p.parents)
+    assert [r.relative_to(archived) for r in records] == [r.relative_to(root) for r in runs]
+    assert all((r / "config.yaml").exists() for r in records)
+    assert not any(p.suffix == ".pt" for p in archived.rglob("*"))
+    assert (archived / "table_depgraph" / "1" / "dpm_log.json.gz").exists()
+    first = {r.relative_to(root): json.loads((r / "metrics.json").read_text()) for r in runs}
+
+    # The next sitting: only the results survive (and the data cache).
+    for path in root.iterdir():
+        if path.name != "results_smoke":
+            shutil.rmtree(path)
+    shutil.rmtree(Path(os.environ["DPM_CACHE_DIR"]) / "pretrained")
+    again = campaign("all", "--bases", "depgraph", "--seeds", "0")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    log = again.stdout + again.stderr
+    assert "depgraph: selection done" in log
+    assert log.count("run already complete") == 3  # the table's three runs; the baseline is re-made
+    for rel, metrics in first.items():  # the selection is not re-run: its choice is committed
+        if rel.parts[0] in ("pretrain", "table_depgraph"):
+            now = json.loads((root / rel / "metrics.json").read_text())
+            assert now["top1_final"] == metrics["top1_final"], rel
+    assert (root / "report" / "runs.csv").exists()
+    assert len(pd.read_csv(root / "results_smoke" / "report" / "runs.csv")) == 3
+
+    # A baseline that does not come out the same stops the campaign before any table.
+    record = archived / "pretrain" / "0" / "metrics.json"
+    metrics = json.loads(record.read_text())
+    record.write_text(json.dumps({**metrics, "top1_final": metrics["top1_final"] + 1.0}))
+    shutil.rmtree(root / "pretrain")
+    refused = campaign("pretrain", "--seeds", "0")
+    assert refused.returncode != 0
+    assert "seed 0: the re-made baseline differs from the archived one (top1_final" in refused.stderr

@@ -12,16 +12,18 @@ resumes killed ones from their checkpoints: the campaign can be carried across s
 
 Selection (never on the test set): on seed SELECT_SEED's validation split (5,000 held-out training
 images), +SP picks N from N_GRID by `val_top1_final`; then +SR, at that N, picks (T_rate, T_len)
-from SR_GRID; only runs that met their pruning target are eligible. `selection_<base>.csv` records every point; the chosen values feed the table, which
+from SR_GRID_OF[base]; only runs that met their pruning target are eligible. `selection_<base>.csv` records every point; the chosen values feed the table, which
 runs base / +SP / +SR over SEEDS and reports test accuracy.
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,10 +35,24 @@ N_GRID = {"depgraph": (0.1, 0.5, 1.5), "otov2": (0.1, 0.25, 1.0), "gate_decorato
 # SR's two thresholds at two values each (radial C_rate, release rule `and`): 4 runs a base, sized
 # so that the campaign fits a few sittings on 2 cores. T_len from a DepGraph pilot on seed 0 (N = 0.5
 # epoch, T_rate 0): T_len 1 released 259 of 278 admitted channels, 2 released 13 of 128, 4 none.
+# Gate Decorator's T_len is higher: its decaying units are single gates, whose per-step C_len is
+# noisy, and the rule is checked at every one of N steps. A pilot on seed 0 (N = 1 epoch, no release
+# possible, T_len 1e9) logged, over 775 checked steps, a per-step maximum C_len among the decaying
+# units with median 2.84, 90th percentile 3.83, 99th 4.99 (max 6.37): with T_len 2 nearly every unit
+# was released within its tick and the run never reached its FLOPs target.
 SR_GRID = {"dpm.T_rate": (0.0, 1e-3), "dpm.T_len": (2.0, 3.0)}
+SR_GRID_OF = {"depgraph": SR_GRID, "otov2": SR_GRID, "gate_decorator": {"dpm.T_rate": (0.0, 1e-3), "dpm.T_len": (4.0, 6.0)}}
 # Smoke mode (tests): a tiny slice of the same data and recipe, seconds per run.
 SMOKE = ["dataset.train_subset=400", "dataset.val_size=200", "dataset.test_subset=200", "trainer.pretrain.epochs=1",
          "trainer.max_steps_per_epoch=3", "trainer.eval_batch_size=200"]
+
+
+# What a finished run's record is (no checkpoints): enough to skip the run when a stage is re-run and
+# to rebuild the report. Large JSON logs are kept gzipped.
+RECORD_FILES = ("metrics.json", "config.yaml")
+RECORD_GZIPPED = ("dpm_log.json", "gate_decorator_ticks.json")
+# Baseline fields that must come out the same when a later sitting re-makes a baseline.
+BASELINE_FIELDS = ("top1_final", "val_top1_final", "test_loss_final")
 
 
 def results_dir(smoke: bool) -> Path:
@@ -48,7 +64,7 @@ def grids(base: str, smoke: bool) -> tuple[tuple, dict]:
     """N_epochs and SR grids (smaller in smoke mode)."""
     if smoke:
         return N_GRID[base][:2], {"dpm.T_rate": (0.0,), "dpm.T_len": (1.0, 2.0)}
-    return N_GRID[base], SR_GRID
+    return N_GRID[base], SR_GRID_OF[base]
 
 
 def output_root() -> Path:
@@ -59,11 +75,81 @@ def sweep_dir(stage: str) -> Path:
     return output_root() / "cpu_scale" / stage
 
 
+def archive_dir(stage: str, smoke: bool) -> Path:
+    """Where the records of a stage's finished runs are kept: committed with the results, so a later
+    sitting (a fresh checkout, no output tree) skips them."""
+    return results_dir(smoke) / "runs" / stage
+
+
+def archive(stage: str, smoke: bool) -> int:
+    """Copy the record of every complete run of `stage` not archived yet (RECORD_FILES, and
+    RECORD_GZIPPED gzipped) into archive_dir; returns how many were added. Each file is written
+    whole before the next (metrics.json last), so a kill mid-copy leaves no record that looks done."""
+    added = 0
+    out, keep = sweep_dir(stage), archive_dir(stage, smoke)
+    for metrics_path in sorted(out.glob("*/metrics.json")):
+        run_dir, dest = metrics_path.parent, keep / metrics_path.parent.name
+        if (dest / "metrics.json").exists() or json.loads(metrics_path.read_text()).get("status") != "complete":
+            continue
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in RECORD_GZIPPED:
+            if (run_dir / name).exists():
+                _write_atomic(dest / f"{name}.gz", gzip.compress((run_dir / name).read_bytes(), mtime=0))
+        for name in reversed(RECORD_FILES):
+            _write_atomic(dest / name, (run_dir / name).read_bytes())
+        added += 1
+    return added
+
+
+def restore(stage: str, smoke: bool) -> int:
+    """Put every archived record of `stage` back into its sweep dir where that run is not complete
+    there (a fresh checkout): the sweep then skips it. Returns how many were restored."""
+    restored = 0
+    for metrics_path in sorted(archive_dir(stage, smoke).glob("*/metrics.json")):
+        src, run_dir = metrics_path.parent, sweep_dir(stage) / metrics_path.parent.name
+        here = run_dir / "metrics.json"
+        if here.exists() and json.loads(here.read_text()).get("status") == "complete":
+            continue
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name in RECORD_GZIPPED:
+            if (src / f"{name}.gz").exists():
+                _write_atomic(run_dir / name, gzip.decompress((src / f"{name}.gz").read_bytes()))
+        for name in reversed(RECORD_FILES):
+            _write_atomic(run_dir / name, (src / name).read_bytes())
+        restored += 1
+    return restored
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def check_baselines(smoke: bool) -> None:
+    """The baselines a sitting re-makes (checkpoints are not committed) must be the archived ones,
+    or the archived runs of a seed and the new ones would start from different models."""
+    for metrics_path in sorted(archive_dir("pretrain", smoke).glob("*/metrics.json")):
+        old = json.loads(metrics_path.read_text())
+        new_path = sweep_dir("pretrain") / metrics_path.parent.name / "metrics.json"
+        new = json.loads(new_path.read_text())
+        differ = [f"{k} {old.get(k)} -> {new.get(k)}" for k in BASELINE_FIELDS if old.get(k) != new.get(k)]
+        if differ:
+            raise SystemExit(f"seed {new['seed']}: the re-made baseline differs from the archived one ({'; '.join(differ)}): "
+                             f"re-make it on the same torch build and thread count (OMP_NUM_THREADS, "
+                             f"CAMPAIGN_LAUNCHER) as the archived runs, or move {archive_dir('', smoke)} aside to "
+                             f"start the campaign over")
+
+
 def multirun(stage: str, overrides: list[str], smoke: bool, allow_failed: bool = False) -> Path:
     """One resumable sweep; returns its dir. A failed point fails the stage (after the others ran),
     unless `allow_failed` (a selection grid: a point that failed, e.g. never reached its pruning
-    target, is simply not eligible)."""
+    target, is simply not eligible). Archived runs are restored first (except the baselines: their
+    checkpoints are re-made, and check_baselines compares them), and every run that completes is
+    archived as soon as it does."""
     out = sweep_dir(stage)
+    if stage != "pretrain" and (n := restore(stage, smoke)):
+        print(f"{stage}: {n} finished run(s) restored from {archive_dir(stage, smoke)}", flush=True)
     extra = []
     if smoke:  # DepGraph's second round must fall inside the 3-step smoke epochs
         extra = SMOKE + (["pruner.round_interval=6"] if "depgraph" in stage else [])
@@ -73,16 +159,22 @@ def multirun(stage: str, overrides: list[str], smoke: bool, allow_failed: bool =
            "hydra.sweep.subdir=${hydra.job.num}",
            *os.environ.get("CAMPAIGN_LAUNCHER", "").split()]
     print("+", " ".join(cmd), flush=True)
-    done = subprocess.run(cmd, cwd=ROOT)
-    if done.returncode != 0:
+    sweep = subprocess.Popen(cmd, cwd=ROOT)
+    while sweep.poll() is None:
+        time.sleep(1 if smoke else 30)
+        archive(stage, smoke)
+    archive(stage, smoke)
+    if sweep.returncode != 0:
         if not allow_failed:
-            raise subprocess.CalledProcessError(done.returncode, cmd)
-        print(f"{stage}: some points failed (exit {done.returncode}); they are not eligible", flush=True)
+            raise subprocess.CalledProcessError(sweep.returncode, cmd)
+        print(f"{stage}: some points failed (exit {sweep.returncode}); they are not eligible", flush=True)
     return out
 
 
 def runs_of(directory: Path) -> list[dict]:
-    found = [json.loads(p.read_text()) for p in sorted(directory.rglob("metrics.json"))]
+    """The complete runs' metrics, with `run_dir` where each record is now (a restored record names
+    the dir it ran in)."""
+    found = [{**json.loads(p.read_text()), "run_dir": str(p.parent)} for p in sorted(directory.rglob("metrics.json"))]
     return [m for m in found if m.get("status") == "complete"]
 
 
@@ -98,7 +190,13 @@ def best(runs: list[dict], key: str) -> dict:
 
 
 def select(base: str, smoke: bool) -> dict:
-    """+SP's N, then +SR's thresholds at that N, on the validation split of SELECT_SEED."""
+    """+SP's N, then +SR's thresholds at that N, on the validation split of SELECT_SEED. A base whose
+    choice is already in the results is not selected again (delete its chosen_<base>.json to redo it):
+    its table must keep using the choice it was given."""
+    path = results_dir(smoke) / "selection" / f"chosen_{base}.json"
+    if path.exists():
+        print(f"{base}: selection done, keeping {path}", flush=True)
+        return json.loads(path.read_text())
     common = [f"experiment=cpu_scale/{base}", f"seed={SELECT_SEED}", "ablation=selection"]
     base_dir = multirun(f"select_{base}_base", [*common, "dpm=base"], smoke)
     n_grid, sr_grid = grids(base, smoke)
@@ -145,11 +243,9 @@ def write_selection(base: str, runs: list[dict], choice: dict, smoke: bool) -> N
 def plot_selection(base: str, frame, choice: dict, path: Path) -> None:
     """The selection as ablation curves of validation top-1: +SP against N (log scale), +SR against
     T_len, one line per T_rate, with the base run and the chosen +SP as reference lines."""
-    import matplotlib
+    from dpm.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax_n, ax_t) = plt.subplots(1, 2, figsize=(11, 4.2))
     sp = frame[frame["variant"] == "sp"].sort_values("N_epochs")
     ax_n.plot(sp["N_epochs"], sp["val_top1_final"], "o-", label="+SP")
@@ -222,6 +318,10 @@ def report(bases: list[str], smoke: bool) -> None:
 
     import pandas as pd
 
+    from dpm.report import file_label, run_labels
+
+    for b in bases:
+        restore(f"table_{b}", smoke)
     dirs = [str(sweep_dir(f"table_{b}")) for b in bases if sweep_dir(f"table_{b}").exists()]
     if not dirs:
         raise SystemExit("no table sweep has run yet")
@@ -235,9 +335,8 @@ def report(bases: list[str], smoke: bool) -> None:
         if path.is_file():
             shutil.copy2(path, out / path.name)
     runs = pd.read_csv(full / "runs.csv")
-    common = Path(os.path.commonpath([str(Path(d).resolve()) for d in runs["run_dir"]]))
-    keep = {"_".join(Path(r.run_dir).resolve().relative_to(common).parts)
-            for r in runs.itertuples() if r.seed == SELECT_SEED and r.variant in ("sp", "sr")}
+    seed0 = runs[(runs["seed"] == SELECT_SEED) & runs["variant"].isin(["sp", "sr"])]
+    keep = {file_label(label) for label in run_labels(runs, seed0["run_dir"]).values()}  # dpm.report's plot names
     for path in (full / "plots").iterdir():
         stem = path.stem.removeprefix("trajectories_")
         if not path.stem.startswith("trajectories_") or (stem in keep and path.suffix == ".png"):
@@ -258,6 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage in ("pretrain", "all"):
         seeds = ",".join(sorted(set(args.seeds.split(",")) | {str(SELECT_SEED)}, key=int))
         multirun("pretrain", ["experiment=cpu_scale/pretrain", f"seed={seeds}"], args.smoke)
+        check_baselines(args.smoke)
     # Every selection before any table: the SR defaults (conf/dpm/sr.yaml) need all bases' choices,
     # and a sitting that ends mid-campaign leaves complete selections rather than one finished base.
     failed: dict[str, str] = {}
