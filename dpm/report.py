@@ -685,7 +685,7 @@ def write_report(dirs: Sequence[str | os.PathLike], out: str | os.PathLike | Non
 # ----------------------------------------------------------------------------------------------
 # Plots
 
-def _file_label(label: str, limit: int = 120) -> str:
+def file_label(label: str, limit: int = 120) -> str:
     """A run label fit for a file name: sweep-dir names of many overrides exceed the 255-byte limit,
     so long ones keep their start and a hash of the whole."""
     import hashlib
@@ -714,7 +714,8 @@ def _save(fig, path_stem: Path) -> list[Path]:
     return paths
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on clusters or in tests
@@ -726,7 +727,7 @@ def _pyplot():
 def plot_accuracy_vs_flops(table: pd.DataFrame, ref: pd.DataFrame, path_stem: Path) -> list[Path]:
     """One panel per base pruner: our mean top-1 (± std over seeds) against FLOPs % remaining per
     variant, and the paper's points for the same model and data set as hollow markers."""
-    plt = _pyplot()
+    plt = pyplot()
     pruners = sorted(table["pruner"].dropna().unique())
     if not pruners:
         return []
@@ -762,7 +763,7 @@ def plot_accuracy_vs_flops(table: pd.DataFrame, ref: pd.DataFrame, path_stem: Pa
 def plot_trajectories(dpm_log: dict, title: str, path_stem: Path) -> list[Path]:
     """Norm of each tracked decaying target against the training step, releases marked: a red x on
     the trajectory of a released tracked target, a dotted line at every release step."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     releases = dpm_log.get("releases") or []
     released_at = {}
@@ -820,7 +821,7 @@ def plot_ablation(runs: pd.DataFrame, facet: str, path_stem: Path) -> list[Path]
     budget or schedule, drawn as named positions): mean ± std over
     seeds, one curve per (model, dataset, pruner, variant). Runs without the facet (e.g. T_rate of a
     base run) are left out; other facets are averaged over, so sweep one facet at a time."""
-    plt = _pyplot()
+    plt = pyplot()
     ok = aggregated_runs(runs).copy()
     ok[facet] = _facet_values(ok[facet], facet)
     ok = ok[ok[facet].notna()]
@@ -861,7 +862,7 @@ def plot_ablation(runs: pd.DataFrame, facet: str, path_stem: Path) -> list[Path]
 def plot_released(logs: dict[str, dict], path_stem: Path) -> list[Path]:
     """Cumulative releases against the fine-tune step, one line per run, from each dpm_log.json's
     `history` (`releases_total` when recorded, else `released`), with the decaying count dashed."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), squeeze=False)
     for label, dpm_log in logs.items():
         history = [h for h in dpm_log.get("history") or [] if "step" in h]
@@ -885,7 +886,7 @@ def plot_released(logs: dict[str, dict], path_stem: Path) -> list[Path]:
         plt.close(fig)
 
 
-def _run_labels(runs: pd.DataFrame, run_dirs: Iterable[str]) -> dict[str, str]:
+def run_labels(runs: pd.DataFrame, run_dirs: Iterable[str]) -> dict[str, str]:
     """A short file-name-safe label per run dir: its path below the common root of all runs."""
     common = Path(os.path.commonpath([str(Path(d).resolve()) for d in runs["run_dir"]]))
     labels = {}
@@ -908,12 +909,12 @@ def write_plots(runs: pd.DataFrame, ref: pd.DataFrame, out: Path) -> list[Path]:
     ok = aggregated_runs(runs)
     if len(ok):
         logs: dict[str, dict] = {}
-        for run_dir, label in _run_labels(runs, ok["run_dir"]).items():
+        for run_dir, label in run_labels(runs, ok["run_dir"]).items():
             log_path = Path(run_dir) / "dpm_log.json"
             if not log_path.is_file():
                 continue
             logs[label] = json.loads(log_path.read_text())
-            written += plot_trajectories(logs[label], label, out / f"trajectories_{_file_label(label)}")
+            written += plot_trajectories(logs[label], label, out / f"trajectories_{file_label(label)}")
         if any(log.get("history") for log in logs.values()):
             written += plot_released(logs, out / "released_over_training")
     return written

@@ -266,10 +266,7 @@ def train_phase(
     for epoch in range(start_epoch, phase_cfg.epochs):
         t0 = time.time()
         first_step = start_step if epoch == start_epoch else 0
-        if first_step:
-            train_loader.set_epoch(epoch, first_step)
-        else:
-            train_loader.set_epoch(epoch)
+        train_loader.set_epoch(epoch, first_step)
         lr = optimizer.param_groups[0]["lr"]
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
@@ -331,7 +328,7 @@ def train_phase(
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
                                 lr=f"{lr:.4g}")
             if mid_epoch and (steps_per_epoch is None or step + 1 < steps_per_epoch) and _checkpoint_due(
-                    step + 1, last_save, checkpoint_every_steps, checkpoint_every_minutes, device):
+                    step + 1, last_save, checkpoint_every_steps, checkpoint_every_minutes):
                 # Never a checkpoint of a state that went bad: the NaN check runs first.
                 distributed.all_reduce_max(first_nonfinite)
                 _raise_if_nonfinite(first_nonfinite, phase, epoch, phase_cfg)
@@ -389,20 +386,14 @@ def _rank_partial(ranks: list[dict]) -> dict:
     return {key: sum(r[key] for r in ranks) for key in ("loss_sum", "correct", "seen")}
 
 
-def _checkpoint_due(steps_done: int, last_save: float, every_steps: int, every_minutes: float,
-                    device: torch.device) -> bool:
+def _checkpoint_due(steps_done: int, last_save: float, every_steps: int, every_minutes: float) -> bool:
     """Whether a mid-epoch checkpoint is due after `steps_done` steps of the epoch. The clock is read
     every CHECKPOINT_POLL steps and, under DDP, rank 0's reading decides for every rank."""
     if every_steps > 0 and steps_done % every_steps == 0:
         return True
     if every_minutes <= 0 or steps_done % CHECKPOINT_POLL:
         return False
-    due = torch.tensor(float(time.time() - last_save >= 60.0 * every_minutes), device=device)
-    if distributed.is_initialized():
-        import torch.distributed as tdist
-
-        tdist.broadcast(due, src=0)
-    return bool(due)
+    return bool(distributed.broadcast_object(time.time() - last_save >= 60.0 * every_minutes))
 
 
 @torch.no_grad()

@@ -214,7 +214,7 @@ def _due_worker(rank: int, world: int, port: int, out: str) -> None:
     try:
         # Rank 0's clock says due, rank 1's says not: both must follow rank 0 (or the barrier hangs).
         last_save = time.time() - (3600 if rank == 0 else 0)
-        due = _checkpoint_due(CHECKPOINT_POLL, last_save, 0, 5.0, torch.device("cpu"))
+        due = _checkpoint_due(CHECKPOINT_POLL, last_save, 0, 5.0)
         Path(out, f"{rank}.json").write_text(json.dumps(due))
     finally:
         tdist.destroy_process_group()

@@ -312,3 +312,28 @@ def test_strict_budget_replacements_are_drained_before_the_melt(tmp_path):
     assert m["status"] == "complete" and m["target_met"] and m["released"] >= 1
     # every release was replaced by the next-lowest unit, and every admitted unit ended removed or released
     assert m["admitted"] == m["pruned"] + m["released"]
+
+
+def test_drain_loader_resumed_inside_an_epoch_yields_only_the_steps_left():
+    """A drain killed after a mid-epoch checkpoint resumes at its next step: the cut loader must take
+    the start step (train_phase passes it) and stop at the drain's total, not a full epoch later."""
+    from dpm.pruners.gate_decorator import _Steps
+
+    class Loader:
+        def __init__(self):
+            self.epoch = self.start = 0
+
+        def set_epoch(self, epoch, start_step=0):
+            self.epoch, self.start = epoch, start_step
+
+        def __len__(self):
+            return 10
+
+        def __iter__(self):
+            return iter(range(self.epoch * 10 + self.start, self.epoch * 10 + 10))
+
+    steps = _Steps(Loader(), 14)  # one full epoch and 4 steps of the next
+    steps.set_epoch(0)
+    assert list(steps) == list(range(10))
+    steps.set_epoch(1, 1)  # resumed after the drain's step 11
+    assert len(steps) == 4 and list(steps) == [11, 12, 13]

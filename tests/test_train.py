@@ -157,9 +157,9 @@ def test_checkpoint_every_minutes_reads_the_clock_only_on_poll_steps():
 
     from dpm.train import CHECKPOINT_POLL, _checkpoint_due
 
-    long_ago, now, cpu = time.time() - 3600, time.time(), torch.device("cpu")
-    assert _checkpoint_due(CHECKPOINT_POLL, long_ago, 0, 5.0, cpu)
-    assert not _checkpoint_due(CHECKPOINT_POLL + 1, long_ago, 0, 5.0, cpu)  # between polls
-    assert not _checkpoint_due(CHECKPOINT_POLL, now, 0, 5.0, cpu)  # not yet 5 minutes
-    assert _checkpoint_due(6, now, 3, 0.0, cpu) and not _checkpoint_due(7, now, 3, 0.0, cpu)
-    assert not _checkpoint_due(CHECKPOINT_POLL, long_ago, 0, 0.0, cpu)  # off
+    long_ago, now = time.time() - 3600, time.time()
+    assert _checkpoint_due(CHECKPOINT_POLL, long_ago, 0, 5.0)
+    assert not _checkpoint_due(CHECKPOINT_POLL + 1, long_ago, 0, 5.0)  # between polls
+    assert not _checkpoint_due(CHECKPOINT_POLL, now, 0, 5.0)  # not yet 5 minutes
+    assert _checkpoint_due(6, now, 3, 0.0) and not _checkpoint_due(7, now, 3, 0.0)
+    assert not _checkpoint_due(CHECKPOINT_POLL, long_ago, 0, 0.0)  # off

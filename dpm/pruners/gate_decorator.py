@@ -307,21 +307,22 @@ class _Steps:
     def __init__(self, loader: Any, total: int) -> None:
         self.loader, self.total = loader, total
         self.per_epoch = len(loader)
-        self.epoch = 0
+        self.epoch = self.start_step = 0
 
     @property
     def epochs(self) -> int:
         return max(1, math.ceil(self.total / self.per_epoch))
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.loader.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The epoch, and the step a resumed epoch starts from (the loader skips the steps before)."""
+        self.epoch, self.start_step = epoch, start_step
+        self.loader.set_epoch(epoch, start_step)
 
     def __len__(self) -> int:
         return max(0, min(self.per_epoch, self.total - self.epoch * self.per_epoch))
 
     def __iter__(self):
-        n = len(self)
+        n = len(self) - self.start_step
         for i, batch in enumerate(self.loader):
             if i >= n:
                 break

@@ -124,18 +124,9 @@ class PruningRounds:
             if not self._short_of_target():
                 break
             keys = distributed.broadcast_object(self.pruner.select(self.speedup, excluded=excluded))
-            if not keys:
-                continue
-            self.pruner.remove(keys, optimizer)
-            self.controller.forget(keys)
-            self.controller.bind(self.model)
-            self.admitted += len(keys)
-            self.removed += len(keys)
-            record = {"iteration": self.iteration, "round": self.rounds_done, "removed": len(keys),
-                      "speedup": self.current_speedup(), "immediate": True}
-            self.removals.append(record)
-            log.info("after round %d: %d channels removed at once at iteration %d (no decay fits any more), "
-                     "speed-up %.3fx", self.rounds_done, len(keys), self.iteration, record["speedup"])
+            if keys:
+                self.admitted += len(keys)
+                self._remove(keys, optimizer, immediate=True)
 
     def _remove_if_done(self, optimizer: torch.optim.Optimizer) -> None:
         """Remove the round's channels physically once none is decaying any more."""
@@ -146,15 +137,25 @@ class PruningRounds:
         # DDP: every rank must remove the same channels at the same step (the DDP wrapper is rebuilt
         # on the next forward); a divergence is an error, not a silently different model per rank.
         distributed.agree(sorted(map(str, pruned)), f"the channels removed at iteration {self.iteration}")
-        self.pruner.remove(pruned, optimizer)
-        self.controller.forget(pruned)
+        self._remove(pruned, optimizer, immediate=False)
+
+    def _remove(self, keys, optimizer: torch.optim.Optimizer, immediate: bool) -> None:
+        """Physical removal of `keys` (their optimizer state sliced too), recorded in `removals`;
+        `immediate`: the base method's one-step removal, without a decay."""
+        self.pruner.remove(keys, optimizer)
+        self.controller.forget(keys)
         self.controller.bind(self.model)
-        self.removed += len(pruned)
-        record = {"iteration": self.iteration, "round": self.rounds_done, "removed": len(pruned),
+        self.removed += len(keys)
+        record = {"iteration": self.iteration, "round": self.rounds_done, "removed": len(keys),
                   "speedup": self.current_speedup()}
+        if immediate:
+            record["immediate"] = True
+            log.info("after round %d: %d channels removed at once at iteration %d (no decay fits any more), "
+                     "speed-up %.3fx", self.rounds_done, len(keys), self.iteration, record["speedup"])
+        else:
+            log.info("round %d: removed %d channels at iteration %d, speed-up %.3fx", self.rounds_done, len(keys),
+                     self.iteration, record["speedup"])
         self.removals.append(record)
-        log.info("round %d: removed %d channels at iteration %d, speed-up %.3fx", self.rounds_done, len(pruned),
-                 self.iteration, record["speedup"])
 
     def _replacement(self, released: list, excluded: frozenset) -> list:
         """budget=strict: for each released channel, the next-least-important candidate."""
