@@ -102,7 +102,7 @@ class _FixedEpoch:
         self.inner = inner
         inner.set_epoch(epoch)
 
-    def set_epoch(self, _: int) -> None:
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         pass
 
     def __len__(self) -> int:
