@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
             except SystemExit as err:  # one base's selection must not hold up the others'
                 failed[base] = str(err)
                 print(f"{base}: selection failed: {err}", flush=True)
-        sr_defaults([b for b in bases if b not in failed], args.smoke)
+        sr_defaults([b for b in BASES if b not in failed], args.smoke)  # every base selected so far
     if args.stage in ("table", "all"):
         for base in bases:
             if base not in failed:
