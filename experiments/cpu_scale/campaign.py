@@ -82,22 +82,14 @@ def archive_dir(stage: str, smoke: bool) -> Path:
 
 
 def archive(stage: str, smoke: bool) -> int:
-    """Copy the record of every complete run of `stage` not archived yet (RECORD_FILES, and
-    RECORD_GZIPPED gzipped) into archive_dir; returns how many were added. Each file is written
-    whole before the next (metrics.json last), so a kill mid-copy leaves no record that looks done."""
+    """Copy the record of every complete run of `stage` not archived yet into archive_dir; returns
+    how many were added."""
     added = 0
-    out, keep = sweep_dir(stage), archive_dir(stage, smoke)
-    for metrics_path in sorted(out.glob("*/metrics.json")):
-        run_dir, dest = metrics_path.parent, keep / metrics_path.parent.name
-        if (dest / "metrics.json").exists() or json.loads(metrics_path.read_text()).get("status") != "complete":
-            continue
-        dest.mkdir(parents=True, exist_ok=True)
-        for name in RECORD_GZIPPED:
-            if (run_dir / name).exists():
-                _write_atomic(dest / f"{name}.gz", gzip.compress((run_dir / name).read_bytes(), mtime=0))
-        for name in reversed(RECORD_FILES):
-            _write_atomic(dest / name, (run_dir / name).read_bytes())
-        added += 1
+    for metrics_path in sorted(sweep_dir(stage).glob("*/metrics.json")):
+        dest = archive_dir(stage, smoke) / metrics_path.parent.name
+        if not (dest / "metrics.json").exists() and _complete(metrics_path):
+            _copy_record(metrics_path.parent, dest, pack=True)
+            added += 1
     return added
 
 
@@ -106,24 +98,29 @@ def restore(stage: str, smoke: bool) -> int:
     there (a fresh checkout): the sweep then skips it. Returns how many were restored."""
     restored = 0
     for metrics_path in sorted(archive_dir(stage, smoke).glob("*/metrics.json")):
-        src, run_dir = metrics_path.parent, sweep_dir(stage) / metrics_path.parent.name
-        here = run_dir / "metrics.json"
-        if here.exists() and json.loads(here.read_text()).get("status") == "complete":
-            continue
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for name in RECORD_GZIPPED:
-            if (src / f"{name}.gz").exists():
-                _write_atomic(run_dir / name, gzip.decompress((src / f"{name}.gz").read_bytes()))
-        for name in reversed(RECORD_FILES):
-            _write_atomic(run_dir / name, (src / name).read_bytes())
-        restored += 1
+        run_dir = sweep_dir(stage) / metrics_path.parent.name
+        if not (run_dir / "metrics.json").exists() or not _complete(run_dir / "metrics.json"):
+            _copy_record(metrics_path.parent, run_dir, pack=False)
+            restored += 1
     return restored
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def _complete(metrics_path: Path) -> bool:
+    return json.loads(metrics_path.read_text()).get("status") == "complete"
+
+
+def _copy_record(src: Path, dest: Path, pack: bool) -> None:
+    """RECORD_FILES as they are and RECORD_GZIPPED gzipped (`pack`) or back unzipped; each file
+    written whole, metrics.json last, so a kill mid-copy leaves no record that looks done."""
+    from dpm.checkpoint import atomic_write_bytes
+
+    for name in RECORD_GZIPPED:
+        source, target = (src / name, dest / f"{name}.gz") if pack else (src / f"{name}.gz", dest / name)
+        if source.exists():
+            data = source.read_bytes()
+            atomic_write_bytes(target, gzip.compress(data, mtime=0) if pack else gzip.decompress(data))
+    for name in reversed(RECORD_FILES):
+        atomic_write_bytes(dest / name, (src / name).read_bytes())
 
 
 def check_baselines(smoke: bool) -> None:
