@@ -282,15 +282,21 @@ def sr_defaults(bases: list[str], smoke: bool) -> dict:
         frame = pd.read_csv(path)
         sp_val = chosen(base, smoke)["sp_val_top1"]
         sr = frame[(frame["variant"] == "sr") & (frame["target_met"] != False)]  # noqa: E712 (NaN: unknown)
-        gains += [{"base": base, "T_rate": r.T_rate, "T_len": r.T_len, "gain": r.val_top1_final - sp_val}
+        gains += [{"base": base, "T_rate": r.T_rate, "T_len": r.T_len, "gain": round(r.val_top1_final - sp_val, 4)}
                   for r in sr.itertuples()]
     if not gains:
         raise SystemExit("no selection has run yet: run the select stage first")
-    mean = pd.DataFrame(gains).groupby(["T_rate", "T_len"])["gain"].agg(["mean", "count"]).reset_index()
+    gains = pd.DataFrame(gains)
+    mean = gains.groupby(["T_rate", "T_len"])["gain"].agg(["mean", "count"]).reset_index()
     top = mean.loc[mean["mean"].idxmax()]
+    # Each base's own verdict too: the grids differ between bases (SR_GRID_OF), so a grid point's
+    # mean may stand for fewer bases than were selected (`bases` says how many).
+    per_base = {b: {"T_rate": float(g.loc[g["gain"].idxmax(), "T_rate"]), "T_len": float(g.loc[g["gain"].idxmax(), "T_len"]),
+                    "best_val_gain_over_sp": float(g["gain"].max()), "beats_sp": bool(g["gain"].max() > 0)}
+                for b, g in gains.groupby("base", sort=False)}
     result = {"c_rate_form": "radial", "T_rate": float(top["T_rate"]), "T_len": float(top["T_len"]),
               "mean_val_gain_over_sp": float(top["mean"]), "bases": int(top["count"]),
-              "beats_sp": bool(top["mean"] > 0), "grid": mean.to_dict(orient="records")}
+              "beats_sp": bool(top["mean"] > 0), "per_base": per_base, "grid": mean.to_dict(orient="records")}
     (out / "sr_defaults.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"SR defaults from validation: {result}")
     return result
