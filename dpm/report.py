@@ -804,9 +804,13 @@ ABLATION_METRICS = {"top1_final": "top-1 final (%)", "flops_remaining_pct": "FLO
 
 
 def ablation_facets(runs: pd.DataFrame) -> list[str]:
-    """The ablation facets with at least two distinct values among the aggregated runs."""
+    """The ablation facets with at least two distinct values among the aggregated runs of one
+    variant of one table (a base / +SP / +SR table, whose base runs have N = 1 and whose +SP runs
+    another N, is no N ablation)."""
     ok = aggregated_runs(runs)
-    return [f for f in ABLATION_FACETS if f in ok and _facet_values(ok[f], f).dropna().nunique() >= 2]
+    groups = [group for _, group in ok.groupby([ok[k].astype(str) for k in GROUP_KEYS if k in ok])] if len(ok) else []
+    return [f for f in ABLATION_FACETS if f in ok
+            and any(_facet_values(group[f], f).dropna().nunique() >= 2 for group in groups)]
 
 
 def _facet_values(values: pd.Series, facet: str) -> pd.Series:

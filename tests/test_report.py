@@ -288,6 +288,24 @@ def test_ablation_and_released_plots_only_for_facets_that_vary(ablation_dir, tmp
     assert plots / "released_over_training.pdf" in report.files
 
 
+def test_a_table_whose_variants_differ_in_N_is_no_N_ablation(tmp_path):
+    """base (N = 1) / +SP / +SR (N = 195) over seeds: N varies across the rows but within no variant."""
+    root = tmp_path / "table"
+    for i, ((variant, seed), top1) in enumerate(TOP1.items()):
+        run_dir = write_run(root / f"{i}_{variant}_{seed}", variant, seed, top1)
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        (run_dir / "metrics.json").write_text(json.dumps({**metrics, "N": 1 if variant == "base" else 195}))
+    runs = rp.load_runs([root])
+    assert rp.ablation_facets(runs) == []
+    # the same runs with a second N for +SP seed 0 make one
+    extra = write_run(root / "9_sp_0_N50", "sp", 0, 93.0, run_id="N50")
+    cfg = yaml.safe_load((extra / "config.yaml").read_text())
+    (extra / "config.yaml").write_text(yaml.safe_dump({**cfg, "dpm": {**cfg["dpm"], "N": 50}}))
+    metrics = json.loads((extra / "metrics.json").read_text())
+    (extra / "metrics.json").write_text(json.dumps({**metrics, "N": 50}))
+    assert rp.ablation_facets(rp.load_runs([root])) == ["N"]
+
+
 def test_report_logs_its_tables_and_plots_to_an_offline_wandb_run(runs_dir, tmp_path):
     out = tmp_path / "rep"
     done = subprocess.run([sys.executable, "-m", "dpm.report", str(runs_dir), "--out", str(out), "--wandb",
