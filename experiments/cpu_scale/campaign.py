@@ -291,9 +291,11 @@ def sr_defaults(bases: list[str], smoke: bool) -> dict:
     top = mean.loc[mean["mean"].idxmax()]
     # Each base's own verdict too: the grids differ between bases (SR_GRID_OF), so a grid point's
     # mean may stand for fewer bases than were selected (`bases` says how many).
-    per_base = {b: {"T_rate": float(g.loc[g["gain"].idxmax(), "T_rate"]), "T_len": float(g.loc[g["gain"].idxmax(), "T_len"]),
-                    "best_val_gain_over_sp": float(g["gain"].max()), "beats_sp": bool(g["gain"].max() > 0)}
-                for b, g in gains.groupby("base", sort=False)}
+    per_base = {}
+    for b, g in gains.groupby("base", sort=False):
+        win = g.loc[g["gain"].idxmax()]
+        per_base[b] = {"T_rate": float(win["T_rate"]), "T_len": float(win["T_len"]),
+                       "best_val_gain_over_sp": float(win["gain"]), "beats_sp": bool(win["gain"] > 0)}
     result = {"c_rate_form": "radial", "T_rate": float(top["T_rate"]), "T_len": float(top["T_len"]),
               "mean_val_gain_over_sp": float(top["mean"]), "bases": int(top["count"]),
               "beats_sp": bool(top["mean"] > 0), "per_base": per_base, "grid": mean.to_dict(orient="records")}
