@@ -921,6 +921,10 @@ def write_plots(runs: pd.DataFrame, ref: pd.DataFrame, out: Path) -> list[Path]:
             written += plot_trajectories(logs[label], label, out / f"trajectories_{file_label(label)}")
         if any(log.get("history") for log in logs.values()):
             written += plot_released(logs, out / "released_over_training")
+    # plots/ is the report's own: a plot an earlier report into the same folder drew and this one
+    # did not (a facet that no longer varies, a run left out) must not pass for one of this report's.
+    for stale in [p for p in out.glob("*") if p.suffix in (".png", ".pdf") and p not in written]:
+        stale.unlink()
     return written
 
 

@@ -297,6 +297,12 @@ def test_a_table_whose_variants_differ_in_N_is_no_N_ablation(tmp_path):
         (run_dir / "metrics.json").write_text(json.dumps({**metrics, "N": 1 if variant == "base" else 195}))
     runs = rp.load_runs([root])
     assert rp.ablation_facets(runs) == []
+    # a report into a folder that holds an earlier report's ablation plot removes it
+    stale = tmp_path / "rep" / "plots" / "ablation_N.png"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
+    rp.write_report([root], tmp_path / "rep")
+    assert not stale.exists() and (tmp_path / "rep" / "plots" / "accuracy_vs_flops.png").exists()
     # the same runs with a second N for +SP seed 0 make one
     extra = write_run(root / "9_sp_0_N50", "sp", 0, 93.0, run_id="N50")
     cfg = yaml.safe_load((extra / "config.yaml").read_text())

@@ -333,7 +333,6 @@ def report(bases: list[str], smoke: bool) -> None:
     if not dirs:
         raise SystemExit("no table sweep has run yet")
     full = sweep_dir("report")
-    shutil.rmtree(full, ignore_errors=True)  # a plot an earlier report drew must not be copied as this one's
     subprocess.run([sys.executable, "-m", "dpm.report", *dirs, "--out", str(full)], cwd=ROOT, check=True)
     out = results_dir(smoke) / "report"
     if out.exists():
