@@ -222,6 +222,9 @@ class DPMConfig:
     release_cooldown: int = 1
     budget: str = "base"  # base | strict
     include_consumers: bool = False
+    # Norm trajectories logged in dpm_log.json: the first `track` targets admitted, or null for every
+    # one (to see released targets; the first few admitted rarely are). Logging only: a run-time key.
+    track: Optional[int] = 8
 
 
 @dataclass
@@ -336,6 +339,8 @@ def validate(cfg) -> None:
             fail(f"dpm.{key}", cfg.dpm[key], f"valid: {', '.join(valid)}")
     if cfg.dpm.release_cooldown < 1:
         fail("dpm.release_cooldown", cfg.dpm.release_cooldown, "must be >= 1 (1 = the rest of the round)")
+    if cfg.dpm.track is not None and cfg.dpm.track < 0:
+        fail("dpm.track", cfg.dpm.track, "must be >= 0 (targets whose norm trajectory is logged) or null for all")
     if cfg.pruner.name != "none":
         if not cfg.pruner.speedup > 1:
             fail("pruner.speedup", cfg.pruner.speedup, "the MACs speed-up target must be > 1")

@@ -760,9 +760,21 @@ def plot_accuracy_vs_flops(table: pd.DataFrame, ref: pd.DataFrame, path_stem: Pa
         plt.close(fig)
 
 
-def plot_trajectories(dpm_log: dict, title: str, path_stem: Path) -> list[Path]:
-    """Norm of each tracked decaying target against the training step, releases marked: a red x on
-    the trajectory of a released tracked target, a dotted line at every release step."""
+def trajectories_to_draw(dpm_log: dict, limit: int = 8) -> list:
+    """At most `limit` of a dpm_log's (key, points) trajectories: the released targets' first (up to
+    half of `limit`, more when too few others), then the others, each group in admission order."""
+    released = {json.dumps(rel.get("key")) for rel in dpm_log.get("releases") or []}
+    tracked = [(key, points) for key, points in dpm_log.get("trajectories") or [] if points]
+    hit = [t for t in tracked if json.dumps(t[0]) in released]
+    rest = [t for t in tracked if json.dumps(t[0]) not in released]
+    n_hit = min(len(hit), max(limit // 2, limit - len(rest)))
+    return hit[:n_hit] + rest[:limit - n_hit]
+
+
+def plot_trajectories(dpm_log: dict, title: str, path_stem: Path, limit: int = 8) -> list[Path]:
+    """Norm of tracked decaying targets against the training step (trajectories_to_draw picks at most
+    `limit`, released ones first), releases marked: a red x on the trajectory of a released target,
+    a dotted line at every release step."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     releases = dpm_log.get("releases") or []
@@ -771,9 +783,8 @@ def plot_trajectories(dpm_log: dict, title: str, path_stem: Path) -> list[Path]:
         released_at.setdefault(json.dumps(rel.get("key")), []).append(rel["step"])
     for step in sorted({rel["step"] for rel in releases}):
         ax.axvline(step, color="tab:red", alpha=0.15, linestyle=":")
-    for key, points in dpm_log.get("trajectories") or []:
-        if not points:
-            continue
+    drawn = trajectories_to_draw(dpm_log, limit)
+    for key, points in drawn:
         steps = [p[0] for p in points]
         norms = [p[2] for p in points]
         line, = ax.plot(steps, norms, marker=".", markersize=3, linewidth=1, label=str(tuple(key)))
@@ -781,11 +792,14 @@ def plot_trajectories(dpm_log: dict, title: str, path_stem: Path) -> list[Path]:
             # the norm where it was released: the last point at or before the release step
             before = [n for s, n in zip(steps, norms) if s <= step] or norms[:1]
             ax.scatter([step], [before[-1]], marker="x", color="tab:red", s=60, zorder=3)
-    ax.set_title(f"{title}: {len(releases)} releases (red)")
+    tracked = sum(1 for _, points in dpm_log.get("trajectories") or [] if points)
+    shown = sum(1 for key, _ in drawn if json.dumps(key) in released_at)
+    ax.set_title(f"{title}: {len(releases)} releases (red); {len(drawn)} of {tracked} tracked drawn, "
+                 f"{shown} released", fontsize=9)
     ax.set_xlabel("fine-tune step")
     ax.set_ylabel("target norm")
     ax.grid(alpha=0.3)
-    if dpm_log.get("trajectories"):
+    if drawn:
         ax.legend(fontsize=6, ncol=2)
     try:
         return _save(fig, path_stem)

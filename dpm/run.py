@@ -36,7 +36,8 @@ PRETRAIN_PROGRESS = "pretrain_last.pt"
 # Keys that may change between a run and its resumption without changing its result.
 RUNTIME_KEYS = ("run_id", "resume", "force_resume", "trainer.device", "trainer.progress", "trainer.num_workers",
                 "trainer.eval_batch_size", "trainer.compile", "trainer.checkpoint_every_steps",
-                "trainer.checkpoint_every_minutes", "logger", "output_root", "cache_dir", "dataset.root")
+                "trainer.checkpoint_every_minutes", "logger", "output_root", "cache_dir", "dataset.root",
+                "dpm.track")
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
@@ -456,19 +457,24 @@ def rounds_plan(cfg: DictConfig, iters_per_epoch: int) -> tuple[int, int]:
 
 def make_rounds(cfg: DictConfig, model: torch.nn.Module, pruner, iters_per_epoch: int):
     """The fine-tune hook that runs the selection rounds with the DPM decay (method.md section 6)."""
-    from dpm.core import RectifyConfig
     from dpm.pruners.rounds import PruningRounds
 
     d, p = cfg.dpm, cfg.pruner
     N, interval = rounds_plan(cfg, iters_per_epoch)
-    rectify = None
-    if d.variant == "sr":
-        rectify = RectifyConfig(t_rate=d.T_rate, t_len=d.T_len, c_rate_form=d.c_rate_form,
-                                release_rule=d.release_rule, release_cooldown=d.release_cooldown, budget=d.budget)
     return PruningRounds(model, pruner, speedup=p.speedup, rounds=p.rounds, interval=interval, N=N,
                          decay_interval=d.interval, schedule=d.schedule, include_consumers=d.include_consumers,
-                         rectify=rectify, max_extra_rounds=p.max_extra_rounds,
-                         total_steps=iters_per_epoch * cfg.trainer.finetune.epochs)
+                         rectify=rectify_config(d), max_extra_rounds=p.max_extra_rounds,
+                         total_steps=iters_per_epoch * cfg.trainer.finetune.epochs, track=d.track)
+
+
+def rectify_config(d: DictConfig):
+    """The Self-Rectifying settings of a `dpm` config node: a RectifyConfig for +SR, None otherwise."""
+    from dpm.core import RectifyConfig
+
+    if d.variant != "sr":
+        return None
+    return RectifyConfig(t_rate=d.T_rate, t_len=d.T_len, c_rate_form=d.c_rate_form, release_rule=d.release_rule,
+                         release_cooldown=d.release_cooldown, budget=d.budget)
 
 
 def decay_log(controller) -> dict:

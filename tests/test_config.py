@@ -83,6 +83,7 @@ def test_unknown_group_option_fails_at_composition():
     ("pruner.name=magic", "pruner.name='magic': unknown pruner"),
     ("model.shortcut=sideways", "model.shortcut='sideways'"),
     ("trainer.checkpoint_every_minutes=-5", "trainer.checkpoint_every_minutes=-5.0: must be >= 0"),
+    ("dpm.track=-1", "dpm.track=-1: must be >= 0 .* or null for all"),
 ])
 def test_semantic_checks_name_key_value_and_fix(override, message):
     cfg = compose(override.split())

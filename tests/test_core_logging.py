@@ -65,3 +65,18 @@ def test_norm_trajectories_of_a_sample():
         assert [s for s, _, _ in traj] == [0, 0, 1, 2, 3]
         assert [v for _, _, v in traj] == pytest.approx(actual[i], rel=1e-5, abs=1e-7)
         assert traj[-1][2] == 0.0 and traj[0][2] == pytest.approx(L0[i] * 0.8, rel=1e-6)
+
+
+def test_track_none_logs_every_admitted_target_and_a_bad_track_is_refused():
+    w, opt, ctl, targets = setup(track=None)
+    ctl.admit(targets[:3])
+    ctl.step(opt)
+    ctl.admit(targets[5:7])  # admitted later: tracked as well
+    for _ in range(5):
+        w.grad = torch.zeros(8, 4)
+        ctl.step(opt)
+    assert list(ctl.log.trajectories) == [0, 1, 2, 5, 6]
+    assert all(traj[-1][2] == 0.0 and len(traj) == 5 for traj in ctl.log.trajectories.values())
+    for bad in (-1, 2.5):
+        with pytest.raises(ValueError, match="track must be an integer >= 0 or None"):
+            DecayController([w], N=5, track=bad)

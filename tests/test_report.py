@@ -364,3 +364,20 @@ def test_base_gate_withholds_variants_without_base_and_checks_the_base_row(tmp_p
                          "variant": "base", "top1": 150.0, "flops_remaining_pct": 50.0}
     gated = rp.paper_table(rp.load_runs([tmp_path / "both"]), ref)
     assert gated.loc[gated["variant"] == "base", "base_check"].item().startswith("base deviates from the paper's (top1 ")
+
+
+def test_trajectory_plots_draw_released_targets_first(tmp_path):
+    from dpm.report import plot_trajectories, trajectories_to_draw
+
+    points = [(0, 1, 1.0), (1, 2, 0.5)]
+    dpm_log = {"trajectories": [[["conv", i], points] for i in range(20)] + [[["conv", 99], []]],
+               "releases": [{"step": 1, "key": ["conv", i]} for i in (12, 15, 17)]}
+    drawn = [key[1] for key, _ in trajectories_to_draw(dpm_log, limit=8)]
+    assert drawn == [12, 15, 17, 0, 1, 2, 3, 4]  # released first, then the first admitted
+    many = {**dpm_log, "releases": [{"step": 1, "key": ["conv", i]} for i in range(10, 20)]}
+    assert [key[1] for key, _ in trajectories_to_draw(many, limit=8)] == [10, 11, 12, 13, 0, 1, 2, 3]
+    few_others = {"trajectories": dpm_log["trajectories"][10:], "releases": many["releases"]}
+    assert [key[1] for key, _ in trajectories_to_draw(few_others, limit=4)] == [10, 11, 12, 13]
+    assert trajectories_to_draw({"trajectories": [], "releases": []}) == []
+    written = plot_trajectories(dpm_log, "toy", tmp_path / "toy")
+    assert [p.suffix for p in written] == [".png", ".pdf"] and all(p.stat().st_size > 0 for p in written)

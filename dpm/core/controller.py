@@ -81,7 +81,8 @@ class DecayController:
             ``before_step`` / ``after_step`` / ``step`` when passed there).
         replacement: for ``rectify.budget == "strict"``: called as ``replacement(released,
             excluded_keys)`` after releases, returns the structures to admit in their place.
-        track: number of targets (the first admitted) whose norm trajectory is logged.
+        track: number of targets (the first admitted) whose norm trajectory is logged; None logs
+            every admitted target's (to see released ones: the first few are rarely among them).
     """
 
     def __init__(
@@ -95,7 +96,7 @@ class DecayController:
         include_consumers: bool = False,
         optimizer: torch.optim.Optimizer | None = None,
         replacement: Replacement | None = None,
-        track: int = 8,
+        track: int | None = 8,
     ) -> None:
         self.N = self._check_N(N)
         if int(interval) != interval or interval < 1:
@@ -110,9 +111,9 @@ class DecayController:
         self.rectify = rectify
         self.include_consumers = bool(include_consumers)
         self.replacement = replacement
-        if int(track) != track or track < 0:
-            raise ValueError(f"track must be an integer >= 0, got {track}")
-        self.track = int(track)
+        if track is not None and (int(track) != track or track < 0):
+            raise ValueError(f"track must be an integer >= 0 or None (every target), got {track}")
+        self.track = None if track is None else int(track)
         self._optimizer = optimizer
         self._group_cache: tuple[int, dict[int, dict]] | None = None
 
@@ -122,7 +123,7 @@ class DecayController:
         self._decay: dict[Hashable, tuple[float, int, int]] = {}  # key -> (L0, N, first decay step)
         self._released_round: dict[Hashable, int] = {}
         self._prune_at: dict[int, list[Hashable]] = {}
-        self._tracked: list[Hashable] = []
+        self._tracked: dict[Hashable, None] = {}  # an ordered set: admission order, O(1) lookups
         self._num = {DECAYING: 0, PRUNED: 0, RELEASED: 0}
         self._step = 0
         self._round = 0
@@ -328,8 +329,8 @@ class DecayController:
                 self.log.readmissions.append({"step": self._step, "round": self._round, "key": key})
             self._released_round.pop(key, None)
             self._decay[key] = (l0, N, first)
-            if len(self._tracked) < self.track and key not in self._tracked:
-                self._tracked.append(key)
+            if key not in self._tracked and (self.track is None or len(self._tracked) < self.track):
+                self._tracked[key] = None
             if key in self._tracked:
                 self.log.trajectories.setdefault(key, []).append((self._step, 1, s1 * l0))
             self._status[key] = DECAYING  # immediately pruned ones move on in _mark_pruned
@@ -669,7 +670,7 @@ class DecayController:
                              if self.include_consumers else self._D_plan)
         self._D_to_R = torch.tensor([self._R_row.get(k, 0) for k in keys], dtype=torch.long,
                                     device=dev)
-        self._D_track_keys = [k for k in keys if k in set(self._tracked)]
+        self._D_track_keys = [k for k in keys if k in self._tracked]
         self._D_track_rows = torch.tensor([self._D_row[k] for k in self._D_track_keys],
                                           dtype=torch.long, device=dev)
         if self._pre is not None and all(k in old_row for k in keep):
@@ -865,7 +866,7 @@ class DecayController:
         self._targets, self._status = targets, status
         self._decay, self._released_round = decay, released_round
         self._prune_at = {int(k): list(v) for k, v in state["prune_at"]}
-        self._tracked = list(state["tracked"])
+        self._tracked = dict.fromkeys(state["tracked"])
         self._step, self._round = int(state["step"]), int(state["round"])
         self._num = {s: sum(1 for v in status.values() if v == s) for s in (DECAYING, PRUNED, RELEASED)}
         self._in_step, self._pre = False, None

@@ -64,12 +64,14 @@ class GateDecorator:
         decay_vector: ``gate`` or ``channel`` (conv filter rows + gate + BN bias).
         tock_l1: L1 coefficient on the gates in tocks.
         tock_lr_max: the triangular learning rate's peak in tocks (its ends are the phase's lr).
+        track: units whose norm trajectory the controller logs (None: all).
     """
 
     def __init__(self, model: nn.Module, units: list[ChannelUnit], *, skeleton: nn.Module, example: torch.Tensor,
                  prune_ratio: float, min_channel_ratio: float, flops_target: float, N: int = 1,
                  decay_interval: int = 1, schedule: str = "linear", rectify: RectifyConfig | None = None,
-                 decay_vector: str = "gate", tock_l1: float = 0.0, tock_lr_max: float | None = None) -> None:
+                 decay_vector: str = "gate", tock_l1: float = 0.0, tock_lr_max: float | None = None,
+                 track: int | None = 8) -> None:
         if decay_vector not in DECAY_VECTORS:
             raise ValueError(f"decay_vector must be one of {DECAY_VECTORS}, got {decay_vector!r}")
         self.model, self.units, self.skeleton = model, units, skeleton
@@ -88,7 +90,7 @@ class GateDecorator:
         self.targets = {u.key: self._target(u, decay_vector, params) for u in units}
         replacement = self._replacement if rectify is not None and rectify.budget == "strict" else None
         self.controller = DecayController(model, N, interval=decay_interval, schedule=schedule, rectify=rectify,
-                                          replacement=replacement)
+                                          replacement=replacement, track=track)
         self.controller.register(self.targets.values())  # every unit: the C_len families
         # A unit's score is the sum of its BN channels' scores: gather them with one index_add.
         self.bn_names = list(self.gbns)
@@ -420,21 +422,18 @@ def _prune(ctx, N: int, loop_ckpt: Path) -> _MeltRecord:
     and the stage's metrics); ``ctx.model`` ends melted, in place."""
     from dpm.checkpoint import atomic_write_json, load_checkpoint
     from dpm.measure import thop_default_macs_params
-    from dpm.run import decay_log
+    from dpm.run import decay_log, rectify_config
 
     cfg, p, d = ctx.cfg, ctx.cfg.pruner, ctx.cfg.dpm
     model = ctx.model
     units = channel_units(model, ctx.example, cfg.dataset.num_classes)
     skeleton = copy.deepcopy(model)
     gate_model(model)
-    rectify = None
-    if d.variant == "sr":
-        rectify = RectifyConfig(t_rate=d.T_rate, t_len=d.T_len, c_rate_form=d.c_rate_form,
-                                release_rule=d.release_rule, release_cooldown=d.release_cooldown, budget=d.budget)
+    rectify = rectify_config(d)
     gd = GateDecorator(model, units, skeleton=skeleton, example=ctx.example, prune_ratio=p.prune_ratio,
                        min_channel_ratio=p.min_channel_ratio, flops_target=p.flops_target, N=N,
                        decay_interval=d.interval, schedule=d.schedule, rectify=rectify, decay_vector=p.decay_vector,
-                       tock_l1=p.tock_l1, tock_lr_max=p.tock_lr_max)
+                       tock_l1=p.tock_l1, tock_lr_max=p.tock_lr_max, track=d.track)
     current: tuple[str, int] | None = ("tick", 1)
     if loop_ckpt.exists():
         state = load_checkpoint(loop_ckpt)

@@ -643,9 +643,9 @@ def run_stage(ctx) -> dict:
     base method bit for bit), so the three variants differ only in the decay.
     """
     from dpm.checkpoint import atomic_torch_save, atomic_write_json
-    from dpm.core import RectifyConfig, resolve_decay_steps
+    from dpm.core import resolve_decay_steps
     from dpm.errors import UserError
-    from dpm.run import CHECKPOINT, decay_log
+    from dpm.run import CHECKPOINT, decay_log, rectify_config
 
     cfg, p, d = ctx.cfg, ctx.cfg.pruner, ctx.cfg.dpm
     model = ctx.model
@@ -664,15 +664,12 @@ def run_stage(ctx) -> dict:
             iters_left=total - start)
     except ValueError as err:
         raise UserError(f"dpm.N: {err}") from None
-    rectify = None
-    if d.variant == "sr":
-        rectify = RectifyConfig(t_rate=d.T_rate, t_len=d.T_len, c_rate_form=d.c_rate_form,
-                                release_rule=d.release_rule, release_cooldown=d.release_cooldown, budget=d.budget)
+    rectify = rectify_config(d)
     holder: dict[str, DHSPG] = {}
     controller = DecayController(
         model, N, interval=d.interval, schedule=d.schedule, rectify=rectify, include_consumers=d.include_consumers,
         replacement=(lambda released, excluded: holder["opt"].promote(released, excluded))
-        if rectify is not None and rectify.budget == "strict" else None)
+        if rectify is not None and rectify.budget == "strict" else None, track=d.track)
     # Every group is a family member from the start (C_len compares with the whole ZIG).
     controller.register(t for z in zigs for t in z.targets)
     kwargs = dhspg_kwargs(p)

@@ -42,11 +42,13 @@ class PruningRounds:
             decay is in flight, and when no decay of N steps fits any more (or the extra rounds
             are used up) the channels still missing are removed at once, as the base method would,
             so the final MACs meet the target, SR on or off (method.md invariant 6).
+        track: targets whose norm trajectory the controller logs (None: all).
     """
 
     def __init__(self, model: torch.nn.Module, pruner: Any, *, speedup: float, rounds: int, interval: int,
                  N: int, decay_interval: int = 1, schedule: str = "linear", include_consumers: bool = False,
-                 rectify: RectifyConfig | None = None, max_extra_rounds: int = 10, total_steps: int | None = None):
+                 rectify: RectifyConfig | None = None, max_extra_rounds: int = 10, total_steps: int | None = None,
+                 track: int | None = 8):
         self.model, self.pruner = model, pruner
         self.speedup, self.rounds, self.interval = speedup, rounds, interval
         self.include_consumers = include_consumers
@@ -54,7 +56,7 @@ class PruningRounds:
         self.decay_steps = N * decay_interval
         replacement = self._replacement if rectify is not None and rectify.budget == "strict" else None
         self.controller = DecayController(model, N, interval=decay_interval, schedule=schedule, rectify=rectify,
-                                          include_consumers=include_consumers, replacement=replacement)
+                                          include_consumers=include_consumers, replacement=replacement, track=track)
         self.iteration = 0          # optimizer iterations seen in this phase
         self.rounds_done = 0
         self.next_round_at = 0
