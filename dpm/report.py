@@ -774,7 +774,8 @@ def trajectories_to_draw(dpm_log: dict, limit: int = 8) -> list:
 def plot_trajectories(dpm_log: dict, title: str, path_stem: Path, limit: int = 8) -> list[Path]:
     """Norm of tracked decaying targets against the training step (trajectories_to_draw picks at most
     `limit`, released ones first), releases marked: a red x on the trajectory of a released target,
-    a dotted line at every release step."""
+    a faint vertical line at every release step, and a dotted line from a release to the target's
+    next admission."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     releases = dpm_log.get("releases") or []
@@ -787,7 +788,16 @@ def plot_trajectories(dpm_log: dict, title: str, path_stem: Path, limit: int = 8
     for key, points in drawn:
         steps = [p[0] for p in points]
         norms = [p[2] for p in points]
-        line, = ax.plot(steps, norms, marker=".", markersize=3, linewidth=1, label=str(tuple(key)))
+        # One solid line per admission (n restarts at 1); a dotted one from a release to the next
+        # admission, where the norm was not logged (its end shows how far it grew back).
+        starts = [i for i, p in enumerate(points) if i == 0 or p[1] <= points[i - 1][1]] + [len(points)]
+        color = None
+        for a, b in zip(starts, starts[1:]):
+            line, = ax.plot(steps[a:b], norms[a:b], marker=".", markersize=3, linewidth=1, color=color,
+                            label=None if a else str(tuple(key)))
+            color = line.get_color()
+            if a:
+                ax.plot(steps[a - 1:a + 1], norms[a - 1:a + 1], linestyle=":", linewidth=1, color=color)
         for step in released_at.get(json.dumps(key), []):
             # the norm where it was released: the last point at or before the release step
             before = [n for s, n in zip(steps, norms) if s <= step] or norms[:1]

@@ -61,6 +61,18 @@ def test_campaign_selects_on_validation_then_reports_paired_seeds():
     again = campaign("table", "--bases", "depgraph", "--seeds", "0,1")
     assert again.returncode == 0 and again.stdout.count("run already complete") + again.stderr.count(
         "run already complete") == 6
+    # The trajectories stage repeats seed 0's +SR with every norm logged; it must equal the table run.
+    replayed = campaign("trajectories", "--bases", "depgraph")
+    assert replayed.returncode == 0, replayed.stdout[-3000:] + replayed.stderr[-3000:]
+    record = json.loads((root / "results_smoke" / "trajectories" / "replay_depgraph.json").read_text())
+    sr0 = next(m for m in table_runs if m["variant"] == "sr" and m["seed"] == 0)
+    assert record["same"] and record["replay"]["top1_final"] == sr0["top1_final"]
+    replay_log = json.loads(next((root / "trajectories_depgraph").rglob("dpm_log.json")).read_text())
+    table_log = json.loads((Path(sr0["run_dir"]) / "dpm_log.json").read_text())
+    # every target once (a re-admitted one keeps its trajectory), against the first 8 in the table run
+    assert len(replay_log["trajectories"]) == sr0["admitted"] - sr0["readmitted"] > len(table_log["trajectories"]) == 8
+    assert replay_log["releases"] == table_log["releases"]
+    assert (root / "results_smoke" / "trajectories" / "trajectories_depgraph.png").stat().st_size > 0
 
 
 def test_a_later_sitting_continues_from_the_committed_records():

@@ -5,6 +5,7 @@
     python experiments/cpu_scale/campaign.py select --bases depgraph
     python experiments/cpu_scale/campaign.py table --bases depgraph,otov2
     python experiments/cpu_scale/campaign.py report         # results/cpu_scale/ from every finished table
+    python experiments/cpu_scale/campaign.py trajectories   # seed 0's +SR again, every norm logged
 
 Every stage is a Hydra multirun of `python -m dpm` into a fixed sweep dir under
 `$DPM_OUTPUT_ROOT/cpu_scale/` (run_id=campaign), so re-running a stage skips its complete runs and
@@ -53,6 +54,8 @@ RECORD_FILES = ("metrics.json", "config.yaml")
 RECORD_GZIPPED = ("dpm_log.json", "gate_decorator_ticks.json")
 # Baseline fields that must come out the same when a later sitting re-makes a baseline.
 BASELINE_FIELDS = ("top1_final", "val_top1_final", "test_loss_final")
+# Fields a trajectories replay must share with the table run it repeats (dpm.track only logs).
+REPLAY_FIELDS = ("top1_final", "val_top1_final", "test_loss_final", "released", "flops_remaining_pct")
 
 
 def results_dir(smoke: bool) -> Path:
@@ -311,11 +314,45 @@ def chosen(base: str, smoke: bool) -> dict:
     return json.loads(path.read_text())
 
 
-def table(base: str, seeds: str, smoke: bool) -> Path:
+def table_overrides(base: str, smoke: bool) -> list[str]:
+    """A base's table recipe at its chosen N and thresholds (no variant, no seed)."""
     c = chosen(base, smoke)
-    return multirun(f"table_{base}", [f"experiment=cpu_scale/{base}", "dpm=base,sp,sr", f"seed={seeds}",
-                                      f"dpm.N_epochs={c['N_epochs']}", f"dpm.T_rate={c['T_rate']}",
-                                      f"dpm.T_len={c['T_len']}"], smoke)
+    return [f"experiment=cpu_scale/{base}", f"dpm.N_epochs={c['N_epochs']}", f"dpm.T_rate={c['T_rate']}",
+            f"dpm.T_len={c['T_len']}"]
+
+
+def table(base: str, seeds: str, smoke: bool) -> Path:
+    return multirun(f"table_{base}", [*table_overrides(base, smoke), "dpm=base,sp,sr", f"seed={seeds}"], smoke)
+
+
+def trajectories(base: str, smoke: bool) -> dict:
+    """Seed SELECT_SEED's +SR table run once more with every target's norm logged (dpm.track=null; the
+    table's runs log the first 8 admitted, which were never released), its plot drawn with released
+    targets first. The replay must equal the table run in REPLAY_FIELDS (tracking only logs), or the
+    stage fails; `replay_<base>.json` records both."""
+    from dpm.report import plot_trajectories
+
+    restore(f"table_{base}", smoke)
+    original = [m for m in runs_of(sweep_dir(f"table_{base}")) if m["variant"] == "sr" and m["seed"] == SELECT_SEED]
+    if not original:
+        raise SystemExit(f"{base}: the table has no complete +SR run of seed {SELECT_SEED}: run its table stage first")
+    replay_dir = multirun(f"trajectories_{base}", [*table_overrides(base, smoke), "dpm=sr", f"seed={SELECT_SEED}",
+                                                   "dpm.track=null"], smoke)
+    (replay,) = runs_of(replay_dir)
+    differ = {k: [original[0].get(k), replay.get(k)] for k in REPLAY_FIELDS if original[0].get(k) != replay.get(k)}
+    out = results_dir(smoke) / "trajectories"
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"base": base, "seed": SELECT_SEED, "same": not differ, "differ": differ,
+              "table_run": {k: original[0].get(k) for k in REPLAY_FIELDS},
+              "replay": {k: replay.get(k) for k in (*REPLAY_FIELDS, "wall_time_s", "git_sha")}}
+    (out / f"replay_{base}.json").write_text(json.dumps(record, indent=2) + "\n")
+    dpm_log = json.loads((Path(replay["run_dir"]) / "dpm_log.json").read_text())
+    plot_trajectories(dpm_log, f"{base} +SR, seed {SELECT_SEED}", out / f"trajectories_{base}")
+    if differ:
+        raise SystemExit(f"{base}: the replay differs from the table run ({differ}): re-run it on the same torch "
+                         f"build and thread count (OMP_NUM_THREADS) as the table")
+    print(f"{base}: replay equals the table run; {out / f'trajectories_{base}.png'}", flush=True)
+    return record
 
 
 def report(bases: list[str], smoke: bool) -> None:
@@ -352,7 +389,7 @@ def report(bases: list[str], smoke: bool) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=["pretrain", "select", "table", "report", "all"])
+    parser.add_argument("stage", choices=["pretrain", "select", "table", "report", "trajectories", "all"])
     parser.add_argument("--bases", default=",".join(BASES))
     parser.add_argument("--seeds", default=SEEDS)
     parser.add_argument("--smoke", action="store_true", help="a tiny slice of the data, seconds per run (tests)")
@@ -382,6 +419,9 @@ def main(argv: list[str] | None = None) -> None:
                 table(base, args.seeds, args.smoke)
     if args.stage in ("report", "all"):
         report(bases, args.smoke)
+    if args.stage == "trajectories":  # extra runs, so not part of `all`
+        for base in bases:
+            trajectories(base, args.smoke)
     if failed:
         raise SystemExit("; ".join(f"{b}: {m}" for b, m in failed.items()))
 
