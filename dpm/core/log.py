@@ -27,7 +27,8 @@ class DecayLog:
         releases: ``{"step", "round", "key", "c_rate", "c_len"}`` per release.
         readmissions: ``{"step", "round", "key"}`` per admission of a previously released target.
         trajectories: ``key -> [(step, n, norm), ...]`` for the first ``track`` targets admitted
-            (every one for ``track=None``; n = decay step; norm = ||x|| right after it, for released targets the unprojected norm).
+            (every one for ``track=None``; n = decay step; norm = ||x|| right after it, for released
+            targets the unprojected norm).
     """
 
     history: list[dict[str, Any]] = field(default_factory=list)
