@@ -79,8 +79,9 @@ class DecayController:
             product of the factors of every target containing them).
         optimizer: the optimizer whose state of pruned slices is zeroed (also taken from
             ``before_step`` / ``after_step`` / ``step`` when passed there).
-        replacement: for ``rectify.budget == "strict"``: called as ``replacement(released,
-            excluded_keys)`` after releases, returns the structures to admit in their place.
+        replacement: called as ``replacement(released, excluded_keys)`` after releases, only under
+            ``rectify.budget == "strict"`` (required there); returns the structures to admit in
+            their place.
         track: number of targets (the first admitted) whose norm trajectory is logged; None logs
             every admitted target's (to see released ones: the first few are rarely among them).
     """

@@ -88,9 +88,8 @@ class GateDecorator:
         self.floor = {g: max(1, math.ceil(min_channel_ratio * n)) for g, n in sizes.items()}
         params = dict(model.named_parameters())
         self.targets = {u.key: self._target(u, decay_vector, params) for u in units}
-        replacement = self._replacement if rectify is not None and rectify.budget == "strict" else None
         self.controller = DecayController(model, N, interval=decay_interval, schedule=schedule, rectify=rectify,
-                                          replacement=replacement, track=track)
+                                          replacement=self._replacement, track=track)
         self.controller.register(self.targets.values())  # every unit: the C_len families
         # A unit's score is the sum of its BN channels' scores: gather them with one index_add.
         self.bn_names = list(self.gbns)

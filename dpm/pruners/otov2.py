@@ -668,8 +668,7 @@ def run_stage(ctx) -> dict:
     holder: dict[str, DHSPG] = {}
     controller = DecayController(
         model, N, interval=d.interval, schedule=d.schedule, rectify=rectify, include_consumers=d.include_consumers,
-        replacement=(lambda released, excluded: holder["opt"].promote(released, excluded))
-        if rectify is not None and rectify.budget == "strict" else None, track=d.track)
+        replacement=lambda released, excluded: holder["opt"].promote(released, excluded), track=d.track)
     # Every group is a family member from the start (C_len compares with the whole ZIG).
     controller.register(t for z in zigs for t in z.targets)
     kwargs = dhspg_kwargs(p)

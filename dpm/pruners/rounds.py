@@ -54,9 +54,9 @@ class PruningRounds:
         self.include_consumers = include_consumers
         self.max_extra_rounds, self.total_steps = max_extra_rounds, total_steps
         self.decay_steps = N * decay_interval
-        replacement = self._replacement if rectify is not None and rectify.budget == "strict" else None
         self.controller = DecayController(model, N, interval=decay_interval, schedule=schedule, rectify=rectify,
-                                          include_consumers=include_consumers, replacement=replacement, track=track)
+                                          include_consumers=include_consumers, replacement=self._replacement,
+                                          track=track)
         self.iteration = 0          # optimizer iterations seen in this phase
         self.rounds_done = 0
         self.next_round_at = 0
