@@ -58,3 +58,37 @@ def test_register_reports_state_and_family_membership():
     with pytest.raises(ValueError, match="cannot change"):
         ctl.register([Target(("l0", 0), "l0", (Slice(net[0].weight, 0, (0,)),
                                                    Slice(net[0].bias, 0, (1,))))])
+
+
+def test_slice_indices_must_be_integers():
+    import numpy as np
+
+    w = nn.Parameter(torch.zeros(4, 3))
+    # Integers of every common kind are accepted.
+    assert Slice(w, 0, (np.int64(2), torch.tensor(0), 3)).indices == (2, 0, 3)
+    assert Slice(w, 0, np.array([1, 2])).indices == (1, 2)
+    assert Slice(w, 0, torch.tensor([3], dtype=torch.int32)).indices == (3,)
+    # A float or a bool is not an index: refused with one line that names the fix, never rounded.
+    for bad in [(1.7,), 1.7, (True,), True, (0, False), torch.tensor([1.0, 2.0]), np.array([1.5]),
+                (np.bool_(True),), (torch.tensor(1.0),)]:
+        with pytest.raises(TypeError, match="pass integer indices") as e:
+            Slice(w, 0, bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(TypeError, match="dim must be an integer"):
+        Slice(w, 0.5, (0,))
+    with pytest.raises(TypeError, match="dim must be an integer"):
+        Slice(w, True, (0,))
+
+
+def test_slice_accepts_a_bool_tensor_mask_of_the_dimensions_length():
+    w = nn.Parameter(torch.zeros(4, 3))
+    assert Slice(w, 0, torch.tensor([False, True, False, True])).indices == (1, 3)
+    assert Slice(w, 1, torch.tensor([True, False, False])).indices == (0,)
+    with pytest.raises(ValueError, match="length 4"):
+        Slice(w, 0, torch.tensor([True, False]))  # wrong length: not silently taken as indices
+    with pytest.raises(ValueError, match="selects nothing"):
+        Slice(w, 0, torch.zeros(4, dtype=torch.bool))
+    # A python list of bools is ambiguous (indices 1/0, or a mask?): refused, saying what to pass.
+    with pytest.raises(TypeError, match="bool tensor") as e:
+        Slice(w, 0, [False, True, False, True])
+    assert "\n" not in str(e.value)

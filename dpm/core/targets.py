@@ -14,24 +14,72 @@ live with the DepGraph pruner.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Hashable, Iterable, Sequence
+import operator
+from typing import Any, Hashable, Iterable, Sequence
 
 import torch
 
 __all__ = ["Slice", "Target", "channel_targets"]
 
 
-def _as_index_tuple(indices: int | Iterable[int] | torch.Tensor) -> tuple[int, ...]:
+def _is_bool(v: Any) -> bool:
+    # numpy's bool scalar is ``numpy.bool`` (2.x) or ``numpy.bool_`` (1.x); dpm.core imports only
+    # torch, so it is recognised by name.
+    return isinstance(v, bool) or type(v).__name__ in ("bool", "bool_") or (
+        isinstance(v, torch.Tensor) and v.dtype == torch.bool)
+
+
+def _integer(v: Any, what: str, fix: str) -> int:
+    """``v`` as an int if it is an integer (python, numpy, one-element integer tensor), else a
+    TypeError. Floats are never rounded and bools never read as 0/1: either would silently name
+    another channel than the caller meant."""
+    if _is_bool(v) or isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()):
+        raise TypeError(f"{what} must be an integer, got {v!r}: {fix}")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise TypeError(f"{what} must be an integer, got {v!r} ({type(v).__name__}): {fix}") from None
+
+
+_FIX = "pass integer indices (or a 1-D bool tensor of the dimension's length as a mask)"
+
+
+def _as_index_tuple(indices: Any, size: int) -> tuple[int, ...]:
+    what = "Slice.indices"
+    if not isinstance(indices, torch.Tensor) and hasattr(indices, "dtype") and hasattr(indices, "shape"):
+        indices = torch.as_tensor(indices)  # a numpy array: judged by its dtype like a tensor
     if isinstance(indices, torch.Tensor):
+        if indices.dtype == torch.bool:
+            # A mask over the dimension: only a 1-D one of exactly its length, so that a short
+            # bool tensor is never mistaken for indices 0/1.
+            if indices.dim() != 1 or indices.numel() != size:
+                raise ValueError(f"{what} is a bool mask of shape {tuple(indices.shape)}: a mask must "
+                                 f"be 1-D of length {size} (the dimension's size), or pass integer indices")
+            idx = tuple(int(i) for i in indices.nonzero().flatten().tolist())
+            if not idx:
+                raise ValueError(f"{what} is a bool mask that selects nothing: a slice must name at "
+                                 "least one index")
+            return idx
+        if indices.is_floating_point() or indices.is_complex():
+            raise TypeError(f"{what} must be integer indices, got a {indices.dtype} tensor: {_FIX}")
         return tuple(int(i) for i in indices.reshape(-1).tolist())
-    if isinstance(indices, int):
-        return (int(indices),)
-    return tuple(int(i) for i in indices)
+    if isinstance(indices, (str, bytes)) or not isinstance(indices, Iterable):
+        return (_integer(indices, "a Slice index", _FIX),)
+    items = list(indices)
+    if items and all(_is_bool(i) for i in items):
+        raise TypeError(f"{what} is a list of bools: pass integer indices, or a 1-D bool tensor "
+                        "(torch.tensor(mask)) to select by mask")
+    return tuple(_integer(i, "a Slice index", _FIX) for i in items)
 
 
 @dataclass(frozen=True, eq=False)
 class Slice:
     """The elements of ``param`` whose index along ``dim`` is in ``indices``.
+
+    ``indices`` are integers: an int, a sequence of ints (python or numpy), an integer tensor or
+    numpy array. A 1-D bool tensor (or numpy array) of the dimension's length is accepted as a mask
+    and stored as its True positions. Floats and bools (``True``, a list of bools) are refused
+    rather than read as 0/1 or rounded, so a slice never silently names another channel.
 
     ``consumer=False`` (a producer slice) makes the slice part of the target's vector ``x``;
     ``consumer=True`` marks an input-column slice of a following layer, decayed only when the
@@ -47,15 +95,15 @@ class Slice:
         if not isinstance(self.param, torch.Tensor):
             raise TypeError(f"Slice.param must be a tensor, got {type(self.param).__name__}")
         ndim = max(self.param.dim(), 1)
-        dim = int(self.dim)
+        dim = _integer(self.dim, "Slice.dim", "pass the dimension as an int")
         if dim < 0:
             dim += ndim
         if not 0 <= dim < ndim:
             raise ValueError(f"Slice.dim={self.dim} is out of range for a {ndim}-d parameter")
-        idx = _as_index_tuple(self.indices)
+        size = self.param.shape[dim] if self.param.dim() > 0 else 1
+        idx = _as_index_tuple(self.indices, size)
         if not idx:
             raise ValueError("Slice.indices is empty: a slice must name at least one index")
-        size = self.param.shape[dim] if self.param.dim() > 0 else 1
         if min(idx) < 0 or max(idx) >= size:
             raise ValueError(f"Slice.indices {idx} out of range [0, {size}) along dim {dim}")
         if len(set(idx)) != len(idx):
