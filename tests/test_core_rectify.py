@@ -297,3 +297,79 @@ def test_sr_requires_before_step():
 def test_rectify_config_validation(bad):
     with pytest.raises(ValueError):
         RectifyConfig(**bad)
+
+
+def _two_group_run(add_later: bool):
+    """conv1's targets decay from step 0; conv2's from step 2, with conv2 in a second param group
+    (its own lr) that is either there from the start or added after the first SR step."""
+    net = tiny_net()
+    first = list(net[0].parameters()) + list(net[1].parameters())
+    rest = [p for p in net.parameters() if all(p is not q for q in first)]
+    groups = [{"params": first, "lr": 0.05}]
+    if not add_later:
+        groups.append({"params": rest, "lr": 0.2})
+    opt = torch.optim.SGD(groups)
+    ctl = DecayController(net, N=6, rectify=RectifyConfig(t_rate=0.0, t_len=0.9), optimizer=opt)
+    a, b = net_targets(net)
+    ctl.register(a + b)
+    ctl.admit(a[:3])
+    for i, (x, y) in enumerate(batches(6)):
+        if i == 2:
+            if add_later:
+                opt.add_param_group({"params": rest, "lr": 0.2})
+            ctl.admit(b[:2])
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        if i < 2:
+            for p in rest:  # not yet trained in either run, so both runs stay comparable
+                p.grad = None
+        ctl.step(opt)
+    return net, ctl
+
+
+def test_param_group_added_after_the_first_sr_step_is_used():
+    net0, ctl0 = _two_group_run(add_later=False)
+    net1, ctl1 = _two_group_run(add_later=True)  # used to fail: "... is decaying but not in the optimizer"
+    for k, v in net0.state_dict().items():
+        assert torch.equal(v, net1.state_dict()[k]), k
+    assert ctl0.log.state_dict() == ctl1.log.state_dict()
+    assert any("c_rate" in r for r in ctl1.log.history[2:])  # conv2's C_rate used its group's lr
+
+
+def test_error_inside_before_step_does_not_leave_the_controller_inside_a_step():
+    net = tiny_net()
+    conv1 = list(net[0].parameters()) + list(net[1].parameters())
+    rest = [p for p in net.parameters() if all(p is not q for q in conv1)]
+    opt = torch.optim.SGD(rest, lr=0.05)  # conv1 forgotten: radial C_rate cannot find its lr
+    ctl = DecayController(net, N=6, rectify=RectifyConfig(), optimizer=opt)
+    a, _ = net_targets(net)
+    ctl.admit(a[:2])
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(net(x), y).backward()
+    with pytest.raises(ValueError, match="not in the optimizer"):
+        ctl.step(opt)
+    # The failed step did not happen: the controller is between steps, checkpointable, and works
+    # once the caller fixes the optimizer.
+    assert ctl.iteration == 0
+    ctl.state_dict()
+    opt.add_param_group({"params": conv1, "lr": 0.05})
+    ctl.step(opt)
+    assert ctl.iteration == 1 and ctl.decay_progress(a[0].key) == (2, 6)
+
+
+def test_error_inside_optimizer_step_does_not_leave_the_controller_inside_a_step():
+    net = tiny_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    ctl = DecayController(net, N=6, rectify=RectifyConfig(), optimizer=opt)
+    a, _ = net_targets(net)
+    ctl.admit(a[:2])
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(net(x), y).backward()
+    real_step = opt.step
+    opt.step = lambda: (_ for _ in ()).throw(RuntimeError("boom"))  # e.g. a NaN guard raising
+    with pytest.raises(RuntimeError, match="boom"):
+        ctl.step(opt)
+    opt.step = real_step
+    ctl.state_dict()
+    ctl.step(opt)
+    assert ctl.iteration == 1

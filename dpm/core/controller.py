@@ -116,7 +116,7 @@ class DecayController:
             raise ValueError(f"track must be an integer >= 0 or None (every target), got {track}")
         self.track = None if track is None else int(track)
         self._optimizer = optimizer
-        self._group_cache: tuple[int, dict[int, dict]] | None = None
+        self._group_cache: tuple[tuple[int, int, int], dict[int, dict]] | None = None
 
         self.log = DecayLog()
         self._targets: dict[Hashable, Target] = {}
@@ -353,9 +353,19 @@ class DecayController:
     def step(self, optimizer: torch.optim.Optimizer) -> Any:
         """``before_step(optimizer)``, ``optimizer.step()``, ``after_step(optimizer)``."""
         self.before_step(optimizer)
-        out = optimizer.step()
+        try:
+            out = optimizer.step()
+        except BaseException:
+            # The update did not happen: leave the controller between steps (checkpointable, and
+            # the next step() starts afresh) instead of stuck inside this one.
+            self._abort_step()
+            raise
         self.after_step(optimizer)
         return out
+
+    def _abort_step(self) -> None:
+        self._in_step = False
+        self._pre = None
 
     @torch.no_grad()
     def before_step(
@@ -376,6 +386,13 @@ class DecayController:
             self._optimizer = optimizer
         self._in_step = True
         self._pre = None
+        try:
+            self._record_pre(lr, grads)
+        except BaseException:
+            self._abort_step()  # a failed before_step must not leave the controller inside a step
+            raise
+
+    def _record_pre(self, lr: float | None, grads: TensorMap | None) -> None:
         if self.rectify is None or self._num[DECAYING] == 0:
             return
         dev = self._device
@@ -589,13 +606,16 @@ class DecayController:
         opt = self._optimizer
         if opt is None:
             raise ValueError("radial C_rate needs the learning rate: pass an optimizer or lr=")
-        if self._group_cache is None or self._group_cache[0] != id(opt):
+        # Re-read the groups when the optimizer or its group/parameter counts changed (e.g. an
+        # add_param_group between steps): O(#groups) per step, not O(#params).
+        sig = (id(opt), len(opt.param_groups), sum(len(g["params"]) for g in opt.param_groups))
+        if self._group_cache is None or self._group_cache[0] != sig:
             groups = {}
             for g in opt.param_groups:
                 for p in g["params"]:
                     if id(p) in self._pos:
                         groups[self._pos[id(p)]] = g
-            self._group_cache = (id(opt), groups)
+            self._group_cache = (sig, groups)
         groups = self._group_cache[1]
 
         def lr_of(pos: int) -> float:
