@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from dpm.core import DecayController, RectifyConfig, channel_targets
+from dpm.core import DecayController, RectifyConfig, Slice, Target, channel_targets
 from helpers import one_thread, tiny_net  # noqa: F401  (one_thread is an autouse fixture)
 
 
@@ -86,3 +86,70 @@ def test_state_dict_refused_inside_a_step():
     ctl.before_step(opt)
     with pytest.raises(RuntimeError, match="inside a step"):
         ctl.state_dict()
+
+
+def _line(calls):
+    """One 8-row 'layer' whose gradients are set by hand, Self-Rectifying with a strict budget."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(8, 4))
+    opt = torch.optim.SGD([w], lr=0.1)
+    targets = [Target(("w", i), "w", (Slice(w, 0, (i,)),)) for i in range(8)]
+
+    def replacement(released, excluded):
+        calls.append(([t.key for t in released], sorted(excluded)))
+        # Only rows 0-3 are candidates: at step 2 none is left, so the release of row 1 leaves a
+        # stale row in the decay table until the next admission (a checkpoint can fall in between).
+        return [t for t in targets[:4] if t.key not in excluded][:len(released)]
+
+    cfg = RectifyConfig(t_rate=1.0, t_len=1.0, release_cooldown=1, budget="strict")
+    ctl = DecayController([w], N=6, rectify=cfg, optimizer=opt, replacement=replacement, track=None)
+    ctl.register(targets)
+    return w, opt, ctl, targets
+
+
+def _line_run(w, opt, ctl, targets, start, stop):
+    inward = {1: [0], 2: [1], 3: [1, 2]}  # step -> rows whose gradient argues against their removal
+    for i in range(start, stop):
+        if i == 0:
+            ctl.start_round()
+            ctl.admit(targets[:3])
+        if i == 3:
+            ctl.start_round()
+            ctl.admit(targets[1:2])  # row 1, released at step 2, selected again by the base method
+        g = torch.zeros_like(w)
+        for r in inward.get(i, []):
+            g[r] = -50.0 * w.detach()[r] / w.detach()[r].norm()
+        w.grad = g
+        ctl.step(opt)
+
+
+def test_resume_keeps_the_order_of_releases_in_one_step():
+    calls: list = []
+    w, opt, ctl, targets = _line(calls)
+    _line_run(w, opt, ctl, targets, 0, 6)
+    several = [s for s in {r["step"] for r in ctl.log.releases}
+               if sum(r["step"] == s for r in ctl.log.releases) > 1]
+    assert several, "the run should release several targets in one step"
+
+    calls2: list = []
+    w2, opt2, ctl2, targets2 = _line(calls2)
+    _line_run(w2, opt2, ctl2, targets2, 0, 3)  # stop after row 1's release, before its re-admission
+    buf = io.BytesIO()
+    torch.save({"w": w2.detach(), "opt": opt2.state_dict(), "dpm": ctl2.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+
+    calls3: list = list(calls2)
+    w3, opt3, ctl3, targets3 = _line(calls3)
+    with torch.no_grad():
+        w3.copy_(ckpt["w"])
+    opt3.load_state_dict(ckpt["opt"])
+    ctl3.load_state_dict(ckpt["dpm"])
+    assert ctl3.state_dict() == ckpt["dpm"]  # what was loaded is what is saved again
+    _line_run(w3, opt3, ctl3, targets3, 3, 6)
+
+    assert torch.equal(w.detach(), w3.detach())
+    assert ctl.log.state_dict() == ctl3.log.state_dict()  # releases logged in the same order
+    assert calls == calls3  # ... and handed to the replacement callback in the same order
+    assert ctl.state_dict()["decay_order"] == ctl3.state_dict()["decay_order"]
+    assert ctl.state_dict() == ctl3.state_dict()

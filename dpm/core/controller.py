@@ -675,7 +675,11 @@ class DecayController:
         old_keys = getattr(self, "_D_keys", [])
         old_row = {k: i for i, k in enumerate(old_keys)}
         if keep is None:
-            keep = [k for k in old_keys if self._status.get(k) == DECAYING]
+            # A re-admitted key goes to the end like any new one, never back to the stale row of
+            # its earlier decay: the order must not depend on when the table was last compacted
+            # (a resumed run starts compacted), or releases in one step come out in another order.
+            fresh = set(new)
+            keep = [k for k in old_keys if self._status.get(k) == DECAYING and k not in fresh]
         keys = keep + [k for k in new if k not in set(keep)]
         dev = self._device
         self._D_keys = keys
@@ -832,6 +836,7 @@ class DecayController:
         """Everything needed to continue the decay exactly (targets by parameter name)."""
         if self._in_step:
             raise RuntimeError("state_dict() inside a step: save between optimizer steps")
+        st_of = self._status.get
         targets = []
         for key, st in self._status.items():
             t = self._targets.get(key)
@@ -851,7 +856,8 @@ class DecayController:
             "step": self._step,
             "round": self._round,
             "targets": targets,
-            "decay_order": list(self._D_keys),
+            # The decaying rows only: stale (released / pruned) rows wait for the next compaction.
+            "decay_order": [k for k in self._D_keys if st_of(k) == DECAYING],
             "prune_at": [(k, list(v)) for k, v in self._prune_at.items()],
             "tracked": list(self._tracked),
             "log": self.log.state_dict(),
