@@ -153,3 +153,50 @@ def test_resume_keeps_the_order_of_releases_in_one_step():
     assert calls == calls3  # ... and handed to the replacement callback in the same order
     assert ctl.state_dict()["decay_order"] == ctl3.state_dict()["decay_order"]
     assert ctl.state_dict() == ctl3.state_dict()
+
+
+def _bound(resume: bool):
+    """Family 'b' on parameter 'b': b0 is released, the layer is rebuilt (bind) and its targets
+    registered again in another order; then b1 decays with gradients whose family mean depends on
+    the order it is summed in (2**56 + 5 + 5 in float64 loses the fives one at a time, not both)."""
+    torch.manual_seed(0)
+    wa, wb = nn.Parameter(torch.randn(3, 2)), nn.Parameter(torch.randn(3, 2))
+    wb2 = nn.Parameter(wb.detach().clone())  # the rebuilt layer's weight
+    opt = torch.optim.SGD([wa, wb, wb2], lr=1e-4)
+    cfg = RectifyConfig(t_rate=1.0, t_len=1.0)
+    ctl = DecayController({"a": wa, "b": wb}, N=6, rectify=cfg, optimizer=opt)
+
+    def fam(w):
+        return [Target(("b", i), "b", (Slice(w, 0, (i,)),)) for i in range(3)]
+
+    b = fam(wb)
+    ctl.register(b)
+    ctl.admit(b[:1])
+    wb.grad = torch.zeros_like(wb)
+    ctl.step(opt)
+    wb.grad = torch.zeros_like(wb)
+    wb.grad[0] = -1e6 * wb.detach()[0] / wb.detach()[0].norm()
+    ctl.step(opt)
+    assert ctl.released == {("b", 0)}
+    ctl.bind({"a": wa, "b": wb2})
+    b2 = fam(wb2)
+    ctl.register([b2[1], b2[2], b2[0]])
+    if resume:
+        state = ctl.state_dict()
+        wa, wb2 = nn.Parameter(wa.detach().clone()), nn.Parameter(wb2.detach().clone())
+        opt = torch.optim.SGD([wa, wb2], lr=1e-4)
+        ctl = DecayController({"a": wa, "b": wb2}, N=6, rectify=cfg, optimizer=opt)
+        ctl.load_state_dict(state)
+        b2 = fam(wb2)
+    ctl.admit(b2[1:2])
+    g = torch.zeros_like(wb2)
+    g[0, 0], g[1, 0], g[2, 0] = 2.0 ** 56, 5.0, 5.0
+    wb2.grad = g
+    ctl.step(opt)
+    return ctl
+
+
+def test_resume_after_bind_and_reregistration_logs_the_same_c_len():
+    ctl, ctl_resumed = _bound(resume=False), _bound(resume=True)
+    assert "c_len" in ctl.log.history[-1]
+    assert ctl.log.state_dict() == ctl_resumed.log.state_dict()

@@ -652,7 +652,10 @@ class DecayController:
         for t in self._targets.values():
             self._family_params.setdefault(
                 t.family, frozenset(self._position(s.param) for s in t.producers))
-        rows = list(self._targets.values()) if self.rectify is not None else []
+        # Rows in status order, the order a checkpoint restores: after bind() + register() the
+        # descriptions' own order can differ from it, and C_len's family sums follow the rows.
+        rows = ([self._targets[k] for k in self._status if k in self._targets]
+                if self.rectify is not None else [])
         self._R_keys = [t.key for t in rows]
         self._R_row = {k: i for i, k in enumerate(self._R_keys)}
         fam_ids: dict[Hashable, int] = {}
