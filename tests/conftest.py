@@ -17,6 +17,23 @@ SHARED_DATA = Path(os.environ.get("DPM_DATA_DIR", ROOT.parent / "shared" / "data
 CIFAR10 = SHARED_DATA / "cifar10"
 
 
+def require_cifar10() -> Path:
+    """The real CIFAR-10 folder, or skip the calling test with the reason. Under DPM_REQUIRE_DATA=1
+    (.ci/run) a missing copy fails the test instead, in one line: CI must not pass by skipping."""
+    if not CIFAR10.is_dir():
+        reason = f"the real CIFAR-10 copy is not at {CIFAR10} (DPM_DATA_DIR names the folder that holds cifar10/)"
+        if os.environ.get("DPM_REQUIRE_DATA") == "1":
+            pytest.fail(f"DPM_REQUIRE_DATA=1 but {reason}", pytrace=False)
+        pytest.skip(reason)
+    return CIFAR10
+
+
+@pytest.fixture
+def cifar10() -> Path:
+    """:func:`require_cifar10` as a fixture (``@pytest.mark.usefixtures("cifar10")``)."""
+    return require_cifar10()
+
+
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("DPM_OUTPUT_ROOT", str(tmp_path / "outputs"))

@@ -79,7 +79,7 @@ def test_rounds_split_the_speedup_and_never_reselect(tmp_path, monkeypatch):
     assert speedups == sorted(speedups) and speedups[0] < m["native_speedup"]
 
 
-@pytest.mark.skipif(not CIFAR10.is_dir(), reason=f"real CIFAR-10 copy not found at {CIFAR10}")
+@pytest.mark.usefixtures("cifar10")  # skips without the data, fails under DPM_REQUIRE_DATA=1
 def test_real_cifar10_base_sp_sr_end_to_end(tmp_path, decode_cache):
     common = ["dataset=cifar10", f"dataset.root={CIFAR10}", "model=resnet20", "dataset.train_subset=1000",
               "dataset.test_subset=500", "trainer.pretrain.epochs=4", "trainer.finetune.epochs=3",
