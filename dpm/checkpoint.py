@@ -7,7 +7,9 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -89,9 +91,17 @@ def checkpoint_exists(path: str | os.PathLike) -> bool:
     return Path(path).exists() or previous_path(path).exists()
 
 
+class UnsafeCheckpoint(Exception):
+    """A file that holds pickled Python objects beyond tensors and plain data: loading it would
+    have to run code that the file names, so it is never loaded."""
+
+
 def load_checkpoint(path: str | os.PathLike) -> Any:
     """Load a checkpoint this suite wrote (checksum verified) or a plain torch file (e.g. a state_dict).
 
+    Loading runs no code: ``torch.load(weights_only=True)``, so a file may hold tensors and plain
+    containers only. One that holds other pickled objects (a checkpoint written before this rule,
+    a pickled ``nn.Module``, a crafted file) is refused with a UserError that says how to go on.
     A missing, truncated or corrupt latest checkpoint falls back to `<path>.prev` with a warning;
     when neither is usable a UserError names the file."""
     from dpm.errors import UserError
@@ -103,6 +113,13 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
             continue
         try:
             state = _read_checkpoint(candidate)
+        except UnsafeCheckpoint as err:
+            # Not damage that the predecessor could make good (it was written the same way): stop.
+            raise UserError(
+                f"{candidate} is not loaded: it holds pickled Python objects ({err}), not only tensors and plain "
+                f"data, and unpickling them could run code; a checkpoint that dpm wrote before it loaded with "
+                f"weights_only=True: delete it (or its run dir) and rerun that stage; weights from elsewhere: save "
+                f"them as torch.save(model.state_dict(), path)") from None
         except Exception as err:  # torch.load raises many kinds (pickle, zip, EOF) for a damaged file
             errors.append(f"{candidate}: {err}")
             log.warning("checkpoint %s is unusable (%s)%s", candidate, err,
@@ -125,24 +142,109 @@ def _read_checkpoint(path: Path) -> Any:
         if hashlib.sha256(payload).digest() != digest:
             raise CorruptCheckpoint("checksum mismatch (truncated or corrupt)")
         data = payload
-    # Our own checkpoints hold RNG states and plain containers: weights_only=False is needed, and
-    # only files this suite wrote (or the user named) are loaded this way.
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    # weights_only: unpickling builds tensors and plain containers only, never an object the file
+    # names, so loading a checkpoint (ours, or one a user points at) cannot run code.
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # Refused for what it holds (a class or function it names), not for damage such as garbage
+        # bytes, which stays an ordinary load error (and falls back to the predecessor).
+        named = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if named is None:
+            raise
+        raise UnsafeCheckpoint(f"it names {named.group(1)}") from None
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The torch / numpy / python RNG states as tensors and plain containers (loadable with
+    weights_only=True, unlike numpy's own state tuple, which holds an ndarray)."""
+    name, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"bit_generator": str(name), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+             "python": {"version": int(version), "internal": [int(i) for i in internal], "gauss_next": gauss_next}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["bit_generator"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+#: What a pruned model's file says it is (:func:`save_pruned_model`).
+PRUNED_MODEL_FORMAT = "dpm-pruned-model/1"
+
+
+def _plain(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    return isinstance(value, (tuple, list)) and all(_plain(v) for v in value)
+
+
+def save_pruned_model(path: str | os.PathLike, model: torch.nn.Module, build: dict, **extra: Any) -> None:
+    """Save a physically pruned model as its weights plus its structure, never as a pickled module.
+
+    ``build`` is what rebuilds the unpruned network: ``dpm.models.build_model(**build)`` (``name``,
+    ``num_classes``, ``in_channels`` and the model's options, plain values). The structure is every
+    module's plain attributes (the channel counts Torch-Pruning rewrote: ``in_channels``,
+    ``out_channels``, ``num_features``, ...); the weights carry the pruned shapes. ``extra`` (plain
+    data) is stored beside them. :func:`load_pruned_model` reads it back with ``weights_only=True``."""
+    structure = {name: {k: v for k, v in vars(m).items() if not k.startswith("_") and _plain(v)}
+                 for name, m in model.named_modules()}
+    frozen = [n for n, q in model.named_parameters() if not q.requires_grad]
+    atomic_torch_save({"format": PRUNED_MODEL_FORMAT, "build": dict(build), "structure": structure,
+                       "weights": model.state_dict(), "frozen": frozen, "training": model.training, **extra},
+                      path, keep_previous=False)
+
+
+def load_pruned_model(path: str | os.PathLike) -> torch.nn.Module:
+    """The model :func:`save_pruned_model` saved: built fresh from its ``build`` spec, given the
+    saved structure, and its parameters and buffers replaced by the saved (pruned-shape) ones.
+    ``load_checkpoint(path)`` gives the raw record (``extra`` included)."""
+    from dpm.errors import UserError
+    from dpm.models import build_model
+
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or state.get("format") != PRUNED_MODEL_FORMAT:
+        raise UserError(f"{path} is not a pruned model saved by dpm.checkpoint.save_pruned_model: load it with "
+                        f"dpm.checkpoint.load_checkpoint")
+    build = dict(state["build"])
+    model = build_model(build.pop("name"), build.pop("num_classes"), build.pop("in_channels", 3), **build)
+    modules = dict(model.named_modules())
+    missing = sorted(set(state["structure"]) - set(modules))
+    if missing:
+        raise UserError(f"{path}: modules {missing[:5]} are not in a fresh {state['build']['name']}: the file was "
+                        f"saved from another model (or another dpm version); rerun the stage that wrote it")
+    for name, attrs in state["structure"].items():
+        for key, value in attrs.items():
+            setattr(modules[name], key, value)
+    frozen = set(state["frozen"])
+    # Replace (not copy into) each parameter and buffer: the fresh ones have the unpruned shapes.
+    # setattr on a registered name re-registers it; _parameters / _buffers say which kind it is.
+    for full, tensor in state["weights"].items():
+        owner, _, attr = full.rpartition(".")
+        module = modules.get(owner)
+        if module is not None and attr in module._parameters:
+            setattr(module, attr, torch.nn.Parameter(tensor, requires_grad=full not in frozen))
+        elif module is not None and attr in module._buffers:
+            setattr(module, attr, tensor)
+        else:
+            raise UserError(f"{path}: weight {full!r} has no place in a fresh {state['build']['name']}: rerun the "
+                            f"stage that wrote it")
+    if set(model.state_dict()) != set(state["weights"]):
+        raise UserError(f"{path}: the weights do not cover a fresh {state['build']['name']}: rerun the stage "
+                        f"that wrote it")
+    return model.train(state["training"])
 
 
 def seed_everything(seed: int) -> None:

@@ -493,12 +493,19 @@ class Regularizer:
         self.pruner.regularize(self.model)
 
 
+def model_build_spec(cfg: DictConfig) -> dict:
+    """``dpm.models.build_model(**spec)`` builds the configured network (plain values: a pruned
+    model's file stores it to rebuild the network, see dpm.checkpoint.save_pruned_model)."""
+    options = {k: cfg.model[k] for k in ("shortcut", "classifier") if cfg.model[k] is not None}
+    return {"name": str(cfg.model.name), "num_classes": int(cfg.dataset.num_classes),
+            "in_channels": int(cfg.dataset.in_channels), **options}
+
+
 def build_configured_model(cfg: DictConfig) -> torch.nn.Module:
     from dpm.models import build_model
 
-    options = {k: cfg.model[k] for k in ("shortcut", "classifier") if cfg.model[k] is not None}
     try:
-        model = build_model(cfg.model.name, cfg.dataset.num_classes, cfg.dataset.in_channels, **options)
+        model = build_model(**model_build_spec(cfg))
     except ValueError as err:
         raise UserError(f"model: {err}") from None
     if cfg.model.weights:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpm.checkpoint import load_checkpoint
+from dpm.checkpoint import load_checkpoint, load_pruned_model
 from dpm.core import DecayController, RectifyConfig
 from dpm.errors import UserError
 from dpm.pruners.otov2 import DHSPG, remove_zero_groups, zero_invariant_groups
@@ -361,10 +361,11 @@ def test_smoke_runs_of_base_sp_sr_complete(tmp_path):
         assert m["top1_best_phase"] == "finetune"
         log = json.loads((tmp_path / v / "dpm_log.json").read_text())
         assert set(log) >= {"history", "releases", "trajectories"}
-        saved = load_checkpoint(tmp_path / v / "pruned_model.pt")  # the pruned nn.Module itself
-        assert isinstance(saved["model"], nn.Module) and saved["removed"] == m["removed_groups"]
+        assert load_checkpoint(tmp_path / v / "pruned_model.pt")["removed"] == m["removed_groups"]
+        pruned = load_pruned_model(tmp_path / v / "pruned_model.pt")  # weights + structure, rebuilt
+        assert isinstance(pruned, nn.Module)
         # Saved right after the removal (before fine-tuning): the pruned architecture.
-        assert sum(q.numel() for q in saved["model"].parameters()) == m["pruned_params"]
+        assert sum(q.numel() for q in pruned.parameters()) == m["pruned_params"]
     assert results["base"]["N"] == 1 and results["sp"]["N"] == 3
     assert results["base"]["group_sparsity"] >= 0.5 and results["base"]["target_met"]
 
@@ -425,8 +426,8 @@ def test_killed_sr_run_resumes_to_the_same_result(tmp_path):
     assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
     assert json.loads((tmp_path / "ref" / "dpm_log.json").read_text()) == \
         json.loads((killed / "dpm_log.json").read_text())
-    wa = load_checkpoint(tmp_path / "ref" / "pruned_model.pt")["model"].state_dict()
-    wb = load_checkpoint(killed / "pruned_model.pt")["model"].state_dict()
+    wa = load_pruned_model(tmp_path / "ref" / "pruned_model.pt").state_dict()
+    wb = load_pruned_model(killed / "pruned_model.pt").state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 

@@ -164,3 +164,100 @@ def test_cli_multirun_writes_one_run_dir_per_job(tmp_path):
     found = sorted((json.loads(p.read_text())["seed"], p.parent.name)
                    for p in (tmp_path / "sweep").glob("*/metrics.json"))
     assert found == [(0, "0_seed=0"), (1, "1_seed=1")]  # the experiment is the sweep dir's name, not a subdir
+
+
+# ----------------------------------------------------------------------------- loading runs no code
+class _RunsCode:
+    """Unpickling this calls open(marker, "w"): what a crafted checkpoint could do instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_that_would_run_code_is_refused_in_one_line(tmp_path):
+    from dpm.checkpoint import atomic_torch_save, load_checkpoint
+
+    marker = tmp_path / "code_ran"
+    ckpt = tmp_path / "last.pt"
+    atomic_torch_save({"epoch": 1, "x": _RunsCode(marker)}, ckpt)  # checksummed: only the content is bad
+    with pytest.raises(UserError) as err:
+        load_checkpoint(ckpt)
+    assert not marker.exists()
+    assert "\n" not in str(err.value) and str(ckpt) in str(err.value) and "delete" in str(err.value)
+    # A file named on the command line: one line, exit 2, nothing executed.
+    weights = tmp_path / "weights.pt"
+    torch.save({"model": _RunsCode(marker)}, weights)
+    proc = run_cli(["experiment=smoke", f"pretrain.checkpoint={weights}", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert not marker.exists()
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and str(weights) in last and "not loaded" in last, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_rng_state_travels_in_a_weights_only_checkpoint():
+    import io
+    import random
+
+    import numpy as np
+
+    from dpm.checkpoint import rng_state, seed_everything, set_rng_state
+
+    seed_everything(3)
+    np.random.randn()  # numpy's cached Gaussian is part of its state
+    buf = io.BytesIO()
+    torch.save(rng_state(), buf)
+    expected = (torch.rand(3), np.random.rand(3), np.random.randn(), random.random())
+    buf.seek(0)
+    set_rng_state(torch.load(buf, weights_only=True))
+    got = (torch.rand(3), np.random.rand(3), np.random.randn(), random.random())
+    assert torch.equal(got[0], expected[0]) and (got[1] == expected[1]).all() and got[2:] == expected[2:]
+
+
+def test_checkpoint_written_before_weights_only_loading_is_one_line_on_resume(tmp_path):
+    import numpy as np
+
+    from dpm.checkpoint import atomic_torch_save, load_checkpoint
+    from dpm.run import CHECKPOINT
+
+    args = ["experiment=smoke", "trainer.finetune.epochs=2", "pretrain.cache=false",
+            f"hydra.run.dir={tmp_path / 'run'}"]
+    assert run_cli(args, env={"DPM_FAULT_AT": "finetune:epoch1"}).returncode == -9
+    state = load_checkpoint(tmp_path / "run" / CHECKPOINT)
+    state["rng"]["numpy"] = np.random.get_state()  # how RNG states were stored before: a numpy array inside
+    atomic_torch_save(state, tmp_path / "run" / CHECKPOINT, keep_previous=False)
+    proc = run_cli(args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and str(tmp_path / "run" / CHECKPOINT) in last and "delete" in last, last
+    assert "Traceback" not in proc.stderr
+
+
+def test_pruned_model_is_saved_as_weights_and_structure(tmp_path):
+    import torch_pruning as tp
+
+    from dpm.checkpoint import load_checkpoint, load_pruned_model, save_pruned_model
+    from dpm.models import build_model
+
+    model = build_model("tiny_cnn", 10, 1, widths=(8, 8, 8)).eval()
+    x = torch.randn(4, 1, 8, 8)
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    dg.get_pruning_group(convs[0], tp.prune_conv_out_channels, idxs=[0, 3, 5]).prune()
+    dg.get_pruning_group(convs[1], tp.prune_conv_out_channels, idxs=[1]).prune()
+    path = tmp_path / "pruned_model.pt"
+    save_pruned_model(path, model, {"name": "tiny_cnn", "num_classes": 10, "in_channels": 1,
+                                    "widths": [8, 8, 8]}, removed=4)
+    # Plain data only: tensors and containers, nothing that unpickling would have to construct.
+    assert load_checkpoint(path)["removed"] == 4
+    loaded = load_pruned_model(path)
+    assert type(loaded) is type(model) and not loaded.training
+    assert [tuple(p.shape) for p in loaded.parameters()] == [tuple(p.shape) for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert torch.equal(loaded(x), model(x))
+    assert (convs[0].out_channels, convs[1].in_channels) == (5, 5)
+    loaded_convs = [m for m in loaded.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in loaded_convs] == [(c.in_channels, c.out_channels) for c in convs]

@@ -642,10 +642,10 @@ def run_stage(ctx) -> dict:
     ``dpm=base`` runs the same path with N = 1 (the controller zeroes and masks at admission: the
     base method bit for bit), so the three variants differ only in the decay.
     """
-    from dpm.checkpoint import atomic_torch_save, atomic_write_json
+    from dpm.checkpoint import atomic_write_json, save_pruned_model
     from dpm.core import resolve_decay_steps
     from dpm.errors import UserError
-    from dpm.run import CHECKPOINT, decay_log, rectify_config
+    from dpm.run import CHECKPOINT, decay_log, model_build_spec, rectify_config
 
     cfg, p, d = ctx.cfg, ctx.cfg.pruner, ctx.cfg.dpm
     model = ctx.model
@@ -699,8 +699,8 @@ def run_stage(ctx) -> dict:
     out.update(removal)
     out["target_met"] = out["group_sparsity"] >= p.target_group_sparsity
     out["native_speedup"] = pruner.base_native[0] / pruner.native_macs_params()[0]
-    atomic_torch_save({"model": model, "removed": removal["removed_groups"]}, ctx.run_dir / "pruned_model.pt",
-                      keep_previous=False)
+    # Weights plus structure, not a pickled module: loading it (load_pruned_model) runs no code.
+    save_pruned_model(ctx.run_dir / "pruned_model.pt", model, model_build_spec(cfg), removed=removal["removed_groups"])
     out["pruned_model"] = str(ctx.run_dir / "pruned_model.pt")
     out["stage_epochs"] = {"dhspg": p.train.epochs, "finetune": cfg.trainer.finetune.epochs}
     # metrics["history"] holds pretrain and finetune only (dpm.run): the DHSPG epochs go here.
