@@ -144,12 +144,24 @@ class GateDecoratorConfig(PrunerConfig):
     flops_target: float = 0.1
     # p: each tick masks this fraction of the channels still remaining (VGG-16 0.005, ResNet-56 0.002).
     prune_ratio: float = 0.005
-    # Every layer (dependency group) keeps at least this fraction of its channels (at least one).
+    # Every layer (dependency group) keeps its max(1, int(ratio * C)) best-scored channels.
     min_channel_ratio: float = 0.1
+    # How a tick counts and cuts: `original` (the original code: num = int(p * left BN-channel entries),
+    # left read a tick late, every unit at or below the (num+1)-th lowest entry) or `units` (dpm's
+    # earlier rule: the max(1, int(p * units left)) lowest units).
+    tick_rule: str = "original"
+    # The per-layer floor's rounding: `floor` (the original's int()) or `ceil` (dpm's earlier).
+    floor_rounding: str = "floor"
+    # BN biases train in ticks (the original; false: frozen, dpm's earlier ticks).
+    tick_bn_bias: bool = True
+    # One SGD momentum through ticks, tocks and drains (the original's single optimizer; false: a
+    # fresh optimizer per phase, dpm's earlier ticks).
+    carry_momentum: bool = True
     # T: a tock after every T ticks.
     tock_every: int = 10
-    # A tick: Taylor scores |g dL/dg| summed over its steps while only gates and Linear layers train.
-    tick: PhaseConfig = field(default_factory=lambda: PhaseConfig(epochs=1, lr=1e-3, weight_decay=0.0,
+    # A tick: Taylor scores |g dL/dg| summed over its steps while everything but the convolutions
+    # trains; weight decay 5e-4 as the original's one optimizer (dpm's earlier ticks: 0).
+    tick: PhaseConfig = field(default_factory=lambda: PhaseConfig(epochs=1, lr=1e-3, weight_decay=5e-4,
                                                                   schedule="constant"))
     # A tock: every weight trains (BN scales stay frozen at 1), L1 `tock_l1` on the gates, and a
     # per-step triangular lr tock.lr -> tock_lr_max -> tock.lr over the tock's epochs.

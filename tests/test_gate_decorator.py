@@ -102,10 +102,13 @@ def test_taylor_score_is_the_sum_over_steps_of_abs_gate_times_its_gradient():
     assert not model[0].weight.requires_grad and model[8].weight.requires_grad
 
 
-def test_tick_masks_exactly_the_lowest_scored_channels_above_the_floor():
+def test_units_rule_masks_exactly_the_lowest_scored_channels_above_the_floor():
+    """dpm's earlier tick (pruner.tick_rule=units, floor_rounding=ceil): the p x remaining units
+    with the lowest scores, exactly that many, counted now."""
     model = randomised(tiny_net())
     x = torch.randn(2, 3, 8, 8)
-    gd = gated(model, x, prune_ratio=0.5, min_channel_ratio=0.5)  # 11 units: 5 per tick; floors 3 and 3
+    gd = gated(model, x, prune_ratio=0.5, min_channel_ratio=0.5, tick_rule="units",
+               floor_rounding="ceil")  # 11 units: 5 per tick; floors 3 and 3
     gd.begin_phase("tick", 1, steps=1)
     # Layer "1" (6 channels) holds the 4 lowest scores, but may lose only 3; then the lowest of "4".
     set_scores(gd, {"1": [0.1, 0.2, 0.3, 0.4, 5.0, 6.0], "4": [0.9, 0.7, 3.0, 0.8, 4.0]})
@@ -144,6 +147,167 @@ def test_residual_coupled_channels_are_scored_and_masked_together():
     bns = gated_modules(model)
     assert bns["layer2.0.bn2"].mask[5] == 0 and bns["layer2.0.downsample.1"].mask[5] == 0
     assert int(sum((m.mask == 0).sum() for m in bns.values())) == 2
+
+
+# The original's tick (youzhonghui/gate-decorator-pruning, prune/universal.py and the VGG16 driver),
+# restated from its rules on per-BN score vectors, independently of dpm's implementation:
+# rule 1, num = int(p * left) with left lagging one tick; rule 2, per layer the highest `minimal`
+# scores never prunable, the rest entered once per coupled BN, threshold = sorted(entries)[num],
+# prune score <= threshold (ties too) unless among the layer's top `minimal`; rule 3, minimal =
+# max(1, int(0.1 C)).
+def original_ticks(layers: list[tuple[str, ...]], widths: dict[str, int], ticks: list[dict[str, list[float]]],
+                   p: float, ratio: float = 0.1) -> list[dict]:
+    """Each tick's num, left and newly masked (bn, channel) pairs under the original's rules.
+
+    ``layers``: the gated BN layers, coupled ones (one residual stage) together in one tuple.
+    ``ticks``: per tick, the Taylor score of every BN channel (positive: the original drops zeros)."""
+    masks = {bn: [1.0] * widths[bn] for bn in widths}
+    total = sum(widths.values())
+    pruned, out = 0, []
+    for scores in ticks:
+        left_filters = total - pruned
+        num = int(left_filters * p)
+        status = []
+        for bns in layers:
+            summed = [sum(scores[bn][c] * masks[bn][c] for bn in bns) for c in range(widths[bns[0]])]
+            status.append((bns, summed, max(1, int(widths[bns[0]] * ratio))))
+        left = sum(sum(1 for v in summed if v != 0) * len(bns) for bns, summed, _ in status)
+        entries = []
+        for bns, summed, minimal in status:
+            kept = sorted(summed)[:-minimal]
+            entries += [v for v in kept if v != 0] * len(bns)
+        threshold = sorted(entries)[num]
+        masked = set()
+        for bns, summed, minimal in status:
+            hard = sorted(summed)[-minimal]
+            for c, v in enumerate(summed):
+                if not (v >= hard or v > threshold) and masks[bns[0]][c]:
+                    for bn in bns:
+                        masks[bn][c] = 0.0
+                        masked.add((bn, c))
+        pruned = total - left  # what the driver reads back: counted before this tick's masks
+        out.append({"num": num, "left": left_filters, "masked": masked})
+    return out
+
+
+ORIGINAL_NETS = {
+    # a small ResNet with a projection shortcut: each stage's residual-add BNs are one coupled layer
+    "tiny_resnet": [("bn1", "layer1.0.bn2"), ("layer1.0.bn1",), ("layer2.0.bn1",),
+                    ("layer2.0.bn2", "layer2.0.downsample.1")],
+    # VGG-like: conv-BN-ReLU x 3, every BN its own layer
+    "tiny_cnn": [("features.1",), ("features.4",), ("features.7",)],
+}
+
+
+@pytest.mark.parametrize("net", sorted(ORIGINAL_NETS))
+def test_tick_counts_selects_and_lags_as_the_original(net):
+    from dpm.models import build_model
+
+    torch.manual_seed(0)
+    model = randomised(build_model(net, 10))
+    x = torch.randn(2, 3, 8, 8)
+    p = 0.1
+    gd = gated(model, x, prune_ratio=p, flops_target=0.01)
+    widths = {n: m.num_features for n, m in gated_modules(model).items()}
+    assert {bn for layer in ORIGINAL_NETS[net] for bn in layer} == set(widths)
+    # Small integer scores: ties at the threshold, at the per-layer floor and across layers.
+    g = torch.Generator().manual_seed(1)
+    ticks = [{bn: torch.randint(1, 7, (w,), generator=g).double().tolist() for bn, w in widths.items()}
+             for _ in range(4)]
+    expected = original_ticks(ORIGINAL_NETS[net], widths, ticks, p)
+    assert expected[0]["left"] == expected[1]["left"] == sum(widths.values())  # the lag: ticks 1, 2 alike
+    assert expected[2]["left"] < expected[1]["left"]
+    unit_of = {(bn, c): u.key for u in gd.units for bn, c in u.bns}
+    for t, (scores, want) in enumerate(zip(ticks, expected), start=1):
+        gd.begin_phase("tick", t, steps=1)
+        set_scores(gd, scores)
+        gd.ticks = t
+        record = gd.select()
+        assert record["requested"] == want["num"] and record["count_basis"] == want["left"], t
+        selected = {tuple(k) for k in record["selected"]}
+        assert selected == {unit_of[bc] for bc in want["masked"]}, t
+        # a tick takes at least num + 1 BN-channel entries' worth (ties at the threshold go too)
+        assert record["selected_entries"] == len(want["masked"]) >= want["num"] + 1, t
+        masked = {(n, c) for n, m in gated_modules(model).items() for c in range(m.num_features) if m.mask[c] == 0}
+        assert masked == set().union(*(e["masked"] for e in expected[:t])), t
+
+
+def test_first_tick_counts_bn_channel_entries_of_coupled_layers():
+    """p = 0.05 on tiny_resnet (72 BN channels, two coupled stages): num = int(0.05 * 72) = 3, so the
+    tick takes the 4 lowest entries; a coupled unit is 2 entries, so 3 units where the units rule
+    (int(0.05 * 48 units) = 2) takes 2."""
+    from dpm.models import build_model
+
+    model = randomised(build_model("tiny_resnet", 10))
+    x = torch.randn(2, 3, 8, 8)
+    gd = gated(model, x, prune_ratio=0.05)
+    gd.begin_phase("tick", 1, steps=1)
+    scores = {n: [10.0 + c for c in range(m.num_features)] for n, m in gated_modules(model).items()}
+    scores["layer2.0.bn2"][3] = scores["layer2.0.downsample.1"][3] = 0.5  # coupled: 1.0, 2 entries
+    scores["layer2.0.bn1"][7] = 1.5
+    scores["layer1.0.bn1"][2] = 2.0  # the 4th entry: the threshold
+    scores["layer1.0.bn1"][5] = 3.0
+    set_scores(gd, scores)
+    gd.ticks = 1
+    record = gd.select()
+    assert record["requested"] == 3 and record["count_basis"] == 72
+    assert {tuple(k) for k in record["selected"]} == {("layer2.0.conv2", 3), ("layer2.0.conv1", 7), ("layer1.0.conv1", 2)}
+    assert record["selected_entries"] == 4
+
+
+def test_floor_is_max_1_int_tenth_of_the_layer_or_rounded_up_on_request():
+    from dpm.models import build_model
+
+    model = build_model("tiny_cnn", 10, widths=(9, 16, 64))
+    x = torch.randn(2, 3, 8, 8)
+    assert gated(copy.deepcopy(model), x).floor == {"features.0": 1, "features.3": 1, "features.6": 6}
+    assert gated(copy.deepcopy(model), x, floor_rounding="ceil").floor == \
+        {"features.0": 1, "features.3": 2, "features.6": 7}
+
+
+def test_tick_trains_bn_bias_with_weight_decay_and_carries_momentum_to_the_next_phase():
+    P = type("P", (), {"lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 5e-4})
+    torch.manual_seed(0)
+    model = randomised(tiny_net())
+    x = torch.randn(4, 3, 8, 8)
+    gd = gated(model, x)
+    bns = gated_modules(model)
+
+    def steps(opt, n=2):
+        for _ in range(n):
+            loss = nn.functional.cross_entropy(model(torch.randn(4, 3, 8, 8)), torch.randint(0, 3, (4,)))
+            opt.zero_grad()
+            loss.backward()
+            gd.before_step(opt)
+            opt.step()
+            gd.after_step(opt)
+
+    gd.begin_phase("tick", 1, steps=2)
+    assert bns["1"].bias.requires_grad and bns["1"].gate.requires_grad and not bns["1"].weight.requires_grad
+    assert not model[0].weight.requires_grad  # the convolutions are frozen
+    bias = bns["1"].bias.detach().clone()
+    opt = gd.optimizer(model, P)
+    steps(opt)
+    assert not torch.equal(bns["1"].bias, bias)  # BN bias trains in a tick
+    gate_buf = opt.state[bns["1"].gate]["momentum_buffer"].clone()
+    gd.begin_phase("tock", 1, steps=2)
+    tock = gd.optimizer(model, P)
+    assert torch.equal(tock.state[bns["1"].gate]["momentum_buffer"], gate_buf)  # one SGD's momentum, carried
+    steps(tock)
+    conv_buf = tock.state[model[0].weight]["momentum_buffer"].clone()
+    gd.begin_phase("tick", 2, steps=2)
+    tick = gd.optimizer(model, P)
+    assert torch.equal(tick.state[bns["1"].gate]["momentum_buffer"], tock.state[bns["1"].gate]["momentum_buffer"])
+    steps(tick)
+    gd.begin_phase("tock", 2, steps=2)  # a frozen conv's momentum waits through the tick
+    assert torch.equal(gd.optimizer(model, P).state[model[0].weight]["momentum_buffer"], conv_buf)
+    # dpm's earlier tick: BN bias frozen, a fresh optimizer every phase
+    earlier = gated(randomised(tiny_net()), x, tick_bn_bias=False, carry_momentum=False)
+    earlier.begin_phase("tick", 1, steps=1)
+    assert not gated_modules(earlier.model)["1"].bias.requires_grad
+    earlier.optimizer(earlier.model, P)
+    earlier.begin_phase("tick", 2, steps=1)
+    assert not earlier.optimizer(earlier.model, P).state
 
 
 def test_melt_keeps_the_function_and_removes_the_predicted_macs():
@@ -239,6 +403,9 @@ def test_smoke_runs_of_base_sp_sr_reach_the_flops_target_without_reselecting_dec
         assert m["ticks"] >= 3 and m["tocks"] >= 1, v
         assert m["native_counter"] == "thop_default" and m["native_pruned_macs"] < m["native_base_macs"], v
         assert m["melt_max_abs_diff"] <= 1e-5 and m["epochs"]["finetune"] == 1, v
+        # the tick rules that ran are recorded (defaults: the original's)
+        assert (m["tick_rule"], m["floor_rounding"], m["tick_bn_bias"], m["carry_momentum"],
+                m["tick_weight_decay"]) == ("original", "floor", True, True, 5e-4), v
         ticks = json.loads((tmp_path / v / "gate_decorator_ticks.json").read_text())
         pruned: set = set()
         for record in ticks:
@@ -267,6 +434,10 @@ def test_bad_gate_decorator_keys_fail_with_one_line():
         validate(smoke("pruner.flops_target=1.5"))
     with pytest.raises(UserError, match="pruner.decay_vector"):
         validate(smoke("pruner.decay_vector=filter"))
+    with pytest.raises(UserError, match="pruner.tick_rule='channels': valid: original, units"):
+        validate(smoke("pruner.tick_rule=channels"))
+    with pytest.raises(UserError, match="pruner.floor_rounding='round': valid: floor, ceil"):
+        validate(smoke("pruner.floor_rounding=round"))
     validate(compose(["experiment=paper/gate_decorator_vgg16_cifar10", "dpm=sr"]))
     validate(compose(["experiment=paper/gate_decorator_resnet56_cifar10", "dpm=sp"]))
 

@@ -5,13 +5,15 @@ The stage, after the pretrained baseline:
 1. **Gate** every BatchNorm (:mod:`dpm.pruners.gate_decorator_gates`); find the channel units and
    their coupling with Torch-Pruning's dependency graph (:mod:`dpm.pruners.gate_decorator_units`).
 2. **Tick-Tock.** A *tick* trains for ``pruner.tick.epochs`` (one epoch) with the convolutions
-   frozen (only the gates and Linear layers train) and sums the Taylor score ``|g * dL/dg|`` of
+   frozen (gates, BN biases and Linear layers train) and sums the Taylor score ``|g * dL/dg|`` of
    every gate over its steps (a unit's score is the sum over its coupled BN channels). At its end
-   the ``p x remaining`` units with the lowest scores are selected globally, each layer keeping
-   ``min_channel_ratio`` of its channels, and handed to the decay controller. After every
-   ``tock_every`` ticks a *tock* trains everything for ``pruner.tock.epochs`` with an L1 penalty on
-   the gates and a triangular learning rate. Ticking stops once the native MACs left (thop default
-   rules, decaying units counted as removed) are at most ``flops_target``.
+   the tick selects as the original code does (:meth:`GateDecorator.select`; README, "Gate Decorator"):
+   ``num = int(p * left)`` BN-channel entries, ``left`` counted a tick late, every unit scored at or
+   below the ``(num + 1)``-th lowest entry, each layer keeping its ``max(1, int(0.1 C))`` best; the
+   selection goes to the decay controller. After every ``tock_every`` ticks a *tock* trains
+   everything for ``pruner.tock.epochs`` with an L1 penalty on the gates and a triangular learning
+   rate; one SGD momentum carries through ticks and tocks. Ticking stops once the native MACs left
+   (thop default rules, decaying units counted as removed) are at most ``flops_target``.
 3. **Melt**: decays still in flight finish first (a *drain* of tick-style steps); the gates are
    folded back into BN and the masked units removed physically; then fine-tuning (``trainer.finetune``).
 
@@ -45,7 +47,10 @@ log = logging.getLogger(__name__)
 LOOP_CHECKPOINT = "gate_decorator_last.pt"
 TICK_LOG = "gate_decorator_ticks.json"
 DECAY_VECTORS = ("gate", "channel")
-_STATE_VERSION = 1
+# original: the original code's count, lag and threshold (select()); units: dpm's earlier rule.
+TICK_RULES = ("original", "units")
+FLOOR_ROUNDINGS = ("floor", "ceil")
+_STATE_VERSION = 2
 
 
 class GateDecorator:
@@ -57,24 +62,35 @@ class GateDecorator:
             the model before gating).
         skeleton: a plain model of the unpruned structure, for the MACs the stopping rule reads.
         example: an input batch (its first sample is used for counting).
-        prune_ratio: p, the fraction of the remaining units selected per tick (at least one).
-        min_channel_ratio: the fraction of each group's units that always stays.
+        prune_ratio: p, the fraction of what remains that a tick selects (see :meth:`select`).
+        min_channel_ratio: the fraction of each group's units that always stays: its
+            ``max(1, int(ratio * C))`` best-scored units (``floor_rounding="ceil"``: rounded up).
         flops_target: the native MACs fraction at which ticking stops.
         N, decay_interval, schedule, rectify: the decay (method.md sections 3-4); N = 1 is the base.
         decay_vector: ``gate`` or ``channel`` (conv filter rows + gate + BN bias).
         tock_l1: L1 coefficient on the gates in tocks.
         tock_lr_max: the triangular learning rate's peak in tocks (its ends are the phase's lr).
         track: units whose norm trajectory the controller logs (None: all).
+        tick_rule: ``original`` (the original code's count, lag and threshold) or ``units`` (dpm's
+            earlier rule: the ``max(1, int(p x units left))`` lowest units, counted now).
+        floor_rounding: ``floor`` (the original's ``int``) or ``ceil`` (dpm's earlier rounding).
+        tick_bn_bias: BN biases train in ticks (the original) or stay frozen (dpm's earlier ticks).
+        carry_momentum: one SGD momentum through every tick, tock and drain (the original's single
+            optimizer), or a fresh optimizer per phase (dpm's earlier ticks).
     """
 
     def __init__(self, model: nn.Module, units: list[ChannelUnit], *, skeleton: nn.Module, example: torch.Tensor,
                  prune_ratio: float, min_channel_ratio: float, flops_target: float, N: int = 1,
                  decay_interval: int = 1, schedule: str = "linear", rectify: RectifyConfig | None = None,
                  decay_vector: str = "gate", tock_l1: float = 0.0, tock_lr_max: float | None = None,
-                 track: int | None = 8) -> None:
-        if decay_vector not in DECAY_VECTORS:
-            raise ValueError(f"decay_vector must be one of {DECAY_VECTORS}, got {decay_vector!r}")
+                 track: int | None = 8, tick_rule: str = "original", floor_rounding: str = "floor",
+                 tick_bn_bias: bool = True, carry_momentum: bool = True) -> None:
+        for name, value, valid in (("decay_vector", decay_vector, DECAY_VECTORS), ("tick_rule", tick_rule, TICK_RULES),
+                                   ("floor_rounding", floor_rounding, FLOOR_ROUNDINGS)):
+            if value not in valid:
+                raise ValueError(f"{name} must be one of {valid}, got {value!r}")
         self.model, self.units, self.skeleton = model, units, skeleton
+        self.tick_rule, self.tick_bn_bias, self.carry_momentum = tick_rule, bool(tick_bn_bias), bool(carry_momentum)
         self.example = example[:1]
         self.prune_ratio, self.flops_target = float(prune_ratio), float(flops_target)
         self.tock_l1, self.tock_lr_max = float(tock_l1), tock_lr_max
@@ -85,7 +101,11 @@ class GateDecorator:
         self.row = {u.key: r for r, u in enumerate(units)}
         self.unit = {u.key: u for u in units}
         sizes = Counter(u.group for u in units)
-        self.floor = {g: max(1, math.ceil(min_channel_ratio * n)) for g, n in sizes.items()}
+        rounding = math.floor if floor_rounding == "floor" else math.ceil
+        self.floor = {g: max(1, rounding(min_channel_ratio * n)) for g, n in sizes.items()}
+        # A unit is one BN-channel entry per coupled BN: the original counts and cuts in entries.
+        self.entries = {u.key: len(u.bns) for u in units}
+        self.left_lagged: int | None = None  # the original's `left`, read a tick late (select())
         params = dict(model.named_parameters())
         self.targets = {u.key: self._target(u, decay_vector, params) for u in units}
         self.controller = DecayController(model, N, interval=decay_interval, schedule=schedule, rectify=rectify,
@@ -117,6 +137,11 @@ class GateDecorator:
         self.drain_total = 0
         self.ticks = self.tocks = self.drains = self.drain_steps = self.drain_epochs = self.admitted = 0
         self.tick_log: list[dict] = []
+        # carry_momentum: momentum buffers by parameter name, handed from each phase's optimizer to the next.
+        self.names = {id(p): n for n, p in model.named_parameters()}
+        self.carried: dict[str, torch.Tensor] = {}
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._optimizer_phase: tuple[str, int] | None = None
 
     def _target(self, u: ChannelUnit, decay_vector: str, params: dict[str, nn.Parameter]) -> Target:
         slices = [Slice(self.gbns[bn].gate, 0, (c,)) for bn, c in u.bns]
@@ -132,19 +157,45 @@ class GateDecorator:
         self.phase_step, self.phase_steps = 0, max(1, steps)
         for s in self.scores.values():
             s.zero_()
-        set_trainable(self.model, kind)
+        set_trainable(self.model, kind, self.tick_bn_bias)
 
     def optimizer(self, model: nn.Module, phase_cfg: Any) -> torch.optim.Optimizer:
         """SGD over every parameter; the frozen ones sit in a group with lr 0 (never updated: they
-        have no gradient) so the decay controller finds each decayed slice's learning rate."""
+        have no gradient) so the decay controller finds each decayed slice's learning rate.
+
+        With ``carry_momentum`` the new phase's SGD starts from the momentum the previous phase's
+        ended with (a frozen parameter's buffer waits, untouched, through the phases that freeze it),
+        as the original's one optimizer does. A second call within one phase (train_phase rebuilds
+        the optimizer before loading a checkpoint's state) starts from the same carried buffers.
+        The carried buffers need no place in :meth:`state_dict`: each phase's optimizer holds all of
+        them, so the optimizer state in the phase's checkpoint brings them back on resume."""
         live = [p for p in model.parameters() if p.requires_grad]
         frozen = [p for p in model.parameters() if not p.requires_grad]
         groups = [{"params": live}]
         if frozen:
             groups.append({"params": frozen, "lr": 0.0, "weight_decay": 0.0, "frozen": True})
-        return torch.optim.SGD(groups, lr=phase_cfg.lr, momentum=phase_cfg.momentum,
-                               nesterov=phase_cfg.nesterov and phase_cfg.momentum > 0,
-                               weight_decay=phase_cfg.weight_decay)
+        opt = torch.optim.SGD(groups, lr=phase_cfg.lr, momentum=phase_cfg.momentum,
+                              nesterov=phase_cfg.nesterov and phase_cfg.momentum > 0,
+                              weight_decay=phase_cfg.weight_decay)
+        if self.carry_momentum:
+            if self._optimizer is not None and self._optimizer_phase != self.current:
+                self.carried = self._momentum(self._optimizer)
+            for p in live + frozen:
+                buf = self.carried.get(self.names[id(p)])
+                if buf is not None:
+                    opt.state[p]["momentum_buffer"] = buf.clone()
+        self._optimizer, self._optimizer_phase = opt, self.current
+        return opt
+
+    def _momentum(self, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+        """The carried buffers, updated with every buffer ``optimizer`` holds."""
+        carried = dict(self.carried)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                buf = optimizer.state.get(p, {}).get("momentum_buffer")
+                if buf is not None:
+                    carried[self.names[id(p)]] = buf.detach().clone()
+        return carried
 
     # ------------------------------------------------------------------ hook
     def step_start(self, optimizer: torch.optim.Optimizer) -> None:
@@ -226,27 +277,77 @@ class GateDecorator:
             chosen.append(u.key)
         return chosen
 
+    def _threshold_choose(self, scores: list[float], num: int, excluded: frozenset) -> tuple[list[Hashable], float | None]:
+        """The original's cut (rule 2 in the README's "Gate Decorator"): per group, the alive units but its
+        ``floor`` best are candidates, each entered once per coupled BN; every candidate scored at
+        or below the ``(num + 1)``-th lowest entry is chosen, ties included, unless it ties the
+        group's floor (the original keeps every score >= its floor's lowest). Returns the chosen
+        units, lowest first, and the threshold (None when there is no candidate)."""
+        removed = self.removed()
+        alive: dict[str, list[int]] = {}
+        for r, u in enumerate(self.units):
+            if u.key not in removed:
+                alive.setdefault(u.group, []).append(r)
+        candidates, entries = [], []
+        for group, rows in alive.items():
+            keep = self.floor[group]
+            if len(rows) <= keep:
+                continue
+            ranked = sorted(rows, key=lambda r: (scores[r], r))
+            hard = scores[ranked[-keep]]
+            for r in ranked[:-keep]:
+                if self.units[r].key not in excluded and scores[r] < hard:
+                    candidates.append(r)
+                if self.units[r].key not in excluded:
+                    entries += [scores[r]] * self.entries[self.units[r].key]
+        if not entries:
+            return [], None
+        # num past the last entry (the original raises IndexError there): every candidate goes.
+        threshold = sorted(entries)[min(num, len(entries) - 1)]
+        chosen = sorted((r for r in candidates if scores[r] <= threshold), key=lambda r: (scores[r], r))
+        return [self.units[r].key for r in chosen], threshold
+
     def select(self) -> dict:
-        """End of a tick: admit the ``p x remaining`` lowest-scored units; returns the tick's record."""
+        """End of a tick: admit its selection to the controller; returns the tick's record.
+
+        ``tick_rule="original"`` (rules 1-3 in the README's "Gate Decorator"): ``num = int(p * left)`` with
+        ``left`` the alive BN-channel entries (a unit of k coupled BNs is k entries; decaying units
+        count as removed) as they were at the previous tick's selection, all of them at the first
+        (the original's driver reads ``left`` back a tick late); then :meth:`_threshold_choose`,
+        which takes at least ``num + 1`` entries' worth. ``tick_rule="units"``: the
+        ``max(1, int(p x units left now))`` lowest-scored units (:meth:`_choose`)."""
         self.controller.start_round()  # a round is one tick: cooldowns count ticks
         decaying = sorted(self.controller.decaying)
         excluded = self.controller.candidates_excluded()
-        remaining = len(self.units) - len(self.removed())
-        count = max(1, int(self.prune_ratio * remaining))
+        removed = self.removed()
+        remaining = len(self.units) - len(removed)
+        left = sum(n for k, n in self.entries.items() if k not in removed)
         scores = self.unit_scores().tolist()
         self.last_scores = scores
-        chosen = self._choose(scores, count, excluded)
+        threshold = None
+        if self.tick_rule == "original":
+            basis = sum(self.entries.values()) if self.left_lagged is None else self.left_lagged
+            self.left_lagged = left
+            count = int(self.prune_ratio * basis)
+            chosen, threshold = self._threshold_choose(scores, count, excluded)
+        else:
+            basis = remaining
+            count = max(1, int(self.prune_ratio * remaining))
+            chosen = self._choose(scores, count, excluded)
         self.controller.admit([self.targets[k] for k in chosen])
         self.admitted += len(chosen)
         self._sync_masks()
         record = {"tick": self.ticks, "selected": [list(k) for k in chosen],
                   "decaying_before": [list(k) for k in decaying], "excluded": len(excluded),
-                  "remaining_before": remaining, "requested": count,
+                  "remaining_before": remaining, "left_entries_before": left, "count_basis": basis,
+                  "requested": count, "threshold": threshold,
+                  "selected_entries": sum(self.entries[k] for k in chosen),
                   "max_selected_score": max((scores[self.row[k]] for k in chosen), default=None),
                   "flops_remaining": self.flops_remaining()}
         self.tick_log.append(record)
-        log.info("tick %d: %d of %d remaining units selected, %d decaying, native FLOPs left %.4f",
-                 self.ticks, len(chosen), remaining, len(self.controller.decaying), record["flops_remaining"])
+        log.info("tick %d: %d of %d remaining units (%d BN-channel entries) selected, %d decaying, native FLOPs "
+                 "left %.4f", self.ticks, len(chosen), remaining, record["selected_entries"],
+                 len(self.controller.decaying), record["flops_remaining"])
         return record
 
     def _replacement(self, released: list[Target], excluded: frozenset) -> list[Target]:
@@ -273,29 +374,32 @@ class GateDecorator:
                 "phase_step": self.phase_step, "phase_steps": self.phase_steps, "drain_total": self.drain_total,
                 "ticks": self.ticks, "tocks": self.tocks, "drain_steps": self.drain_steps,
                 "drains": self.drains, "drain_epochs": self.drain_epochs,
-                "admitted": self.admitted, "tick_log": copy.deepcopy(self.tick_log)}
+                "admitted": self.admitted, "tick_log": copy.deepcopy(self.tick_log),
+                "left_lagged": self.left_lagged}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"GateDecorator state version {state.get('version')!r}, expected {_STATE_VERSION}")
+            raise UserError(f"a Gate Decorator checkpoint of state version {state.get('version')!r} (this dpm writes "
+                            f"{_STATE_VERSION}: its tick rules changed): rerun in a new run directory")
         self.controller.load_state_dict(state["controller"])
         for n, s in state["scores"].items():
             self.scores[n].copy_(s)
         self.masked = {tuple(k) for k in state["masked"]}
         self.current = tuple(state["current"]) if state["current"] is not None else None
         for key in ("last_scores", "mode", "phase_step", "phase_steps", "drain_total", "ticks", "tocks",
-                    "drains", "drain_steps", "drain_epochs", "admitted"):
+                    "drains", "drain_steps", "drain_epochs", "admitted", "left_lagged"):
             setattr(self, key, state[key])
         self.tick_log = copy.deepcopy(state["tick_log"])
 
 
-def set_trainable(model: nn.Module, kind: str) -> None:
-    """Which parameters train: in a tick or drain the gates and Linear layers only (the paper's
-    tick, convolutions frozen); in a tock everything; BN scales of gated BNs never (frozen at 1)."""
+def set_trainable(model: nn.Module, kind: str, tick_bn_bias: bool = True) -> None:
+    """Which parameters train: in a tick or drain everything but the convolutions (the original's
+    tick; ``tick_bn_bias=False`` freezes the BN biases too, dpm's earlier tick); in a tock
+    everything; BN scales of gated BNs never (frozen at 1: the gate is the scale)."""
     for m in model.modules():
         for name, p in m.named_parameters(recurse=False):
             if isinstance(m, GatedBatchNorm2d):
-                p.requires_grad_(name == "gate" or (name == "bias" and kind in ("tock", "finetune")))
+                p.requires_grad_(name == "gate" or (name == "bias" and (kind in ("tock", "finetune") or tick_bn_bias)))
             elif kind in ("tick", "drain"):
                 p.requires_grad_(isinstance(m, nn.Linear))
             else:
@@ -432,7 +536,8 @@ def _prune(ctx, N: int, loop_ckpt: Path) -> _MeltRecord:
     gd = GateDecorator(model, units, skeleton=skeleton, example=ctx.example, prune_ratio=p.prune_ratio,
                        min_channel_ratio=p.min_channel_ratio, flops_target=p.flops_target, N=N,
                        decay_interval=d.interval, schedule=d.schedule, rectify=rectify, decay_vector=p.decay_vector,
-                       tock_l1=p.tock_l1, tock_lr_max=p.tock_lr_max, track=d.track)
+                       tock_l1=p.tock_l1, tock_lr_max=p.tock_lr_max, track=d.track, tick_rule=p.tick_rule,
+                       floor_rounding=p.floor_rounding, tick_bn_bias=p.tick_bn_bias, carry_momentum=p.carry_momentum)
     current: tuple[str, int] | None = ("tick", 1)
     if loop_ckpt.exists():
         state = load_checkpoint(loop_ckpt)
@@ -488,7 +593,9 @@ def _prune(ctx, N: int, loop_ckpt: Path) -> _MeltRecord:
     atomic_write_json(ctx.run_dir / TICK_LOG, gd.tick_log)
     summary = {
         "N": N, "flops_target": p.flops_target, "prune_ratio": p.prune_ratio, "tock_every": p.tock_every,
-        "decay_vector": p.decay_vector, "ticks": gd.ticks, "rounds_done": gd.ticks, "tocks": gd.tocks,
+        "decay_vector": p.decay_vector, "tick_rule": p.tick_rule, "floor_rounding": p.floor_rounding,
+        "tick_bn_bias": p.tick_bn_bias, "carry_momentum": p.carry_momentum, "tick_weight_decay": p.tick.weight_decay,
+        "ticks": gd.ticks, "rounds_done": gd.ticks, "tocks": gd.tocks,
         "drain_steps": gd.drain_steps,
         "channels_total": len(units), "admitted": gd.admitted, "released": counts["releases_total"],
         "readmitted": counts["readmissions"], "pruned": len(removed),
@@ -564,6 +671,12 @@ def validate_config(cfg: Any, fail) -> None:
         fail("pruner.tock_l1", p.tock_l1, "must be >= 0")
     if p.decay_vector not in DECAY_VECTORS:
         fail("pruner.decay_vector", p.decay_vector, f"valid: {', '.join(DECAY_VECTORS)}")
+    if p.tick_rule not in TICK_RULES:
+        fail("pruner.tick_rule", p.tick_rule, f"valid: {', '.join(TICK_RULES)}")
+    if p.floor_rounding not in FLOOR_ROUNDINGS:
+        fail("pruner.floor_rounding", p.floor_rounding, f"valid: {', '.join(FLOOR_ROUNDINGS)}")
+    if not p.tick.weight_decay >= 0:
+        fail("pruner.tick.weight_decay", p.tick.weight_decay, "must be >= 0")
     if p.max_ticks < 1:
         fail("pruner.max_ticks", p.max_ticks, "must be >= 1")
     if cfg.dpm.include_consumers:
