@@ -323,7 +323,7 @@ def execute(cfg: DictConfig, run_dir: Path, log_metrics) -> dict:
     metrics = ctx.metrics
     metrics.update({"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
                     "world_size": distributed.world_size(), "fast": speed.fast, "bf16": speed.bf16,
-                    "channels_last": speed.channels_last, "compile": speed.compile,
+                    "channels_last": speed.channels_last, "compile": speed.compile, "fast_basis": speed.basis,
                     "train_size": len(data.train) if hasattr(data.train, "__len__") else None,
                     "val_size": len(data.val) if data.val is not None else 0})
     # An infeasible plan fails now, not after hours of pretraining: each stage may check its own.
@@ -537,7 +537,8 @@ def pretrain_key_fields(cfg: DictConfig) -> dict:
                          "augment", "mean", "std", "synthetic_train", "synthetic_test", "bad_images")},
             "seed": cfg.seed,
             "recipe": OmegaConf.to_container(cfg.trainer.pretrain, resolve=True),
-            "max_steps_per_epoch": cfg.trainer.max_steps_per_epoch, "bf16": resolved_bf16(cfg)}
+            "max_steps_per_epoch": cfg.trainer.max_steps_per_epoch, "bf16": resolved_bf16(cfg),
+            "channels_last": resolved_channels_last(cfg)}  # fp32 NCHW and the fast path never share a baseline
 
 
 def resolved_bf16(cfg: DictConfig) -> bool:
@@ -547,6 +548,13 @@ def resolved_bf16(cfg: DictConfig) -> bool:
     if cfg.trainer.bf16 is not None:
         return bool(cfg.trainer.bf16)
     return resolve_speed(cfg.trainer, resolve_device(cfg.trainer.device)).bf16
+
+
+def resolved_channels_last(cfg: DictConfig) -> bool:
+    """trainer.channels_last as the run resolves it (null follows trainer.fast and the device)."""
+    from dpm.train import resolve_device, resolve_speed
+
+    return resolve_speed(cfg.trainer, resolve_device(cfg.trainer.device)).channels_last
 
 
 def pretrained_baseline(cfg: DictConfig, model: torch.nn.Module, run_dir: Path, run_phase) -> dict:

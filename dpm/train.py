@@ -7,6 +7,7 @@ augmentation of an epoch depend only on (seed, phase, epoch), and the global RNG
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -51,28 +52,68 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass(frozen=True)
 class Speed:
-    """The speed settings a run resolves from `trainer` for its device (dpm.config.TrainerConfig)."""
+    """The speed settings a run resolves from `trainer` for its device (dpm.config.TrainerConfig).
+
+    `basis` says why `fast` is what it is (recorded in metrics.json as `fast_basis`)."""
 
     fast: bool
     bf16: bool
     channels_last: bool
     compile: bool
     eval_batch_size: int
+    basis: str = ""
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_native() -> tuple[bool, str]:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), and how that was found out.
+
+    torch's CPU capability report answers directly; only a torch without it falls back to a one-off
+    timing probe (a small conv, fp32 against bf16 autocast): emulated bf16 is slower than fp32."""
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if avx512_bf16 is not None and amx is not None:
+        has_avx, has_amx = bool(avx512_bf16()), bool(amx())
+        found = [name for name, ok in (("avx512_bf16", has_avx), ("amx", has_amx)) if ok]
+        return bool(found), "cpu capability: " + (", ".join(found) if found else "no avx512_bf16 or amx")
+    fp32_s, bf16_s = _conv_timing(False), _conv_timing(True)
+    return bf16_s < 0.8 * fp32_s, f"timing probe: bf16 {bf16_s * 1e3:.1f} ms vs fp32 {fp32_s * 1e3:.1f} ms"
+
+
+def _conv_timing(bf16: bool) -> float:
+    """Best of 3 of a ResNet-sized conv forward + backward (a few milliseconds)."""
+    conv = nn.Conv2d(32, 32, 3, padding=1).to(memory_format=torch.channels_last)
+    x = torch.randn(32, 32, 16, 16).to(memory_format=torch.channels_last)
+    best = float("inf")
+    for _ in range(4):  # the first is warm-up (oneDNN builds its kernels)
+        t0 = time.perf_counter()
+        with autocast(torch.device("cpu"), bf16):
+            conv(x).float().sum().backward()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def resolve_speed(tcfg: Any, device: torch.device) -> Speed:
-    """`trainer.fast` null = on for CUDA; bf16 and channels_last follow it unless set; the eval
-    batch is 1024 on CUDA and 256 on CPU unless set. On CPU everything stays as the plain loop
-    (bf16 autocast is CUDA only; channels_last is slower there)."""
+    """`trainer.fast` null = on for CUDA, and on a CPU that computes bf16 natively (cpu_bf16_native);
+    bf16 autocast and channels_last follow it unless set (explicit values win); the eval batch is
+    1024 on CUDA and 256 on CPU unless set. On a CPU without native bf16, autocast would emulate it
+    (slower than fp32) and channels_last alone gains less, so the plain fp32 NCHW loop stays."""
     def get(key: str, default: Any = None) -> Any:
         return getattr(tcfg, key, default) if not isinstance(tcfg, dict) else tcfg.get(key, default)
 
     cuda = device.type == "cuda"
-    fast = cuda if get("fast") is None else bool(get("fast"))
-    bf16 = (fast and cuda) if get("bf16") is None else bool(get("bf16"))
-    channels_last = (fast and cuda) if get("channels_last") is None else bool(get("channels_last"))
+    if get("fast") is not None:
+        fast, basis = bool(get("fast")), f"trainer.fast={bool(get('fast'))}"
+    elif cuda:
+        fast, basis = True, "cuda"
+    elif device.type == "cpu":
+        fast, basis = cpu_bf16_native()
+    else:
+        fast, basis = False, f"no fast path on {device.type}"
+    bf16 = fast if get("bf16") is None else bool(get("bf16"))
+    channels_last = fast if get("channels_last") is None else bool(get("channels_last"))
     eval_batch = get("eval_batch_size") or (1024 if cuda else 256)
-    return Speed(fast, bf16, channels_last, bool(get("compile", False)), int(eval_batch))
+    return Speed(fast, bf16, channels_last, bool(get("compile", False)), int(eval_batch), basis)
 
 
 def make_optimizer(model: nn.Module, phase_cfg: Any) -> torch.optim.Optimizer:
@@ -94,8 +135,11 @@ def make_scheduler(optimizer: torch.optim.Optimizer, phase_cfg: Any) -> torch.op
 
 
 def autocast(device: torch.device, bf16: bool):
-    if bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast on CUDA or CPU when `bf16`, else a null context. Only the forward runs under
+    it: parameters, gradients, the optimizer, BatchNorm running statistics and the loss (computed on
+    `out.float()`) stay fp32, and so does every DPM computation (hooks run outside it)."""
+    if bf16 and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -228,6 +272,7 @@ def train_phase(
     if checkpoint_path is not None and checkpoint_exists(checkpoint_path):
         state = load_checkpoint(checkpoint_path)
         if state.get("phase") == phase:
+            _refuse_other_numerics(state, checkpoint_path, bf16, model)
             # Hooks first: a pruner replays its removals so the pruned weights fit the model; the
             # optimizer is then rebuilt over the (possibly smaller) parameters before its state loads.
             for hook, hook_state in zip(hooks, state.get("hooks", [])):
@@ -255,7 +300,8 @@ def train_phase(
                            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                            "scheduler": scheduler.state_dict(),
                            "hooks": [h.state_dict() if hasattr(h, "state_dict") else None for h in hooks],
-                           "history": history, "rng": rng_state(), "skipped_steps": skipped_steps}, checkpoint_path)
+                           "history": history, "rng": rng_state(), "skipped_steps": skipped_steps,
+                           "numerics": _numerics(bf16, model)}, checkpoint_path)
 
     forward = distributed.TrainModule(model, compile=compile)
     main = distributed.is_main()
@@ -374,6 +420,35 @@ def train_phase(
             distributed.barrier()  # no rank runs ahead of the checkpoint rank 0 is writing
             last_save = time.time()
     return summarize_phase(history, list(eval_loaders), skipped_steps)
+
+
+def _numerics(bf16: bool, model: nn.Module) -> dict:
+    """What decides a phase's arithmetic besides the config: bf16 autocast and the memory format."""
+    return {"bf16": bool(bf16), "channels_last": model_is_channels_last(model)}
+
+
+def model_is_channels_last(model: nn.Module) -> bool:
+    """Whether the model's 4-d weights are in channels_last memory format (read from the first one
+    whose two formats differ; a model without such a weight counts as not channels_last)."""
+    for p in model.parameters():
+        if p.dim() == 4:
+            cl, nchw = p.is_contiguous(memory_format=torch.channels_last), p.is_contiguous()
+            if cl != nchw:
+                return cl
+    return False
+
+
+def _refuse_other_numerics(state: dict, path: str | Path, bf16: bool, model: nn.Module) -> None:
+    """A phase continues only with the arithmetic it started with: resuming an fp32 NCHW checkpoint
+    on the fast path (or back) would mix two numerics in one run. A checkpoint written before this
+    was recorded carries no `numerics` and is taken as it is."""
+    saved, now = state.get("numerics"), _numerics(bf16, model)
+    if saved is None or saved == now:
+        return
+    raise UserError(f"{path} was trained with bf16={saved['bf16']}, channels_last={saved['channels_last']} but this "
+                    f"run resolves bf16={now['bf16']}, channels_last={now['channels_last']}: continue it with "
+                    f"trainer.bf16={str(saved['bf16']).lower()} trainer.channels_last="
+                    f"{str(saved['channels_last']).lower()}, or start it under another run_id")
 
 
 def _rank_partial(ranks: list[dict]) -> dict:

@@ -121,15 +121,137 @@ def test_ddp_ranks_take_disjoint_slices_of_the_same_global_batch():
     assert torch.equal(torch.cat([y for e in evals for _, y in e]), split.labels)
 
 
-def test_speed_settings_per_device():
+def test_speed_settings_per_device(monkeypatch):
+    import dpm.train
+
+    # A CPU without native bf16: the plain fp32 NCHW loop.
+    monkeypatch.setattr(dpm.train, "cpu_bf16_native", lambda: (False, "cpu capability: no avx512_bf16 or amx"))
     cpu = resolve_speed({}, torch.device("cpu"))
     assert (cpu.fast, cpu.bf16, cpu.channels_last, cpu.compile, cpu.eval_batch_size) == (False, False, False, False, 256)
+    assert cpu.basis == "cpu capability: no avx512_bf16 or amx"
+    # A CPU with native bf16: the fast path, unless a key says otherwise (explicit values win).
+    monkeypatch.setattr(dpm.train, "cpu_bf16_native", lambda: (True, "cpu capability: avx512_bf16"))
+    cpu = resolve_speed({}, torch.device("cpu"))
+    assert (cpu.fast, cpu.bf16, cpu.channels_last, cpu.eval_batch_size) == (True, True, True, 256)
+    assert cpu.basis == "cpu capability: avx512_bf16"
+    for keys, expected in (({"bf16": False}, (True, False, True)), ({"fast": False}, (False, False, False)),
+                           ({"fast": False, "channels_last": True}, (False, False, True))):
+        got = resolve_speed(keys, torch.device("cpu"))
+        assert (got.fast, got.bf16, got.channels_last) == expected, keys
     cuda = resolve_speed({}, torch.device("cuda"))
     assert (cuda.fast, cuda.bf16, cuda.channels_last, cuda.eval_batch_size) == (True, True, True, 1024)
     slow = resolve_speed({"fast": False}, torch.device("cuda"))
     assert (slow.bf16, slow.channels_last) == (False, False)
     mixed = resolve_speed({"bf16": False, "eval_batch_size": 64, "compile": True}, torch.device("cuda"))
     assert (mixed.fast, mixed.bf16, mixed.channels_last, mixed.eval_batch_size, mixed.compile) == (True, False, True, 64, True)
+
+
+def test_cpu_bf16_capability_is_read_from_torch():
+    from dpm.train import cpu_bf16_native
+
+    native, basis = cpu_bf16_native()
+    with open("/proc/cpuinfo") as f:
+        flags = f.read()
+    assert native == ("avx512_bf16" in flags or "amx_tile" in flags)
+    assert basis.startswith("cpu capability:")
+
+
+def test_cpu_autocast_runs_the_forward_in_bf16_and_keeps_everything_else_fp32():
+    from types import SimpleNamespace
+
+    from dpm.train import autocast, train_phase
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+    net = net.to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 8, 8).to(memory_format=torch.channels_last)
+    with autocast(torch.device("cpu"), True):
+        assert net[0](x).dtype == torch.bfloat16
+    with autocast(torch.device("cpu"), False):
+        assert net[0](x).dtype == torch.float32
+    split = ImageSplit(torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8), torch.arange(32) % 10)
+    loader = SplitLoader(split, 16, MEAN, STD, train=True, augment=False, seed=0, phase="pretrain",
+                         channels_last=True)
+    seen = []
+    net[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    phase_cfg = SimpleNamespace(epochs=1, lr=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4,
+                                schedule="constant", milestones=[], gamma=0.1, batch_size=16, mixup=0.0)
+    train_phase(net, "pretrain", phase_cfg, loader, {}, torch.device("cpu"), progress=False, bf16=True)
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    assert all(b.dtype == torch.float32 for b in net.buffers() if b.is_floating_point())
+    assert net[1].num_batches_tracked.item() == 2 and net[1].running_var.ne(1).any()
+
+
+def test_cpu_fast_run_records_its_path_and_is_bitwise_reproducible(tmp_path):
+    from conftest import compose
+    from dpm.checkpoint import load_checkpoint
+    from dpm.run import run
+
+    args = ["experiment=smoke", "trainer.fast=true", "pruner=depgraph", "dpm=sp", "dpm.N=2"]
+    runs = []
+    for name in ("a", "b"):
+        cfg = compose([*args, f"cache_dir={tmp_path / name / 'cache'}"])
+        runs.append(run(cfg, tmp_path / name / "run"))
+    a, b = runs
+    assert a["status"] == b["status"] == "complete"
+    assert (a["fast"], a["bf16"], a["channels_last"], a["fast_basis"]) == (True, True, True, "trainer.fast=True")
+    def numbers(m: dict) -> list:  # every loss and accuracy of both phases, wall times left out
+        return [{k: v for k, v in r.items() if k != "epoch_time_s"} for ph in ("pretrain", "finetune")
+                for r in m["history"][ph]]
+
+    assert numbers(a) == numbers(b) and numbers(a) and a["top1_final"] == b["top1_final"]
+    wa, wb = (load_checkpoint(m["pretrain_checkpoint"])["model"] for m in runs)
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def test_pretrain_cache_key_separates_fp32_nchw_from_the_fast_path():
+    from conftest import compose
+    from dpm.run import pretrain_key_fields
+
+    keys = {(bf16, cl): pretrain_key_fields(compose(["experiment=smoke", f"trainer.bf16={bf16}",
+                                                     f"trainer.channels_last={cl}"]))
+            for bf16 in ("true", "false") for cl in ("true", "false")}
+    assert len({json_key(k) for k in keys.values()}) == 4
+    fast = pretrain_key_fields(compose(["experiment=smoke", "trainer.fast=true"]))
+    assert json_key(fast) == json_key(keys[("true", "true")])
+
+
+def json_key(fields: dict) -> str:
+    import json
+
+    return json.dumps(fields, sort_keys=True, default=str)
+
+
+def test_resuming_a_checkpoint_of_other_numerics_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from dpm.errors import UserError
+    from dpm.train import train_phase
+
+    split = ImageSplit(torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8), torch.arange(32) % 10)
+    phase_cfg = SimpleNamespace(epochs=1, lr=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4,
+                                schedule="constant", milestones=[], gamma=0.1, batch_size=16, mixup=0.0)
+
+    def net(channels_last: bool):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 10))
+        return m.to(memory_format=torch.channels_last) if channels_last else m
+
+    def phase(epochs: int, bf16: bool, channels_last: bool):
+        loader = SplitLoader(split, 16, MEAN, STD, train=True, seed=0, phase="pretrain", channels_last=channels_last)
+        cfg = SimpleNamespace(**{**vars(phase_cfg), "epochs": epochs})
+        return train_phase(net(channels_last), "pretrain", cfg, loader, {}, torch.device("cpu"),
+                           checkpoint_path=tmp_path / "last.pt", progress=False, bf16=bf16)
+
+    phase(1, bf16=False, channels_last=False)  # fp32 NCHW, one epoch checkpointed
+    for bf16, cl in ((True, True), (True, False), (False, True)):
+        with pytest.raises(UserError, match="trainer.bf16=false trainer.channels_last=false"):
+            phase(2, bf16=bf16, channels_last=cl)
+    assert phase(2, bf16=False, channels_last=False)["epochs"] == 2  # the same numerics continue
 
 
 def make_folder(root, n_per_class: int = 3):
