@@ -16,6 +16,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
+# The report of the last multirun this process ran (dpm.run.sweep_verdict reads it for the exit code).
+LAST_REPORT = None
 
 
 class ReportCallback(Callback):
@@ -51,5 +53,7 @@ class ReportCallback(Callback):
         except Exception:  # noqa: BLE001  (the sweep's runs are done and saved; a report bug must not fail it)
             log.exception("writing the report of %s failed; run `python -m dpm.report %s`", sweep_dir, sweep_dir)
             return
+        global LAST_REPORT
+        LAST_REPORT = report
         n_bad = len(report.problems)
         log.info("report: %s (%d runs, %d failed or incomplete)", report.out / "report.md", len(report.runs), n_bad)

@@ -53,6 +53,7 @@ VARIANT_ORDER = {"base": 0, "sp": 1, "sr": 2}
 VARIANT_LABEL = {"base": "base", "sp": "+SP", "sr": "+SR"}
 # Runs whose metrics.json has any other status (or none) are failed/incomplete, never aggregated.
 COMPLETE = "complete"
+TARGET_MISSED = "target_missed"  # finished, but short of its pruning target: listed as a problem
 MISSING = "missing"
 CONFIDENCE = 0.95
 POWER = 0.80
@@ -578,7 +579,7 @@ DUPLICATE_COLUMNS = ["run_dir", "duplicate_of", "status", "model", "dataset", "p
 
 
 def problem_runs(frame: pd.DataFrame) -> pd.DataFrame:
-    """Failed and incomplete runs (status != complete, or config.yaml without metrics.json)."""
+    """Failed, incomplete and short-of-target runs (status != complete, or config.yaml without metrics.json)."""
     bad = frame[frame["status"] != COMPLETE]
     return bad.reindex(columns=PROBLEM_COLUMNS)
 
@@ -622,10 +623,12 @@ def render_markdown(runs: pd.DataFrame, table: pd.DataFrame, stats: pd.DataFrame
                     duplicates: pd.DataFrame, dirs: Sequence[str | os.PathLike]) -> str:
     """The whole report as one Markdown document (also what the CLI prints)."""
     n_ok = int((runs["status"] == COMPLETE).sum())
+    n_missed = int((problems["status"] == TARGET_MISSED).sum())
     parts = [
         "# dpm report", "",
-        f"{len(runs)} run dirs under {', '.join(map(str, dirs))}: {n_ok} complete, "
-        f"{len(problems)} failed or incomplete, {int(runs['duplicate_of'].notna().sum())} duplicates left out.", "",
+        f"{len(runs)} run dirs under {', '.join(map(str, dirs))}: {n_ok} complete, {n_missed} short of their "
+        f"pruning target, {len(problems) - n_missed} failed or incomplete, "
+        f"{int(runs['duplicate_of'].notna().sum())} duplicates left out.", "",
         "## Paper table", "",
         "Mean ± std over seeds (complete runs, one per config and seed). `top1 %` is the final test "
         "accuracy (headline), `best %` the best over fine-tune epochs (Torch-Pruning reports best). "
@@ -638,7 +641,9 @@ def render_markdown(runs: pd.DataFrame, table: pd.DataFrame, stats: pd.DataFrame
         f"{BOOTSTRAP_RESAMPLES} resamples) only when n >= {BOOTSTRAP_MIN_N}. `includes 0` = YES: the "
         "difference is not shown by these seeds.", "",
         _markdown(stats_display(stats)) if len(stats) else "(no base / variant pairs)", "",
-        "## Failed and incomplete runs", "", _markdown(problems), "",
+        "## Failed and incomplete runs", "",
+        "Never aggregated: failed, killed or unfinished runs, and runs that ended short of their pruning "
+        "target (status `target_missed`, `problem` says what they reached).", "", _markdown(problems), "",
         "## Duplicates (same config except run-time keys, same seed)", "",
         "Only the newest complete run of each is aggregated.", "", _markdown(duplicates), "",
     ]

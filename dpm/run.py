@@ -32,6 +32,10 @@ from dpm.faults import fault_point
 log = logging.getLogger("dpm")
 
 CHECKPOINT = "checkpoint.pt"
+# A run with one of these statuses is finished: run() returns its record instead of running it again.
+FINISHED = ("complete", "target_missed")
+# Run dirs of this process's multirun jobs that stopped with a UserError (sweep_verdict reads them).
+SWEEP_FAILURES: list[str] = []
 PRETRAIN_PROGRESS = "pretrain_last.pt"
 # Keys that may change between a run and its resumption without changing its result.
 RUNTIME_KEYS = ("run_id", "resume", "force_resume", "trainer.device", "trainer.progress", "trainer.num_workers",
@@ -68,8 +72,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
                 distributed.broadcast_object(str(err))
                 raise
             previous = run_dir / "metrics.json"
-            if previous.exists() and json.loads(previous.read_text()).get("status") == "complete":
-                log.info("run already complete: %s", previous)
+            if previous.exists() and json.loads(previous.read_text()).get("status") in FINISHED:
+                log.info("run already finished (%s): %s", json.loads(previous.read_text())["status"], previous)
                 distributed.broadcast_object(json.loads(previous.read_text()))
                 return json.loads(previous.read_text())
             distributed.broadcast_object("run")
@@ -112,7 +116,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path) -> dict:
 
         logger = make_logger(cfg.logger, resolved, run_dir)
         metrics.update(execute(cfg, run_dir, logger))  # callable; its log_every sets per-step logging
-        metrics["status"] = "complete"
+        metrics.update(outcome(metrics))
         fault_point("run:before_metrics")  # tests: a kill after the work, before its record
     except BaseException as err:
         # SystemExit here comes from submitit's signal handler: the job is pre-empted or timed out
@@ -147,8 +151,30 @@ def _run_follower(cfg: DictConfig, run_dir: Path) -> dict:
     metrics = identity_fields(cfg)
     metrics.update(run_dir=str(run_dir), rank=distributed.rank())
     metrics.update(execute(cfg, run_dir, NullLogger()))
-    metrics["status"] = "complete"
+    metrics.update(outcome(metrics))
     return metrics
+
+
+def outcome(metrics: dict) -> dict:
+    """A finished run's status: `complete` when it did what was asked, `target_missed` (with an
+    `error` saying what it reached) when its pruner ended short of its target (`target_met` false)."""
+    if metrics.get("target_met") is False:
+        return {"status": "target_missed", "error": f"missed its pruning target: {target_text(metrics)}"}
+    return {"status": "complete"}
+
+
+def target_text(metrics: dict) -> str:
+    """The pruning target and what the run reached, in the pruner's native units."""
+    pruner = metrics.get("pruner")
+    if pruner == "depgraph":
+        return f"speed-up target {metrics['speedup_target']:.2f}x, reached {metrics['native_speedup']:.2f}x"
+    if pruner == "otov2":
+        return (f"group sparsity target {metrics['target_group_sparsity']:.2f}, reached "
+                f"{metrics['group_sparsity']:.3f}")
+    if pruner == "gate_decorator":
+        return (f"FLOPs target <= {100 * metrics['flops_target']:.1f}% left, reached "
+                f"{100 * metrics['native_flops_remaining']:.1f}%")
+    return f"target_met false ({pruner})"
 
 
 @contextlib.contextmanager
@@ -634,7 +660,7 @@ def adopt_unfinished_run(cfg: DictConfig, run_dir: Path) -> None:
     for other in candidates:
         status = json.loads((other / "metrics.json").read_text()).get("status") if (other / "metrics.json").exists() else None
         files = resume_files(other)
-        if status == "complete" or not any(p.suffix in (".pt", ".prev") for p in files):
+        if status in FINISHED or not any(p.suffix in (".pt", ".prev") for p in files):
             continue
         if comparable_config(OmegaConf.to_container(OmegaConf.load(other / "config.yaml"))) != wanted:
             continue
@@ -678,6 +704,8 @@ def print_summary(metrics: dict) -> None:
     print(f"\ndpm {metrics['name']}: {metrics['model']} on {metrics['dataset']} ({metrics.get('train_size')} "
           f"train images), {metrics.get('device')}, {source.get(metrics.get('pretrain_source'), '')}")
     print(format_runs([metrics]))
+    if metrics.get("status") == "target_missed":
+        print(f"\ntarget_missed: {metrics['error']}")
     print(f"\nmetrics: {Path(metrics['run_dir']) / 'metrics.json'}")
 
 
@@ -694,17 +722,21 @@ def _hydra_entry():
         from hydra.types import RunMode
 
         run_dir = Path(HydraConfig.get().runtime.output_dir)
+        sweep = HydraConfig.get().mode == RunMode.MULTIRUN
         try:
             metrics = run(cfg, run_dir)
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
-            if HydraConfig.get().mode == RunMode.MULTIRUN:
-                # The sweep's other points still run (a SLURM job records its failure for submitit);
-                # Hydra fails the sweep at the end and the report lists this run as failed.
-                raise
+            if sweep:
+                # One line, no traceback: the sweep's other points still run, its report lists this
+                # run as failed, and main() exits non-zero at the end.
+                SWEEP_FAILURES.append(str(run_dir))
+                return
             sys.exit(2)
         if not metrics.get("rank"):  # DDP: rank 0 reports
             print_summary(metrics)
+        if metrics.get("status") == "target_missed" and not sweep:
+            sys.exit(1)
 
     return hydra_main
 
@@ -784,6 +816,25 @@ def main() -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     _hydra_entry()()
+    sweep_verdict()
+
+
+def sweep_verdict() -> None:
+    """After a multirun: exit 1 with one line when a run failed or ended short of its target (read
+    from the sweep's report, which sees the runs of every launcher, and from this process's jobs)."""
+    from dpm import callbacks
+
+    report, callbacks.LAST_REPORT = callbacks.LAST_REPORT, None
+    statuses = list(report.problems["status"]) if report is not None else []
+    missed = statuses.count("target_missed")
+    failed = max(len(statuses) - missed, len(SWEEP_FAILURES))
+    SWEEP_FAILURES.clear()
+    if missed or failed:
+        total = len(report.runs) if report is not None else failed
+        where = f": see {report.out / 'report.md'}" if report is not None else ""
+        print(f"error: {missed + failed} of {total} runs did not complete ({missed} short of their pruning target, "
+              f"{failed} failed or incomplete){where}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -342,7 +342,7 @@ def test_report_of_only_failed_runs_has_the_header_and_lists_them(tmp_path):
     with pytest.raises(UserError):
         run(compose(["experiment=smoke", "trainer.pretrain.lr=1e30", "pretrain.cache=false"]), tmp_path / "runs" / "a")
     report = rp.write_report([tmp_path / "runs"], tmp_path / "report", plots=False)
-    assert "0 complete, 1 failed or incomplete" in report.markdown and "(no complete runs)" in report.markdown
+    assert "0 complete, 0 short of their pruning target, 1 failed or incomplete" in report.markdown and "(no complete runs)" in report.markdown
     assert (tmp_path / "report" / "tables.tex").exists()
 
 

@@ -137,6 +137,7 @@ class GateDecorator:
         self.drain_total = 0
         self.ticks = self.tocks = self.drains = self.drain_steps = self.drain_epochs = self.admitted = 0
         self.tick_log: list[dict] = []
+        self.stop_reason: str | None = None  # why ticking stopped short of the target (None: it did not)
         # carry_momentum: momentum buffers by parameter name, handed from each phase's optimizer to the next.
         self.names = {id(p): n for n, p in model.named_parameters()}
         self.carried: dict[str, torch.Tensor] = {}
@@ -375,7 +376,7 @@ class GateDecorator:
                 "ticks": self.ticks, "tocks": self.tocks, "drain_steps": self.drain_steps,
                 "drains": self.drains, "drain_epochs": self.drain_epochs,
                 "admitted": self.admitted, "tick_log": copy.deepcopy(self.tick_log),
-                "left_lagged": self.left_lagged}
+                "left_lagged": self.left_lagged, "stop_reason": self.stop_reason}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != _STATE_VERSION:
@@ -387,7 +388,7 @@ class GateDecorator:
         self.masked = {tuple(k) for k in state["masked"]}
         self.current = tuple(state["current"]) if state["current"] is not None else None
         for key in ("last_scores", "mode", "phase_step", "phase_steps", "drain_total", "ticks", "tocks",
-                    "drains", "drain_steps", "drain_epochs", "admitted", "left_lagged"):
+                    "drains", "drain_steps", "drain_epochs", "admitted", "left_lagged", "stop_reason"):
             setattr(self, key, state[key])
         self.tick_log = copy.deepcopy(state["tick_log"])
 
@@ -600,7 +601,7 @@ def _prune(ctx, N: int, loop_ckpt: Path) -> _MeltRecord:
         "channels_total": len(units), "admitted": gd.admitted, "released": counts["releases_total"],
         "readmitted": counts["readmissions"], "pruned": len(removed),
         "native_flops_remaining": macs / gd.base_macs, "native_speedup": gd.base_macs / macs,
-        "target_met": macs / gd.base_macs <= p.flops_target * (1 + 1e-9),
+        "target_met": macs / gd.base_macs <= p.flops_target * (1 + 1e-9), "stop_reason": gd.stop_reason,
         "top1_before_melt": acc_before_melt, "top1_after_melt": acc_after_melt, "melt_max_abs_diff": melt_diff,
         "tick_epochs": gd.ticks * p.tick.epochs, "tock_epochs": gd.tocks * p.tock.epochs,
         "drain_epochs": gd.drain_epochs,
@@ -625,21 +626,23 @@ def _next_phase(gd: GateDecorator, kind: str, index: int, p: Any) -> tuple[str, 
             gd.drain_total = gd.drain_length()
             return "drain", index + 1
         # SR may have released units during the drain: keep ticking until the pruned ones meet the target.
-        if gd.target_met(gd.controller.pruned):
+        if gd.target_met(gd.controller.pruned) or gd.stop_reason:
             return None
         return "tick", gd.ticks + 1
     gd.ticks = index
     record = gd.select()
-    if record["flops_remaining"] <= p.flops_target:
+    if not record["selected"] and record["flops_remaining"] > p.flops_target:
+        gd.stop_reason = (f"no unit can be selected any more (every layer at pruner.min_channel_ratio="
+                          f"{p.min_channel_ratio}): raise flops_target or lower min_channel_ratio")
+    elif index >= p.max_ticks and record["flops_remaining"] > p.flops_target:
+        gd.stop_reason = f"pruner.max_ticks={p.max_ticks} ticks reached: raise max_ticks or prune_ratio"
+    if record["flops_remaining"] <= p.flops_target or gd.stop_reason:
+        # Melt what was reached: short of the target, the run ends as target_missed and says why.
+        if gd.stop_reason:
+            log.warning("gate_decorator: stopping short of the FLOPs target (%.4f left, target %.4f): %s",
+                        record["flops_remaining"], p.flops_target, gd.stop_reason)
         gd.drain_total = gd.drain_length()
         return ("drain", gd.drains + 1) if gd.drain_total > 0 else None
-    if not record["selected"]:
-        raise UserError(f"pruner.flops_target={p.flops_target}: no unit can be selected any more (every layer "
-                        f"at pruner.min_channel_ratio={p.min_channel_ratio}) and {record['flops_remaining']:.4f} "
-                        f"of the FLOPs are left: raise flops_target or lower min_channel_ratio")
-    if index >= p.max_ticks:
-        raise UserError(f"pruner.max_ticks={p.max_ticks}: {record['flops_remaining']:.4f} of the FLOPs are left "
-                        f"after that many ticks (target {p.flops_target}): raise max_ticks or prune_ratio")
     if index % p.tock_every == 0 and p.tock.epochs > 0:
         return "tock", index // p.tock_every
     return "tick", index + 1

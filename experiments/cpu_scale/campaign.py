@@ -109,7 +109,9 @@ def restore(stage: str, smoke: bool) -> int:
 
 
 def _complete(metrics_path: Path) -> bool:
-    return json.loads(metrics_path.read_text()).get("status") == "complete"
+    """A finished run (dpm.run.FINISHED): complete, or short of its target (never eligible, but
+    archived like a complete one: re-running it gives the same record)."""
+    return json.loads(metrics_path.read_text()).get("status") in ("complete", "target_missed")
 
 
 def _copy_record(src: Path, dest: Path, pack: bool) -> None:
