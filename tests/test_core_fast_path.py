@@ -146,3 +146,56 @@ def test_fast_path_training_with_dpm_is_bitwise_reproducible():
     for key in a:
         assert torch.equal(bits(a[key]) if a[key].is_floating_point() else a[key],
                            bits(b[key]) if b[key].is_floating_point() else b[key]), key
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_grouped_row_sums_equal_the_per_tensor_path_bit_for_bit(channels_last, monkeypatch):
+    """The CPU controller's grouped row sums (one op per shape group) against one op per tensor:
+    the same weights, logs and releases, to the bit, over a SR run with releases and prunings
+    (channels_last: the same releases and prunings, weights to float32 rounding)."""
+    from dpm.core import RectifyConfig, segments
+    from dpm.models import build_model
+
+    def run(grouped: bool):
+        monkeypatch.setattr(segments, "ROW_GROUPS_ON_CPU", grouped)
+        torch.manual_seed(0)
+        net = build_model("resnet20", num_classes=10)
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        # channels_last sums rows in another order: borderline release decisions could flip, so
+        # there the thresholds are infinite (C_rate, C_len and the logs are still computed).
+        rectify = RectifyConfig(t_rate=float("inf"), t_len=float("inf")) if channels_last else \
+            RectifyConfig(t_rate=0.0, t_len=1.2)
+        ctl = DecayController(net, N=5, optimizer=opt, rectify=rectify)
+        targets = []
+        convs = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
+        bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+        for (name, conv), bn in zip(convs, bns):
+            targets += channel_targets(name, [(conv.weight, 0), (bn.weight, 0), (bn.bias, 0)])
+        ctl.register(targets)
+        ctl.admit(targets[::3])
+        g = torch.Generator().manual_seed(2)
+        for step in range(8):
+            if step == 3:
+                ctl.admit(targets[1::6])
+            x = torch.randn(4, 3, 16, 16, generator=g)
+            if channels_last:
+                x = x.to(memory_format=torch.channels_last)
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x), torch.randint(0, 10, (4,), generator=g)).backward()
+            ctl.step(opt)
+        return net, ctl
+
+    (n0, c0), (n1, c1) = run(False), run(True)
+    assert c1._D_plan._rows, "the grouped path did not run"
+    assert c0.counts() == c1.counts() and c0.pruned and (c0.released or channels_last)
+    assert c0.pruned == c1.pruned and c0.released == c1.released
+    if channels_last:
+        # Rows of channels_last tensors are summed in memory order: the same elements, another order.
+        for (name, a), b in zip(n0.state_dict().items(), n1.state_dict().values()):
+            assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5), (name, (a - b).abs().max())
+        return
+    assert c0.log.history == c1.log.history and c0.log.releases == c1.log.releases
+    for (name, a), b in zip(n0.state_dict().items(), n1.state_dict().values()):
+        assert torch.equal(bits(a), bits(b)) if a.is_floating_point() else torch.equal(a, b), name

@@ -37,7 +37,7 @@ from . import schedules as _schedules
 from .log import QUANTILES, DecayLog
 from .optim_state import zero_state_slices
 from .rectify import RectifyConfig, c_len, c_rate, release_rule
-from .segments import Plan, apply_factors, build_plan, element_mask, segment_sum
+from .segments import Plan, apply_factors, build_plan, element_mask, pre_step_sums, segment_sum
 from .targets import Slice, Target
 
 __all__ = ["DecayController"]
@@ -397,6 +397,14 @@ class DecayController:
             return
         dev = self._device
         params = self._params
+        radial = self.rectify.c_rate_form == "radial"
+        fused = pre_step_sums(self._R_plan, self._D_plan, [params[pos] for pos, _ in self._R_plan.entries],
+                              [self._grad(pos, grads) for pos, _ in self._R_plan.entries], torch.float64,
+                              self._learning_rates(lr) if radial else None)
+        if fused is not None:  # CPU: one concatenation of x and one of g serve all three sums
+            xx, gx, gg = fused
+            self._pre = {"xx": xx, "gx": gx, "grads": grads, "gg": gg}
+            return
         xx = segment_sum(self._D_plan, lambda pos: (params[pos], params[pos]), torch.float64, dev)
         gx = None
         if self.rectify.c_rate_form == "radial":

@@ -25,13 +25,16 @@ import torch
 
 from .targets import Target
 
-__all__ = ["Plan", "build_plan", "rowdot", "segment_sum", "apply_factors", "element_mask",
-           "STACK_ON_CPU"]
+__all__ = ["Plan", "build_plan", "rowdot", "segment_sum", "pre_step_sums", "apply_factors", "element_mask",
+           "STACK_ON_CPU", "ROW_GROUPS_ON_CPU"]
 
 #: Stack same-shaped tensors into one op per group on CPU too. Off by default: on CPU the stacked
 #: copies are fresh multi-MB allocations (page faults every step) and cost more than the per-tensor
 #: dispatch they save; on accelerators (caching allocator, launch-bound) stacking is the win.
 STACK_ON_CPU = False
+#: On CPU, row sums of same-shaped tensors in one op per shape group (bit for bit the per-tensor
+#: sums, see _RowLayout); False keeps one op per tensor (tests compare the two).
+ROW_GROUPS_ON_CPU = True
 
 
 @dataclass
@@ -57,6 +60,12 @@ class Plan:
     groups: list[tuple[int, int, int, tuple]] = field(default_factory=list)
     sizes_t: torch.Tensor | None = None
     _weights: tuple[list[float], torch.Tensor] | None = None
+    _weights_sel: tuple[list[float], torch.Tensor] | None = None
+    _weights_sub: tuple[list[float], torch.Tensor] | None = None
+    _sub: tuple["Plan", tuple[torch.Tensor, torch.Tensor]] | None = None  # pre_step_sums' row map
+    _rows: "_RowLayout | None | bool" = None  # False: the plan has no row layout (see _row_layout)
+    # apply_factors' kept buffer: (tensors it was built for, ones buffer, tensors, scale views).
+    _scales: tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def __bool__(self) -> bool:
         return bool(self.entries)
@@ -137,6 +146,173 @@ def _stacked_rowdot(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.linalg.vecdot(a.reshape(g, n, -1), b.reshape(g, n, -1)).reshape(-1)
 
 
+@dataclass
+class _RowLayout:
+    """The CPU fast path of a plan (one op per group instead of several per parameter).
+
+    Entries along dim 0 whose tensors share their trailing shape are one group: ``torch.cat`` of
+    the group's tensors along dim 0 gives their rows one under the other, and one ``vecdot`` over
+    the (rows, K) matrix gives every row sum of the group. Each row is reduced by the same kernel
+    over the same K elements in the same (logical) order as ``rowdot`` on its own tensor, so the
+    sums are bit for bit those of the per-tensor path; ``perm`` then puts them in the per-tensor
+    path's order (the order of ``flat``), so the selection and the float64 accumulation into rows
+    are unchanged too."""
+
+    groups: list[list[int]]  # entry indices per group, in concatenation order
+    perm: torch.Tensor       # for each element of plan.sel: its row in the cat of the groups' sums
+    weight_entry: torch.Tensor  # for each element of plan.sel: its entry (to look up a weight)
+    nhwc: list[bool]         # per entry: a channels_last 4-d tensor, its rows read in memory order
+    cat_start: list[int]     # per entry: its first row in the groups' concatenation
+    buffers: dict = field(default_factory=dict)  # (group, operand) -> reused concatenation buffer
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _row_layout(plan: Plan, tensors: list[torch.Tensor]) -> "_RowLayout | None":
+    """Build (once) the plan's row layout, or None where the fast path does not apply: a slice
+    along another dim than 0, a tensor that is not float32, or off the CPU (stacking serves there)."""
+    if plan._rows is not None:
+        return plan._rows or None
+    plan._rows = False
+    if plan.sel.device.type != "cpu" or STACK_ON_CPU or not ROW_GROUPS_ON_CPU:
+        return None
+    by_shape: dict[tuple, list[int]] = {}
+    nhwc = []
+    for e, ((_, dim), t) in enumerate(zip(plan.entries, tensors)):
+        if dim != 0 or t.dim() == 0 or t.dtype != torch.float32:
+            return None
+        nhwc.append(_is_channels_last(t))
+        shape = tuple(t.permute(0, 2, 3, 1).shape[1:]) if nhwc[-1] else tuple(t.shape[1:])
+        by_shape.setdefault((nhwc[-1], shape), []).append(e)
+    groups = list(by_shape.values())
+    # Row r of entry e sits at flat_start[e] + r in `flat` and at cat_start[e] + r in the groups' cat.
+    flat_start, cat_start = [], [0] * len(plan.entries)
+    offset = 0
+    for size in plan.sizes:
+        flat_start.append(offset)
+        offset += size
+    at = 0
+    for group in groups:
+        for e in group:
+            cat_start[e] = at
+            at += plan.sizes[e]
+    flat_to_cat = torch.empty(offset, dtype=torch.long)
+    entry_of = torch.empty(offset, dtype=torch.long)
+    for e, size in enumerate(plan.sizes):
+        flat_to_cat[flat_start[e]:flat_start[e] + size] = torch.arange(cat_start[e], cat_start[e] + size)
+        entry_of[flat_start[e]:flat_start[e] + size] = e
+    sel = plan.sel.cpu()
+    layout = _RowLayout(groups, flat_to_cat.index_select(0, sel), entry_of.index_select(0, sel), nhwc, cat_start)
+    plan._rows = layout
+    return layout
+
+
+def _group_rowdots(plan: Plan, layout: _RowLayout, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Every row sum of every group, groups one after the other. ``vecdot`` is a multiply and a
+    row sum; done here as ``cat`` into a buffer kept with the plan, an in-place multiply and the
+    same row sum, so no multi-MB temporary is allocated (and page-faulted in) every step."""
+    parts = []
+    for i, group in enumerate(layout.groups):
+        same = all(pairs[e][0] is pairs[e][1] for e in group)
+        A = _cat_into(layout, (i, 0), [_rows_of(pairs[e][0], layout.nhwc[e]) for e in group])
+        if same:
+            A.mul_(A)
+        else:
+            A.mul_(_cat_into(layout, (i, 1), [_rows_of(pairs[e][1], layout.nhwc[e]) for e in group]))
+        parts.append(A.view(A.shape[0], -1).sum(1) if A.dim() > 1 else A)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def pre_step_sums(
+    registered: Plan,
+    decaying: Plan,
+    x: list[torch.Tensor],
+    g: list[torch.Tensor | None],
+    dtype: torch.dtype,
+    weights: Callable[[int], float] | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
+    """Self-Rectifying's pre-step sums from one concatenation of the parameters and one of the
+    gradients (``x`` and ``g``: one tensor per entry of ``registered``): ``x . x`` and (with
+    ``weights``, the learning rate per parameter) ``lr g . x`` per row of ``decaying``, ``g . g``
+    per row of ``registered``. Each equals ``segment_sum`` of the same pair bit for bit (the same
+    row sums, selected and accumulated in the same order). None where the CPU fast path does not
+    apply (a missing gradient, another dtype, a decaying entry outside ``registered``, off the CPU)."""
+    if not registered or not decaying or any(t is None for t in g):
+        return None
+    layout = _row_layout(registered, x)
+    if layout is None or any(t.dtype != torch.float32 for t in g):
+        return None
+    sub = _sub_rows(decaying, registered, layout)
+    if sub is None:
+        return None
+    d_perm, d_entry = sub
+    xx_rows, gx_rows, gg_rows = [], [], []
+    for i, group in enumerate(layout.groups):
+        X = _cat_into(layout, (i, "x"), [_rows_of(x[e], layout.nhwc[e]) for e in group])
+        G = _cat_into(layout, (i, "g"), [_rows_of(g[e], layout.nhwc[e]) for e in group])
+        for out, (a, b) in ((xx_rows, (X, X)), (gx_rows, (G, X)), (gg_rows, (G, G))):
+            if out is gx_rows and weights is None:
+                continue
+            prod = layout.buffers.get((i, "p"))
+            if prod is None:
+                prod = layout.buffers[(i, "p")] = torch.empty_like(X)
+            torch.mul(a, b, out=prod)
+            out.append(prod.view(prod.shape[0], -1).sum(1) if prod.dim() > 1 else prod.clone())
+    xx_all = torch.cat(xx_rows).to(dtype)
+    xx = torch.zeros(decaying.num_rows, dtype=dtype, device=xx_all.device)
+    xx.index_add_(0, decaying.seg, xx_all.index_select(0, d_perm))
+    gx = None
+    if weights is not None:
+        scale = [weights(pos) for pos, _ in decaying.entries]
+        if decaying._weights_sub is None or decaying._weights_sub[0] != scale:
+            w = torch.tensor(scale, dtype=dtype, device=xx_all.device)
+            decaying._weights_sub = (scale, w.index_select(0, d_entry))
+        vals = torch.cat(gx_rows).to(dtype).index_select(0, d_perm) * decaying._weights_sub[1]
+        gx = torch.zeros(decaying.num_rows, dtype=dtype, device=xx_all.device).index_add_(0, decaying.seg, vals)
+    gg = torch.zeros(registered.num_rows, dtype=dtype, device=xx_all.device)
+    gg.index_add_(0, registered.seg, torch.cat(gg_rows).to(dtype).index_select(0, layout.perm))
+    return xx, gx, gg
+
+
+def _sub_rows(sub: Plan, sup: Plan, layout: _RowLayout) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For each element of ``sub.sel``: its row in ``sup``'s groups' concatenation, and its entry
+    in ``sub`` (built once per pair of plans)."""
+    if sub._sub is not None and sub._sub[0] is sup:
+        return sub._sub[1]
+    where = {key: e for e, key in enumerate(sup.entries)}
+    if any(key not in where or sup.sizes[where[key]] != size for key, size in zip(sub.entries, sub.sizes)):
+        return None
+    to_cat, entry_of = [], []
+    for e, (key, size) in enumerate(zip(sub.entries, sub.sizes)):
+        start = layout.cat_start[where[key]]
+        to_cat.append(torch.arange(start, start + size))
+        entry_of.append(torch.full((size,), e, dtype=torch.long))
+    sel = sub.sel.cpu()
+    found = (torch.cat(to_cat).index_select(0, sel), torch.cat(entry_of).index_select(0, sel))
+    sub._sub = (sup, found)
+    return found
+
+
+def _rows_of(t: torch.Tensor, nhwc: bool) -> torch.Tensor:
+    # A channels_last tensor's rows in memory order (O, H, W, I): a plain copy into the buffer
+    # instead of a transposing one (the row sums then add the same elements in that order).
+    return t.permute(0, 2, 3, 1) if nhwc else t
+
+
+def _cat_into(layout: _RowLayout, slot: tuple[int, int], tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(tensors)`` (dim 0) into a contiguous buffer reused across steps; channels_last
+    inputs land in logical order, as ``reshape`` would lay them out."""
+    buf = layout.buffers.get(slot)
+    if buf is None:  # a plan's tensors keep their shapes (a new target set builds a new plan)
+        shape = (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:])
+        buf = layout.buffers[slot] = torch.empty(shape, dtype=tensors[0].dtype, device=tensors[0].device)
+    if len(tensors) == 1:
+        return buf.copy_(tensors[0])
+    return torch.cat(tensors, out=buf)
+
+
 def segment_sum(
     plan: Plan,
     pair: Callable[[int], tuple[torch.Tensor, torch.Tensor] | None],
@@ -153,6 +329,17 @@ def segment_sum(
     out = torch.zeros(plan.num_rows, dtype=dtype, device=device)
     if not plan:
         return out
+    pairs_all = [pair(pos) for pos, _ in plan.entries]
+    layout = _row_layout(plan, [ab[0] for ab in pairs_all]) if all(ab is not None for ab in pairs_all) else None
+    if layout is not None and all(a.dtype == b.dtype == torch.float32 for a, b in pairs_all):
+        vals = _group_rowdots(plan, layout, pairs_all).to(dtype).index_select(0, layout.perm)
+        if weights is not None:
+            scale = [weights(pos) for pos, _ in plan.entries]
+            if plan._weights_sel is None or plan._weights_sel[0] != scale:
+                w = torch.tensor(scale, dtype=dtype, device=device)
+                plan._weights_sel = (scale, w.index_select(0, layout.weight_entry))
+            vals = vals * plan._weights_sel[1]
+        return out.index_add_(0, plan.seg, vals)
     parts = []
     for start, end, dim, shape in plan.groups:
         pairs = [pair(pos) for pos, _ in plan.entries[start:end]]
@@ -196,7 +383,16 @@ def apply_factors(
         return
     # float32 factors unless a planned tensor is float64 (the factor is cast to the parameter's
     # dtype by the in-place multiply either way).
-    wide = any(tensor(pos).dtype == torch.float64 for pos, _ in plan.entries)
+    tensors = [tensor(pos) for pos, _ in plan.entries]
+    cached = plan._scales
+    if cached is not None and len(cached[0]) == len(tensors) and all(a is b for a, b in zip(cached[0], tensors)):
+        # The same tensors as last step (the live parameters): the scale views of the kept buffer
+        # still broadcast over them, and the positions outside `sel` still hold 1.
+        full, targets, scales = cached[1], cached[2], cached[3]
+        full.index_copy_(0, plan.sel, factors.index_select(0, plan.seg).to(full.dtype))
+        torch._foreach_mul_(targets, scales)
+        return
+    wide = any(t.dtype == torch.float64 for t in tensors)
     dtype = torch.float64 if wide else torch.float32
     full = torch.ones(sum(plan.sizes), dtype=dtype, device=factors.device)
     vals = factors.index_select(0, plan.seg).to(dtype)
@@ -216,7 +412,10 @@ def apply_factors(
         vec = piece.view(shape) if shape else piece.reshape(())
         scales[pos] = vec if pos not in scales else scales[pos] * vec
     # One call for all parameters (per-tensor kernels underneath: the scales broadcast).
-    torch._foreach_mul_([tensor(pos) for pos in scales], list(scales.values()))
+    targets, scale_list = [tensor(pos) for pos in scales], list(scales.values())
+    torch._foreach_mul_(targets, scale_list)
+    if plan.unique and len(scales) == len(plan.entries):  # one view per tensor: reusable next step
+        plan._scales = (tensors, full, targets, scale_list)
 
 
 def element_mask(
