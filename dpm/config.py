@@ -219,10 +219,11 @@ class DPMConfig:
     """Decay Pruning Method settings (method.md sections 3-4); used once a base pruner exists."""
 
     variant: str = "base"  # base | sp | sr
-    # Decay length in optimizer iterations, or N_epochs epochs of the fine-tune phase (wins if set).
-    # dpm=base always runs with N = 1 (the base pruner alone), whatever an experiment sets here, so
-    # one experiment file serves all three variants.
-    N: int = 1
+    # Decay length: N optimizer iterations when set (it wins), else N_epochs epochs of the phase the
+    # decay runs in (dpm=sp|sr default 0.5: it fits every phase of every experiment, where a count of
+    # iterations fits some and not others). dpm=base always runs with N = 1 (the base pruner alone),
+    # whatever an experiment sets here, so one experiment file serves all three variants.
+    N: Optional[int] = None
     N_epochs: Optional[float] = None
     interval: int = 1
     schedule: str = "linear"  # linear | cosine | exp
@@ -341,10 +342,12 @@ def validate(cfg) -> None:
         fail("dpm.variant", cfg.dpm.variant, f"valid: {', '.join(VARIANTS)}")
     if cfg.dpm.variant != "base" and cfg.pruner.name == "none":
         fail("dpm.variant", cfg.dpm.variant, "smooth pruning needs a base pruner: add pruner=depgraph, gate_decorator or otov2")
-    if cfg.dpm.N < 1:
+    if cfg.dpm.N is not None and cfg.dpm.N < 1:
         fail("dpm.N", cfg.dpm.N, "N counts decay steps and must be >= 1 (N = 1 is the base method)")
     if cfg.dpm.N_epochs is not None and not cfg.dpm.N_epochs > 0:
         fail("dpm.N_epochs", cfg.dpm.N_epochs, "must be > 0 (or null to use dpm.N)")
+    if cfg.dpm.variant != "base" and cfg.dpm.N is None and cfg.dpm.N_epochs is None:
+        fail("dpm.N", None, "give the decay length: dpm.N (iterations) or dpm.N_epochs (epochs of its phase)")
     for key, valid in (("schedule", ("linear", "cosine", "exp")), ("c_rate_form", ("radial", "relative", "per_step")),
                        ("release_rule", ("and", "or")), ("budget", ("base", "strict"))):
         if cfg.dpm[key] not in valid:

@@ -457,7 +457,7 @@ def resolve_N(cfg, iters_per_epoch: int) -> int:
     if d.variant == "base":
         return 1
     try:
-        return resolve_decay_steps(N=None if d.N_epochs is not None else d.N, N_epochs=d.N_epochs,
+        return resolve_decay_steps(N=d.N, N_epochs=None if d.N is not None else d.N_epochs,
                                    iters_per_epoch=iters_per_epoch)
     except ValueError as err:
         raise UserError(f"dpm.N: {err}") from None

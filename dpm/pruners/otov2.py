@@ -660,7 +660,7 @@ def run_stage(ctx) -> dict:
                         f"{total} steps of pruner.train: lower it or raise pruner.train.epochs")
     try:
         N = 1 if d.variant == "base" else resolve_decay_steps(
-            N=None if d.N_epochs is not None else d.N, N_epochs=d.N_epochs, iters_per_epoch=iters,
+            N=d.N, N_epochs=None if d.N is not None else d.N_epochs, iters_per_epoch=iters,
             iters_left=total - start)
     except ValueError as err:
         raise UserError(f"dpm.N: {err}") from None
