@@ -1,12 +1,4 @@
-"""`python -m dpm`: with no arguments the quickstart comparison (dpm/quickstart.py); with
-Hydra overrides one run or a multirun (dpm/run.py)."""
-import sys
+"""`python -m dpm [overrides]`: the main job, one run or a sweep (dpm/cli.py)."""
+from dpm.cli import main
 
-if len(sys.argv) == 1:
-    from dpm.quickstart import main
-
-    main()
-else:
-    from dpm.run import main
-
-    main()
+main()

@@ -163,18 +163,25 @@ def outcome(metrics: dict) -> dict:
     return {"status": "complete"}
 
 
+def target_goal(metrics: dict) -> str:
+    """The run's pruning target in its pruner's native units ("" without a pruner)."""
+    pruner = metrics.get("pruner")
+    if pruner == "depgraph":
+        return f"speed-up target {metrics['speedup_target']:.2f}x"
+    if pruner == "otov2":
+        return f"group sparsity target {metrics['target_group_sparsity']:.2f}"
+    if pruner == "gate_decorator":
+        return f"FLOPs target <= {100 * metrics['flops_target']:.1f}% left"
+    return ""
+
+
 def target_text(metrics: dict) -> str:
     """The pruning target and what the run reached, in the pruner's native units."""
     pruner = metrics.get("pruner")
-    if pruner == "depgraph":
-        return f"speed-up target {metrics['speedup_target']:.2f}x, reached {metrics['native_speedup']:.2f}x"
-    if pruner == "otov2":
-        return (f"group sparsity target {metrics['target_group_sparsity']:.2f}, reached "
-                f"{metrics['group_sparsity']:.3f}")
-    if pruner == "gate_decorator":
-        return (f"FLOPs target <= {100 * metrics['flops_target']:.1f}% left, reached "
-                f"{100 * metrics['native_flops_remaining']:.1f}%")
-    return f"target_met false ({pruner})"
+    reached = {"depgraph": lambda: f"{metrics['native_speedup']:.2f}x",
+               "otov2": lambda: f"{metrics['group_sparsity']:.3f}",
+               "gate_decorator": lambda: f"{100 * metrics['native_flops_remaining']:.1f}%"}.get(pruner)
+    return f"{target_goal(metrics)}, reached {reached()}" if reached else f"target_met false ({pruner})"
 
 
 @contextlib.contextmanager
@@ -348,6 +355,8 @@ def execute(cfg: DictConfig, run_dir: Path, log_metrics) -> dict:
                      eval_loaders, log_metrics, speed=speed)
     metrics = ctx.metrics
     metrics.update({"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+                    # Results are bitwise reproducible at the same thread count only: record it.
+                    "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
                     "world_size": distributed.world_size(), "fast": speed.fast, "bf16": speed.bf16,
                     "channels_last": speed.channels_last, "compile": speed.compile, "fast_basis": speed.basis,
                     "train_size": len(data.train) if hasattr(data.train, "__len__") else None,
@@ -468,7 +477,7 @@ def rounds_plan(cfg: DictConfig, iters_per_epoch: int) -> tuple[int, int]:
     interval = p.round_interval or iters_per_epoch
     try:
         N = 1 if d.variant == "base" else resolve_decay_steps(
-            N=None if d.N_epochs is not None else d.N, N_epochs=d.N_epochs, iters_per_epoch=iters_per_epoch,
+            N=d.N, N_epochs=None if d.N is not None else d.N_epochs, iters_per_epoch=iters_per_epoch,
             iters_left=iters_total)
     except ValueError as err:
         raise UserError(f"dpm.N: {err}") from None
@@ -808,17 +817,6 @@ def composition_error_line(err: Exception) -> str:
     return f"{text.splitlines()[0]}: {message}" if message not in text else text.splitlines()[0]
 
 
-def main() -> None:
-    """`python -m dpm [overrides]` / the `dpm` console script."""
-    try:
-        check_overrides(sys.argv[1:])
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    _hydra_entry()()
-    sweep_verdict()
-
-
 def sweep_verdict() -> None:
     """After a multirun: exit 1 with one line when a run failed or ended short of its target (read
     from the sweep's report, which sees the runs of every launcher, and from this process's jobs)."""
@@ -835,7 +833,3 @@ def sweep_verdict() -> None:
         print(f"error: {missed + failed} of {total} runs did not complete ({missed} short of their pruning target, "
               f"{failed} failed or incomplete){where}", file=sys.stderr)
         sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()
