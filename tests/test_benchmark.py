@@ -12,6 +12,11 @@ def test_throughput_benchmark_smoke_writes_json_and_markdown(tmp_path):
     spec = importlib.util.spec_from_file_location("throughput", ROOT / "experiments" / "benchmarks" / "throughput.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    import torch
+
+    from dpm.train import resolve_speed
+
+    cpu = resolve_speed({}, torch.device("cpu"))
     result = bench.main(["--smoke", "--device", "cpu", "--threads", "1", "--out-dir", str(tmp_path)])
     written = json.loads((tmp_path / "throughput_cpu_smoke.json").read_text())
     assert written["smoke"] and written["device"] == "cpu"
@@ -20,8 +25,14 @@ def test_throughput_benchmark_smoke_writes_json_and_markdown(tmp_path):
         assert m["reference_images_per_s"] > 0 and m["suite_images_per_s"] > 0
         assert m["ratio"] == m["suite_images_per_s"] / m["reference_images_per_s"]
         assert m["reference"]["dataloader_workers"] >= 1 and m["suite"]["data_on_device"]
-        assert not m["suite"]["bf16"]  # the CPU default path is the plain fp32 loop
+        # The suite runs what trainer.fast=null resolves to on this CPU (the fast path where bf16 is native).
+        assert m["suite"]["bf16"] == m["suite"]["channels_last"] == cpu.bf16 == cpu.channels_last
     assert written["dpm_overhead"]["ratio"] > 0 and written["dpm_overhead"]["targets_decaying"] > 0
+    assert written["dpm_overhead"]["sp_ratio"] > 0 and written["dpm_overhead"]["step"]["bf16"] == cpu.bf16
+    # End to end: one epoch per path (batch assembly, augmentation, evaluation included).
+    (epoch,) = written["epochs"]
+    assert epoch["model"] == "resnet56" and epoch["reference"]["epoch_s"] > 0 and epoch["suite"]["epoch_s"] > 0
+    assert epoch["ratio"] == epoch["reference"]["epoch_s"] / epoch["suite"]["epoch_s"]
     md = (tmp_path / "throughput_cpu_smoke.md").read_text()
-    assert "| resnet56 |" in md and "| vgg16 |" in md and "DPM controller overhead" in md
+    assert "| resnet56 |" in md and "| vgg16 |" in md and "DPM controller overhead" in md and "End to end" in md
     assert result["models"][0]["model"] == "resnet56"
