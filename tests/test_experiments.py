@@ -93,7 +93,7 @@ def test_the_N_ablation_starts_at_the_base_method_and_reaches_five_epochs():
     values = [int(v) for v in str(cfg.hydra.sweeper.params["dpm.N"]).split(",")]
     iters_per_epoch = -(-50_000 // cfg.trainer.finetune.batch_size)  # 391 (the last short batch is kept)
     assert values[0] == 1 and {iters_per_epoch, 5 * iters_per_epoch} <= set(values)
-    assert cfg.dpm.N_epochs is None  # N in iterations, not overridden by the table's N_epochs
+    assert cfg.dpm.N is None and cfg.dpm.N_epochs == 0.5  # the sweep sets dpm.N, which wins over the table's N_epochs
 
 
 @pytest.mark.parametrize("name", PAPER)
