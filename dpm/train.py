@@ -22,6 +22,7 @@ from dpm import distributed
 from dpm.checkpoint import atomic_torch_save, checkpoint_exists, load_checkpoint, rng_state, set_rng_state
 from dpm.errors import UserError
 from dpm.faults import fault_point, fault_step
+from dpm.models import is_channels_last
 
 log = logging.getLogger(__name__)
 
@@ -424,18 +425,7 @@ def train_phase(
 
 def _numerics(bf16: bool, model: nn.Module) -> dict:
     """What decides a phase's arithmetic besides the config: bf16 autocast and the memory format."""
-    return {"bf16": bool(bf16), "channels_last": model_is_channels_last(model)}
-
-
-def model_is_channels_last(model: nn.Module) -> bool:
-    """Whether the model's 4-d weights are in channels_last memory format (read from the first one
-    whose two formats differ; a model without such a weight counts as not channels_last)."""
-    for p in model.parameters():
-        if p.dim() == 4:
-            cl, nchw = p.is_contiguous(memory_format=torch.channels_last), p.is_contiguous()
-            if cl != nchw:
-                return cl
-    return False
+    return {"bf16": bool(bf16), "channels_last": is_channels_last(model)}
 
 
 def _refuse_other_numerics(state: dict, path: str | Path, bf16: bool, model: nn.Module) -> None:

@@ -378,3 +378,28 @@ def test_bad_input_gets_a_clear_error():
     group = next(iter(pruner.targets()))[0]
     with pytest.raises(ValueError, match="empty"):
         pruner.remove([k for k in pruner.targets() if k[0] == group])
+
+
+def test_removal_keeps_a_channels_last_model_channels_last():
+    """The fast path trains channels_last; a removal mid-phase (DepGraph's rounds, OTOv2's zero groups,
+    Gate Decorator's melt) must not drop the rest of the run back to NCHW, or a resumed run would
+    start channels_last and differ from the uninterrupted one."""
+    from dpm.models import is_channels_last
+    from dpm.pruners.gate_decorator_units import channel_units, remove_channels
+
+    model, x = model_and_input("resnet20")
+    model = model.to(memory_format=torch.channels_last)
+    pruner = DepGraphPruner(model, x, num_classes=10, iterative_steps=40)
+    pruner.remove(pruner.select(1.3))
+    assert is_channels_last(model)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
+
+    gd, _ = model_and_input("resnet20")
+    gd = gd.to(memory_format=torch.channels_last)
+    remove_channels(gd, [channel_units(gd, x, num_classes=10)[0].key], x)
+    assert is_channels_last(gd)
+
+    plain, _ = model_and_input("resnet20")  # an NCHW model stays NCHW
+    nchw = DepGraphPruner(plain, x, num_classes=10, iterative_steps=40)
+    nchw.remove(nchw.select(1.3))
+    assert not is_channels_last(plain)

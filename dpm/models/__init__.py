@@ -15,9 +15,11 @@
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+import torch
 from torch import nn
 
 from dpm.models import cifar_resnet, cifar_vgg, imagenet, tiny
@@ -86,3 +88,26 @@ def _builder(name: str) -> Callable[..., nn.Module]:
 
 
 __all__ = ["MODEL_NAMES", "build_model", "model_options"]
+
+
+def is_channels_last(model: nn.Module) -> bool:
+    """Whether the model's 4-d weights are in channels_last memory format (read from the first one
+    whose two formats differ; a model without such a weight counts as not channels_last)."""
+    for p in model.parameters():
+        if p.dim() == 4:
+            cl, nchw = p.is_contiguous(memory_format=torch.channels_last), p.is_contiguous()
+            if cl != nchw:
+                return cl
+    return False
+
+
+@contextlib.contextmanager
+def keep_memory_format(model: nn.Module) -> Iterator[None]:
+    """A channels_last model is channels_last again after the block: Torch-Pruning's removal writes
+    new NCHW weights, which would drop the rest of a fast-path run to NCHW (and a resumed run, whose
+    model starts channels_last, would then differ from an uninterrupted one). The parameters keep
+    their identity (``Module.to`` swaps their data), so an optimizer over them stays bound."""
+    channels_last = is_channels_last(model)
+    yield
+    if channels_last:
+        model.to(memory_format=torch.channels_last)

@@ -26,6 +26,7 @@ from torch_pruning.pruner import function as tpf
 
 from dpm.core import Slice, Target
 from dpm.measure import torch_pruning_macs_params
+from dpm.models import keep_memory_format
 
 __all__ = ["DepGraphPruner"]
 
@@ -362,19 +363,20 @@ class DepGraphPruner:
                 raise ValueError(f"removing {len(positions[name])} channels would leave group {name!r} empty")
             groups.append((name, group))
         removed: list[Key] = []
-        for name, group in groups:
-            for dep, idxs in group:
-                m = dep.target.module
-                if not isinstance(m, nn.Module) or m not in names or not list(m.parameters(recurse=False)):
-                    continue
-                for modules in shadow_modules.values():
-                    # Exactly what Dependency.__call__ does, on the shadow's copy of the layer.
-                    dep.handler.__self__.pruning_dim = dep.target.pruning_dim
-                    dep.handler(modules[names[m]], list(idxs))
-            group.prune()
-            removed.extend((name, self._ids[name][p]) for p in positions[name])
-            for p in reversed(positions[name]):
-                del self._ids[name][p]
+        with keep_memory_format(self.model):
+            for name, group in groups:
+                for dep, idxs in group:
+                    m = dep.target.module
+                    if not isinstance(m, nn.Module) or m not in names or not list(m.parameters(recurse=False)):
+                        continue
+                    for modules in shadow_modules.values():
+                        # Exactly what Dependency.__call__ does, on the shadow's copy of the layer.
+                        dep.handler.__self__.pruning_dim = dep.target.pruning_dim
+                        dep.handler(modules[names[m]], list(idxs))
+                group.prune()
+                removed.extend((name, self._ids[name][p]) for p in positions[name])
+                for p in reversed(positions[name]):
+                    del self._ids[name][p]
 
         if optimizer is not None:
             self._rebind_optimizer(optimizer, old_params, shadows)

@@ -19,6 +19,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from dpm.models import keep_memory_format
 from dpm.pruners.depgraph import DepGraphPruner, _Modes
 
 __all__ = ["ChannelUnit", "channel_units", "remove_channels", "macs_without"]
@@ -102,8 +103,9 @@ def remove_channels(model: nn.Module, keys: Iterable[Hashable], example: torch.T
             if not DG.check_pruning_group(group):
                 raise ValueError(f"removing {len(by_group[name])} channels would leave group {name!r} empty")
             groups.append(group)
-        for group in groups:
-            group.prune()
+        with keep_memory_format(model):
+            for group in groups:
+                group.prune()
     finally:
         modes.restore()
         for p in frozen:  # pruned layers hold new Parameter objects: only the survivors are refrozen
