@@ -1,5 +1,5 @@
 """What several test files share: a one-thread fixture for tiny tensors, the optimizers every DPM
-invariant is checked under, and a tiny conv/BN net."""
+invariant is checked under, a tiny conv/BN net, and bit-for-bit equality of float32 tensors."""
 from __future__ import annotations
 
 import pytest
@@ -29,3 +29,8 @@ def tiny_net(seed: int = 0) -> nn.Sequential:
         nn.Conv2d(6, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3),
     )
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal in every bit (float32): +0.0 differs from -0.0, a NaN equals the same NaN."""
+    return a.dtype == b.dtype and torch.equal(a.view(torch.int32), b.view(torch.int32))

@@ -1,4 +1,7 @@
-"""Smooth Pruning (method.md section 3; invariants 1-3 of section 5) on a tiny conv/BN net."""
+"""Smooth Pruning (method.md section 3; invariants 1-3 of section 5) on a tiny conv/BN net.
+
+Invariants 1-3 hold on both training paths: fp32 NCHW, and the CPU fast path (the forward under bf16
+autocast with model and inputs channels_last; the controller runs in fp32 outside autocast)."""
 
 import copy
 
@@ -7,7 +10,15 @@ import torch
 from torch import nn
 
 from dpm.core import DecayController, Slice, Target, channel_targets
-from helpers import OPTIMIZERS, one_thread, tiny_net  # noqa: F401  (one_thread is an autouse fixture)
+from dpm.train import autocast
+from helpers import OPTIMIZERS, bitwise_equal, one_thread, tiny_net  # noqa: F401  (one_thread is an autouse fixture)
+
+PATHS = ("fp32", "fast")
+
+
+def make_net(path: str = "fp32", seed: int = 0) -> nn.Sequential:
+    net = tiny_net(seed)
+    return net.to(memory_format=torch.channels_last) if path == "fast" else net
 
 
 def conv1_targets(net: nn.Sequential) -> list[Target]:
@@ -18,10 +29,10 @@ def conv1_targets(net: nn.Sequential) -> list[Target]:
     )
 
 
-def batches(n: int, seed: int = 1):
+def batches(n: int, seed: int = 1, path: str = "fp32"):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g))
-            for _ in range(n)]
+    out = [(torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(n)]
+    return [(x.to(memory_format=torch.channels_last), y) for x, y in out] if path == "fast" else out
 
 
 def vec(t: Target) -> torch.Tensor:
@@ -30,15 +41,30 @@ def vec(t: Target) -> torch.Tensor:
                       for s in t.producers])
 
 
-def backward(net, batch):
+def backward(net, batch, path: str = "fp32"):
+    """One step's backward; on the fast path the forward runs under CPU bf16 autocast and the loss
+    in fp32 on the fp32 copy of the logits (as dpm.train does)."""
     x, y = batch
-    loss = nn.functional.cross_entropy(net(x), y)
-    loss.backward()
+    if path == "fp32":
+        nn.functional.cross_entropy(net(x), y).backward()
+        return
+    with autocast(torch.device("cpu"), True):
+        hidden = net[:3](x)
+        assert hidden.dtype == torch.bfloat16, "the forward did not run in bf16"  # autocast is really on
+        out = net[3:](hidden)
+    nn.functional.cross_entropy(out.float(), y).backward()
 
 
+def fast_path_kept(net: nn.Sequential, path: str) -> bool:
+    """The controller kept the weights fp32 and (on the fast path) channels_last."""
+    fmt = torch.channels_last if path == "fast" else torch.contiguous_format
+    return all(p.dtype == torch.float32 for p in net.parameters()) and net[0].weight.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
-def test_linear_norm_and_direction_every_step(opt_name):
-    net = tiny_net()
+def test_linear_norm_and_direction_every_step(opt_name, path):
+    net = make_net(path)
     opt = OPTIMIZERS[opt_name](net.parameters())
     N = 6
     ctl = DecayController(net, N=N, optimizer=opt)
@@ -47,9 +73,9 @@ def test_linear_norm_and_direction_every_step(opt_name):
     ctl.admit(targets)
     for t, l0 in zip(targets, L0):
         assert vec(t).norm().item() == pytest.approx(l0 * (1 - 1 / N), rel=1e-5)
-    for n, batch in zip(range(2, N + 1), batches(N - 1)):
+    for n, batch in zip(range(2, N + 1), batches(N - 1, path=path)):
         opt.zero_grad()
-        backward(net, batch)
+        backward(net, batch, path)
         ctl.before_step(opt)
         opt.step()
         x_tilde = [vec(t).clone() for t in targets]
@@ -62,19 +88,21 @@ def test_linear_norm_and_direction_every_step(opt_name):
                 assert cos.item() == pytest.approx(1.0, abs=1e-6)
                 assert torch.allclose(x / x.norm(), xt / xt.norm(), atol=1e-6)
     assert ctl.pruned == {t.key for t in targets}
+    assert fast_path_kept(net, path)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
-def test_bit_exact_zero_after_N_and_50_more_steps(opt_name):
-    net = tiny_net()
+def test_bit_exact_zero_after_N_and_50_more_steps(opt_name, path):
+    net = make_net(path)
     opt = OPTIMIZERS[opt_name](net.parameters())
     N = 4
     ctl = DecayController(net, N=N, optimizer=opt)
     targets = conv1_targets(net)[1:4]
     ctl.admit(targets)
-    for i, batch in enumerate(batches(N - 1 + 50)):
+    for i, batch in enumerate(batches(N - 1 + 50, path=path)):
         opt.zero_grad()
-        backward(net, batch)
+        backward(net, batch, path)
         ctl.step(opt)
         if i >= N - 2:
             for t in targets:
@@ -88,6 +116,7 @@ def test_bit_exact_zero_after_N_and_50_more_steps(opt_name):
                             assert torch.count_nonzero(sv) == 0
     # The network still trains: other channels moved.
     assert ctl.counts()["pruned"] == 3 and ctl.counts()["decaying"] == 0
+    assert fast_path_kept(net, path)
 
 
 @pytest.mark.parametrize(
@@ -133,16 +162,13 @@ def base_zero(net, opt, targets):
                         v.index_fill_(s.dim, torch.tensor(s.indices), 0.0)
 
 
-def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and torch.equal(a.view(torch.int32), b.view(torch.int32))
-
-
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
-def test_N1_is_base_zeroing_bitwise(opt_name):
-    data = batches(8)
+def test_N1_is_base_zeroing_bitwise(opt_name, path):
+    data = batches(8, path=path)
     runs = []
     for use_dpm in (False, True):
-        net = tiny_net()
+        net = make_net(path)
         opt = OPTIMIZERS[opt_name](net.parameters())
         ctl = DecayController(net, N=1, optimizer=opt) if use_dpm else None
         for i, batch in enumerate(data):
@@ -150,7 +176,7 @@ def test_N1_is_base_zeroing_bitwise(opt_name):
                 targets = conv1_targets(net)[::2]
                 ctl.admit(targets) if use_dpm else base_zero(net, opt, targets)
             opt.zero_grad()
-            backward(net, batch)
+            backward(net, batch, path)
             if use_dpm:
                 ctl.step(opt)
             else:
@@ -168,6 +194,25 @@ def test_N1_is_base_zeroing_bitwise(opt_name):
         for k, v in o0.state[p0].items():
             if isinstance(v, torch.Tensor) and v.is_floating_point():
                 assert bitwise_equal(v, o1.state[p1][k]), k
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_training_with_dpm_is_bitwise_reproducible(path):
+    """The same training twice at the same thread count gives the same bits."""
+    def train():
+        net = make_net(path)
+        opt = OPTIMIZERS["sgd_momentum_wd"](net.parameters())
+        ctl = DecayController(net, N=4, optimizer=opt)
+        ctl.admit(conv1_targets(net)[:2])
+        for batch in batches(10, path=path):
+            opt.zero_grad()
+            backward(net, batch, path)
+            ctl.step(opt)
+        return net.state_dict()
+
+    a, b = train(), train()
+    for key in a:
+        assert bitwise_equal(a[key], b[key]) if a[key].is_floating_point() else torch.equal(a[key], b[key]), key
 
 
 def test_interval_decays_every_kth_step():

@@ -1,151 +1,12 @@
-"""DPM invariants 1-3 (method.md section 5) on the CPU fast path: the forward under bf16 autocast
-with the model and inputs in channels_last, the controller (fp32, outside autocast) unchanged.
-
-1. the decayed norm follows L0 (1 - n/N) at every step; 2. pruned slices are bit-exact +0.0 and
-stay so; 3. N = 1 equals the base method's zeroing bit for bit. Plus: the same fast-path training
-twice at the same thread count gives the same bits."""
+"""The CPU controller's grouped row sums (one op per shape group instead of one per tensor), on
+NCHW and channels_last weights. DPM's invariants 1-3 on the fast path: test_core_decay.py."""
 
 import pytest
 import torch
 from torch import nn
 
 from dpm.core import DecayController, channel_targets
-from dpm.train import autocast
-from helpers import OPTIMIZERS, one_thread, tiny_net  # noqa: F401  (one_thread is an autouse fixture)
-
-CPU = torch.device("cpu")
-
-
-def fast_net(seed: int = 0) -> nn.Sequential:
-    return tiny_net(seed).to(memory_format=torch.channels_last)
-
-
-def batches(n: int, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(8, 3, 6, 6, generator=g).to(memory_format=torch.channels_last),
-             torch.randint(0, 3, (8,), generator=g)) for _ in range(n)]
-
-
-def backward(net: nn.Sequential, batch) -> None:
-    """The fast path's step: forward under CPU bf16 autocast, fp32 loss on the fp32 copy of the logits."""
-    x, y = batch
-    with autocast(CPU, True):
-        hidden = net[:3](x)
-        assert hidden.dtype == torch.bfloat16, "the forward did not run in bf16"  # autocast is really on
-        out = net[3:](hidden)
-    nn.functional.cross_entropy(out.float(), y).backward()
-
-
-def targets_of(net: nn.Sequential):
-    conv, bn = net[0], net[1]
-    return channel_targets("conv1", [(conv.weight, 0), (conv.bias, 0), (bn.weight, 0), (bn.bias, 0)],
-                           consumers=[(net[3].weight, 1)])
-
-
-def vec(t) -> torch.Tensor:
-    return torch.cat([s.param.detach().index_select(s.dim, torch.tensor(s.indices)).reshape(-1) for s in t.producers])
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.int32)
-
-
-@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
-def test_decayed_norm_follows_L0_schedule_on_the_fast_path(opt_name):
-    net = fast_net()
-    opt = OPTIMIZERS[opt_name](net.parameters())
-    N = 6
-    ctl = DecayController(net, N=N, optimizer=opt)
-    targets = targets_of(net)[:3]
-    L0 = [vec(t).norm().item() for t in targets]
-    ctl.admit(targets)
-    for n, batch in zip(range(2, N + 1), batches(N - 1)):
-        opt.zero_grad()
-        backward(net, batch)
-        ctl.step(opt)
-        for t, l0 in zip(targets, L0):
-            assert vec(t).dtype == torch.float32
-            assert vec(t).norm().item() == pytest.approx(l0 * (1 - n / N), rel=1e-5, abs=1e-7)
-    assert ctl.pruned == {t.key for t in targets}
-    assert net[0].weight.is_contiguous(memory_format=torch.channels_last)  # the controller kept the format
-
-
-@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
-def test_pruned_slices_stay_bit_exact_zero_on_the_fast_path(opt_name):
-    net = fast_net()
-    opt = OPTIMIZERS[opt_name](net.parameters())
-    N = 3
-    ctl = DecayController(net, N=N, optimizer=opt)
-    targets = targets_of(net)[1:4]
-    ctl.admit(targets)
-    for i, batch in enumerate(batches(N - 1 + 20)):
-        opt.zero_grad()
-        backward(net, batch)
-        ctl.step(opt)
-        if i >= N - 2:
-            for t in targets:
-                for s in t.producers:
-                    sl = s.param.detach().index_select(s.dim, torch.tensor(s.indices))
-                    assert torch.equal(bits(sl), torch.zeros_like(sl, dtype=torch.int32))
-    assert ctl.counts()["pruned"] == 3
-
-
-@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
-def test_N1_equals_base_zeroing_bitwise_on_the_fast_path(opt_name):
-    data = batches(8)
-    runs = []
-    for use_dpm in (False, True):
-        net = fast_net()
-        opt = OPTIMIZERS[opt_name](net.parameters())
-        ctl = DecayController(net, N=1, optimizer=opt) if use_dpm else None
-        for i, batch in enumerate(data):
-            if i == 3:
-                targets = targets_of(net)[::2]
-                ctl.admit(targets) if use_dpm else base_zero(opt, targets)
-            opt.zero_grad()
-            backward(net, batch)
-            if use_dpm:
-                ctl.step(opt)
-            else:
-                opt.step()
-                if i >= 3:
-                    base_zero(opt, targets)
-        runs.append((net, opt))
-    (n0, o0), (n1, o1) = runs
-    for (name, a), b in zip(n0.state_dict().items(), n1.state_dict().values()):
-        assert torch.equal(bits(a), bits(b)) if a.is_floating_point() else torch.equal(a, b), name
-    for p0, p1 in zip(n0.parameters(), n1.parameters()):
-        for k, v in o0.state[p0].items():
-            if isinstance(v, torch.Tensor) and v.is_floating_point():
-                assert torch.equal(bits(v), bits(o1.state[p1][k])), k
-
-
-def base_zero(opt, targets) -> None:
-    with torch.no_grad():
-        for t in targets:
-            for s in t.producers:
-                s.param.index_fill_(s.dim, torch.tensor(s.indices), 0.0)
-                for v in opt.state[s.param].values():
-                    if isinstance(v, torch.Tensor) and v.shape == s.param.shape:
-                        v.index_fill_(s.dim, torch.tensor(s.indices), 0.0)
-
-
-def test_fast_path_training_with_dpm_is_bitwise_reproducible():
-    def train():
-        net = fast_net()
-        opt = OPTIMIZERS["sgd_momentum_wd"](net.parameters())
-        ctl = DecayController(net, N=4, optimizer=opt)
-        ctl.admit(targets_of(net)[:2])
-        for batch in batches(10):
-            opt.zero_grad()
-            backward(net, batch)
-            ctl.step(opt)
-        return net.state_dict()
-
-    a, b = train(), train()
-    for key in a:
-        assert torch.equal(bits(a[key]) if a[key].is_floating_point() else a[key],
-                           bits(b[key]) if b[key].is_floating_point() else b[key]), key
+from helpers import bitwise_equal, one_thread  # noqa: F401  (one_thread is an autouse fixture)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -198,4 +59,4 @@ def test_grouped_row_sums_equal_the_per_tensor_path_bit_for_bit(channels_last, m
         return
     assert c0.log.history == c1.log.history and c0.log.releases == c1.log.releases
     for (name, a), b in zip(n0.state_dict().items(), n1.state_dict().values()):
-        assert torch.equal(bits(a), bits(b)) if a.is_floating_point() else torch.equal(a, b), name
+        assert bitwise_equal(a, b) if a.is_floating_point() else torch.equal(a, b), name

@@ -86,6 +86,13 @@ def load_test(args) -> ImageSplit:
     return load_cifar("cifar10", str(args.data), False, str(args.cache_dir))[1]
 
 
+def seeded_model(name: str, device: torch.device, channels_last: bool = False) -> torch.nn.Module:
+    """The benchmarked net with seed 0's weights (the same start for every path), on `device`."""
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=10).to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -143,8 +150,7 @@ def bench_model(name: str, split: ImageSplit, args, device: torch.device) -> dic
     import torchvision.transforms as T
 
     speed = resolve_speed({"fast": None, "compile": args.compile}, device)
-    torch.manual_seed(0)
-    ref_model = build_model(name, num_classes=10).to(device).train()
+    ref_model = seeded_model(name, device).train()
     ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
                            T.Normalize(CIFAR_MEAN, CIFAR_STD)])
@@ -164,10 +170,7 @@ def bench_model(name: str, split: ImageSplit, args, device: torch.device) -> dic
 
     ref_batches = batches()
 
-    torch.manual_seed(0)
-    suite_model = build_model(name, num_classes=10).to(device)
-    if speed.channels_last:
-        suite_model = suite_model.to(memory_format=torch.channels_last)
+    suite_model = seeded_model(name, device, speed.channels_last)
     suite_loader = SplitLoader(split, args.batch, CIFAR_MEAN, CIFAR_STD, device, train=True, augment=True, seed=0,
                                phase="bench", channels_last=speed.channels_last)
 
@@ -202,8 +205,7 @@ def bench_epoch(name: str, split: ImageSplit, test: ImageSplit, args, device: to
     out = {"model": name, "train_images": n, "eval_images": m, "batch": args.batch}
 
     # (a) reference: DataLoader epoch with torchvision transforms, then a plain evaluation loop.
-    torch.manual_seed(0)
-    model = build_model(name, num_classes=10).to(device).train()
+    model = seeded_model(name, device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     aug = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
                      T.Normalize(CIFAR_MEAN, CIFAR_STD)])
@@ -236,10 +238,7 @@ def bench_epoch(name: str, split: ImageSplit, test: ImageSplit, args, device: to
                         "train_images_per_s": n / (t1 - t0)}
 
     # (b) suite: one train_phase epoch with its evaluation (what `python -m dpm` runs an epoch).
-    torch.manual_seed(0)
-    model = build_model(name, num_classes=10).to(device)
-    if speed.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = seeded_model(name, device, speed.channels_last)
     loader = SplitLoader(train_part, args.batch, CIFAR_MEAN, CIFAR_STD, device, train=True, augment=True, seed=0,
                          phase="bench", channels_last=speed.channels_last)
     evals = {"test": SplitLoader(test_part, speed.eval_batch_size, CIFAR_MEAN, CIFAR_STD, device,
