@@ -72,10 +72,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
                 distributed.broadcast_object(str(err))
                 raise
             previous = run_dir / "metrics.json"
-            if previous.exists() and json.loads(previous.read_text()).get("status") in FINISHED:
-                log.info("run already finished (%s): %s", json.loads(previous.read_text())["status"], previous)
-                distributed.broadcast_object(json.loads(previous.read_text()))
-                return json.loads(previous.read_text())
+            finished = json.loads(previous.read_text()) if previous.exists() else {}
+            if finished.get("status") in FINISHED:
+                log.info("run already finished (%s): %s", finished["status"], previous)
+                distributed.broadcast_object(finished)
+                return finished
             distributed.broadcast_object("run")
             return _run_locked(cfg, run_dir)
     finally:

@@ -59,8 +59,8 @@ def test_campaign_selects_on_validation_then_reports_paired_seeds():
     assert len(trajectories) == 2 and len(full) == 6 and set(trajectories) < set(full)  # base runs too (N = 1)
     # Re-running a finished stage runs nothing again.
     again = campaign("table", "--bases", "depgraph", "--seeds", "0,1")
-    assert again.returncode == 0 and again.stdout.count("run already complete") + again.stderr.count(
-        "run already complete") == 6
+    assert again.returncode == 0 and again.stdout.count("run already finished (complete)") + again.stderr.count(
+        "run already finished (complete)") == 6
     # The trajectories stage repeats seed 0's +SR with every norm logged; it must equal the table run.
     replayed = campaign("trajectories", "--bases", "depgraph")
     assert replayed.returncode == 0, replayed.stdout[-3000:] + replayed.stderr[-3000:]
@@ -100,7 +100,7 @@ def test_a_later_sitting_continues_from_the_committed_records():
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     log = again.stdout + again.stderr
     assert "depgraph: selection done" in log
-    assert log.count("run already complete") == 3  # the table's three runs; the baseline is re-made
+    assert log.count("run already finished (complete)") == 3  # the table's three runs; the baseline is re-made
     for rel, metrics in first.items():  # the selection is not re-run: its choice is committed
         if rel.parts[0] in ("pretrain", "table_depgraph"):
             now = json.loads((root / rel / "metrics.json").read_text())
