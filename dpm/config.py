@@ -103,7 +103,7 @@ class TrainerConfig:
 
 @dataclass
 class PrunerConfig:
-    """The base pruner (method.md section 6): the keys every pruner has. Each pruner's own keys live in
+    """The base pruner (docs/method.md section 6): the keys every pruner has. Each pruner's own keys live in
     a subclass registered as `pruner/<name>_schema`, which its `conf/pruner/<name>.yaml` extends; a key
     of another pruner is then a composition error."""
 
@@ -179,7 +179,7 @@ class GateDecoratorConfig(PrunerConfig):
 
 @dataclass
 class OTOv2Config(PrunerConfig):
-    """OTOv2's DHSPG on dependency groups (issue 6; ../shared/docs/otov2-dhspg.md). Defaults are
+    """OTOv2's DHSPG on dependency groups (issue 6; docs/otov2-dhspg.md). Defaults are
     only_train_once 2.0.16's; None takes the variant default (sgd / adam / adamw)."""
 
     name: str = "otov2"
@@ -216,7 +216,7 @@ class OTOv2Config(PrunerConfig):
 
 @dataclass
 class DPMConfig:
-    """Decay Pruning Method settings (method.md sections 3-4); used once a base pruner exists."""
+    """Decay Pruning Method settings (docs/method.md sections 3-4); used once a base pruner exists."""
 
     variant: str = "base"  # base | sp | sr
     # Decay length: N optimizer iterations when set (it wins), else N_epochs epochs of the phase the

@@ -1,4 +1,4 @@
-"""MACs, parameters and latency of a model (method.md section 8).
+"""MACs, parameters and latency of a model (docs/method.md section 8).
 
 Counters disagree by a few percent on the same network, so one rule holds for every row of every
 table: the **headline** counter :func:`count_macs_params` is thop on a deep copy with every module

@@ -416,7 +416,7 @@ def execute(cfg: DictConfig, run_dir: Path, log_metrics) -> dict:
 
 def depgraph_stage(ctx: RunContext) -> dict:
     """DepGraph (or no pruner): optional sparse learning, then selection rounds with DPM inside the
-    fine-tune phase (method.md section 6)."""
+    fine-tune phase (docs/method.md section 6)."""
     from dpm import distributed
 
     cfg, tcfg = ctx.cfg, ctx.cfg.trainer
@@ -492,7 +492,7 @@ def rounds_plan(cfg: DictConfig, iters_per_epoch: int) -> tuple[int, int]:
 
 
 def make_rounds(cfg: DictConfig, model: torch.nn.Module, pruner, iters_per_epoch: int):
-    """The fine-tune hook that runs the selection rounds with the DPM decay (method.md section 6)."""
+    """The fine-tune hook that runs the selection rounds with the DPM decay (docs/method.md section 6)."""
     from dpm.pruners.rounds import PruningRounds
 
     d, p = cfg.dpm, cfg.pruner

@@ -171,7 +171,7 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int = 50) -> Non
     """Re-estimate BatchNorm running statistics on training batches (cumulative average).
 
     Pruning leaves the running statistics of shrunk or regrown channels stale; evaluating without
-    this can read tens of points low (method.md section 10)."""
+    this can read tens of points low (docs/method.md section 10)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return

@@ -1,4 +1,4 @@
-"""include_consumers (method.md section 2): the product rule on overlapping elements."""
+"""include_consumers (docs/method.md section 2): the product rule on overlapping elements."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Smooth Pruning (method.md section 3; invariants 1-3 of section 5) on a tiny conv/BN net.
+"""Smooth Pruning (docs/method.md section 3; invariants 1-3 of section 5) on a tiny conv/BN net.
 
 Invariants 1-3 hold on both training paths: fp32 NCHW, and the CPU fast path (the forward under bf16
 autocast with model and inputs channels_last; the controller runs in fp32 outside autocast)."""

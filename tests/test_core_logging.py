@@ -1,4 +1,4 @@
-"""What a run can log per decay step (method.md section 5, invariant 7)."""
+"""What a run can log per decay step (docs/method.md section 5, invariant 7)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Self-Rectifying (method.md section 4; invariants 4 and 5 of section 5)."""
+"""Self-Rectifying (docs/method.md section 4; invariants 4 and 5 of section 5)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Target descriptions (method.md section 2)."""
+"""Target descriptions (docs/method.md section 2)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""MACs/params counters (method.md section 8): pinned headline numbers, native units, hygiene."""
+"""MACs/params counters (docs/method.md section 8): pinned headline numbers, native units, hygiene."""
 import copy
 import math
 

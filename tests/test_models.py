@@ -12,7 +12,7 @@ CIFAR_AND_TINY = ("resnet20", "resnet56", "resnet110", "vgg16", "vgg16_bn", "vgg
 
 
 def _build_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:
-    # Torch-Pruning 1.6.1's build_dependency leaves the model in eval mode (method.md section 10):
+    # Torch-Pruning 1.6.1's build_dependency leaves the model in eval mode (docs/method.md section 10):
     # restore the caller's mode, as every user of the graph must.
     was_training = model.training
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
@@ -53,7 +53,7 @@ def test_deepcopy_gives_an_identical_independent_model(name):
 @pytest.mark.parametrize(
     "name, options, num_classes, expected",
     [
-        # method.md section 9: the two VGG16 tables use different networks.
+        # docs/method.md section 9: the two VGG16 tables use different networks.
         ("vgg16_bn", {}, 10, 15_253_578),  # OTOv2: 512-512-512-10 head
         ("vgg16", {}, 10, 14_728_266),  # Gate Decorator: one Linear(512, 10)
         # DepGraph's ResNet-56 ("0.86 M"): 16 + 9*2 + ... convs, BN pairs, three 1x1 projections.

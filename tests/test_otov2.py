@@ -1,6 +1,6 @@
 """OTOv2 (DHSPG) on dependency groups: the spec's rules one by one, the DPM hook, removal, runs.
 
-Independent re-computations follow ../shared/docs/otov2-dhspg.md section 4; the parity with the
+Independent re-computations follow docs/otov2-dhspg.md section 4; the parity with the
 original package is tests/test_otov2_parity.py.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DHSPG against the original: only_train_once 2.0.16, teacher-forced (../shared/docs/otov2-dhspg.md).
+"""DHSPG against the original: only_train_once 2.0.16, teacher-forced (docs/otov2-dhspg.md).
 
 Each step both optimizers get the same parameters (ours are synced to the original's) and the same
 gradients (the original model's backward pass), so the comparison is one step deep (sgd with and

@@ -1,6 +1,6 @@
 """dpm.core: Smooth Pruning and Self-Rectifying as a small pure-torch library.
 
-Decay Pruning Method (arXiv 2406.03879), method.md sections 2-5. Imports only torch.
+Decay Pruning Method (arXiv 2406.03879), docs/method.md sections 2-5. Imports only torch.
 
 Public API:
 

@@ -1,7 +1,7 @@
 """The decay controller: Smooth Pruning and Self-Rectifying over a set of targets.
 
 One object per model. A base pruner *admits* targets when it would prune them; the controller
-decays their norm to exactly zero over N optimizer steps (method.md section 3), optionally
+decays their norm to exactly zero over N optimizer steps (docs/method.md section 3), optionally
 releasing those the gradient defends (section 4), and keeps pruned slices at bit-exact zero.
 
 Two ways to drive it:

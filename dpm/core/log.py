@@ -1,4 +1,4 @@
-"""What the controller records per decay step (method.md section 5, invariant 7).
+"""What the controller records per decay step (docs/method.md section 5, invariant 7).
 
 Plain Python lists and dicts so a run can dump them to JSON / W&B as they are, and so they travel
 in the controller's ``state_dict``.

@@ -1,4 +1,4 @@
-"""Self-Rectifying: the release criteria C_rate, C_len and the release rule (method.md section 4).
+"""Self-Rectifying: the release criteria C_rate, C_len and the release rule (docs/method.md section 4).
 
 All functions here are vectorised over the decaying targets (one tensor element per target); the
 controller computes their inputs with segment reductions and calls them once per decay step.

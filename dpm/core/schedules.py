@@ -1,4 +1,4 @@
-"""Decay schedules s(n) (method.md section 3) and the resolution of N.
+"""Decay schedules s(n) (docs/method.md section 3) and the resolution of N.
 
 Each schedule maps a decay step n in [0, N] to the fraction of the initial norm L0 the target keeps.
 All satisfy s(0) = 1 and s(N) = 0 *exactly*: the end points are forced with ``torch.where`` rather

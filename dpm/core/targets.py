@@ -1,4 +1,4 @@
-"""Targets: the prunable structures DPM decays (method.md section 2).
+"""Targets: the prunable structures DPM decays (docs/method.md section 2).
 
 A target is every parameter slice that the base pruner removes together (one channel of a
 dependency group, one OTOv2 zero-invariant group, one gated channel). Its vector ``x`` is the

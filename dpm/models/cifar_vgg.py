@@ -1,4 +1,4 @@
-"""CIFAR VGGs, each exactly as the base method that reports on it defines it (method.md section 9).
+"""CIFAR VGGs, each exactly as the base method that reports on it defines it (docs/method.md section 9).
 
 The two VGG-16 tables of the paper use different networks, and Params % only matches the paper with
 each base's own model:

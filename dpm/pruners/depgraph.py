@@ -1,4 +1,4 @@
-"""DepGraph (Torch-Pruning) as a DPM base pruner (method.md sections 2, 5, 6).
+"""DepGraph (Torch-Pruning) as a DPM base pruner (docs/method.md sections 2, 5, 6).
 
 Torch-Pruning's recipe for CIFAR ResNet-56: group L2 magnitude (``GroupMagnitudeImportance(p=2)``),
 global ranking, ``iterative_steps`` progressive steps of ``MagnitudePruner`` until the MACs
@@ -49,7 +49,7 @@ class _Modes:
 
     Torch-Pruning 1.6.1 ``build_dependency`` switches the model to eval and leaves it there;
     building a graph mid-training would then silently train with eval-mode BatchNorm (the pilot
-    diverged to NaN, method.md section 10). Flags are restored per module, not with ``train()``,
+    diverged to NaN, docs/method.md section 10). Flags are restored per module, not with ``train()``,
     so a model with some submodules deliberately in eval keeps them so.
     """
 
@@ -260,7 +260,7 @@ class DepGraphPruner:
                 return [(m.weight, 1, True)]
         elif isinstance(m, (tp.ops.TORCH_BATCHNORM, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.PReLU)):
             # Per-channel affine parameters: BN must be in x, or train-mode BN renormalises away
-            # any scaling of the conv rows (method.md section 2).
+            # any scaling of the conv rows (docs/method.md section 2).
             return [(p, 0, False) for _, p in params if p.dim() == 1 and p.numel() > 1]
         raise NotImplementedError(
             f"DepGraphPruner cannot describe {type(m).__name__} pruned by {getattr(fn, '__name__', fn)} as "

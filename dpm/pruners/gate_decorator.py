@@ -1,4 +1,4 @@
-"""Gate Decorator (You et al., NeurIPS 2019) as a DPM base pruner (method.md section 6).
+"""Gate Decorator (You et al., NeurIPS 2019) as a DPM base pruner (docs/method.md section 6).
 
 The stage, after the pretrained baseline:
 
@@ -66,7 +66,7 @@ class GateDecorator:
         min_channel_ratio: the fraction of each group's units that always stays: its
             ``max(1, int(ratio * C))`` best-scored units (``floor_rounding="ceil"``: rounded up).
         flops_target: the native MACs fraction at which ticking stops.
-        N, decay_interval, schedule, rectify: the decay (method.md sections 3-4); N = 1 is the base.
+        N, decay_interval, schedule, rectify: the decay (docs/method.md sections 3-4); N = 1 is the base.
         decay_vector: ``gate`` or ``channel`` (conv filter rows + gate + BN bias).
         tock_l1: L1 coefficient on the gates in tocks.
         tock_lr_max: the triangular learning rate's peak in tocks (its ends are the phase's lr).

@@ -2,7 +2,7 @@
 
 The original code is only_train_once 2.0.16 (an ONNX-based graph, ``.cuda()`` hard-coded, ONNX
 output). This module re-implements its optimizer, DHSPG, line by line after
-``../shared/docs/otov2-dhspg.md`` section 4 (line numbers ``L...`` below refer to 2.0.16's
+``docs/otov2-dhspg.md`` section 4 (line numbers ``L...`` below refer to 2.0.16's
 ``optimizer/dhspg.py``) on the *producer side* of each Torch-Pruning dependency group, which
 coincides one to one with OTOv2's zero-invariant groups (ZIGs) on VGG16-BN and ResNet-56: conv
 and linear output rows (weight and bias) and BN weight and bias, never the consumers' input
@@ -12,7 +12,7 @@ Vocabulary: a *ZIG* is one dependency group (one torch param_group of :class:`DH
 is one row of a ZIG (one channel), the structure OTOv2 zeroes and DPM decays. Sparsity and the
 "target reached" switch are decided from the group vectors.
 
-DPM (method.md section 6): with a :class:`dpm.core.DecayController` attached, the half-space
+DPM (docs/method.md section 6): with a :class:`dpm.core.DecayController` attached, the half-space
 projection's immediate zeroing (L390 / L388) admits the groups to the controller instead, decay
 step 1 applied to the trial point in that very step, so N = 1 is the base method bit for bit.
 Decaying groups are never projected again and count with the zero groups toward the target
@@ -637,7 +637,7 @@ def start_pruning_step(p: Any, iters_per_epoch: int) -> int:
 
 
 def run_stage(ctx) -> dict:
-    """OTOv2 with DPM (method.md section 6): DHSPG training, physical removal, optional fine-tune.
+    """OTOv2 with DPM (docs/method.md section 6): DHSPG training, physical removal, optional fine-tune.
 
     ``dpm=base`` runs the same path with N = 1 (the controller zeroes and masks at admission: the
     base method bit for bit), so the three variants differ only in the decay.

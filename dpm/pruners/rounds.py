@@ -32,7 +32,7 @@ class PruningRounds:
             pruner was built on.
         rounds: R; round r (1-based) selects up to speedup ** (r / R).
         interval: optimizer iterations between round starts.
-        N, decay_interval, schedule, include_consumers: the decay (method.md section 3).
+        N, decay_interval, schedule, include_consumers: the decay (docs/method.md section 3).
         rectify: Self-Rectifying settings, or None (+SP / base).
         release_cooldown: rounds a released channel stays out of selection (None: the rest of the
             round it was released in).
@@ -41,7 +41,7 @@ class PruningRounds:
             (budget=base has no substitute): after R rounds a make-up round starts as soon as no
             decay is in flight, and when no decay of N steps fits any more (or the extra rounds
             are used up) the channels still missing are removed at once, as the base method would,
-            so the final MACs meet the target, SR on or off (method.md invariant 6).
+            so the final MACs meet the target, SR on or off (docs/method.md invariant 6).
         track: targets whose norm trajectory the controller logs (None: all).
     """
 
