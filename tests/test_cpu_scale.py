@@ -32,6 +32,10 @@ def test_campaign_selects_on_validation_then_reports_paired_seeds():
     assert sorted(m["seed"] for m in pretrains) == [0, 1]
     table_runs = [json.loads(p.read_text()) for p in (root / "table_depgraph").rglob("metrics.json")]
     assert {m["pretrain_source"] for m in table_runs} == {"cache"}
+    # Each stage pins its thread count (bitwise reproducible only at one): baselines 2, the rest 1.
+    selection_runs = [json.loads(p.read_text()) for p in root.glob("select_depgraph_*/*/metrics.json")]
+    assert selection_runs and {m["threads"] for m in selection_runs + table_runs} == {1}
+    assert {m["threads"] for m in pretrains} == {2}
     # The selection read validation accuracy only and chose from its grid; the table used the choice.
     selection = pd.read_csv(root / "results_smoke" / "selection" / "selection_depgraph.csv")
     choice = json.loads((root / "results_smoke" / "selection" / "chosen_depgraph.json").read_text())

@@ -145,6 +145,13 @@ def check_baselines(smoke: bool) -> None:
                              f"start the campaign over")
 
 
+def stage_threads(stage: str) -> int:
+    """The thread count a stage's runs train with: the baselines 2 (one at a time, nothing else
+    running), every other stage 1 (two stages side by side use both cores). Seed 0's DepGraph and
+    OTOv2 base came out different in the selection (a 2-thread process) and the table (1 thread)."""
+    return 2 if stage == "pretrain" else 1
+
+
 def multirun(stage: str, overrides: list[str], smoke: bool, allow_failed: bool = False) -> Path:
     """One resumable sweep; returns its dir. A failed point fails the stage (after the others ran),
     unless `allow_failed` (a selection grid: a point that failed, e.g. never reached its pruning
@@ -162,8 +169,11 @@ def multirun(stage: str, overrides: list[str], smoke: bool, allow_failed: bool =
     cmd = [sys.executable, "-m", "dpm", "-m", *overrides, *extra, "run_id=campaign", f"hydra.sweep.dir={out}",
            "hydra.sweep.subdir=${hydra.job.num}",
            *os.environ.get("CAMPAIGN_LAUNCHER", "").split()]
-    print("+", " ".join(cmd), flush=True)
-    sweep = subprocess.Popen(cmd, cwd=ROOT)
+    # CPU runs are bitwise reproducible only at one thread count: every stage pins its own, so a
+    # selection run and the table run of the same config, seed and baseline are the same run.
+    threads = stage_threads(stage)
+    print(f"+ OMP_NUM_THREADS={threads}", " ".join(cmd), flush=True)
+    sweep = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     while sweep.poll() is None:
         time.sleep(1 if smoke else 30)
         archive(stage, smoke)
