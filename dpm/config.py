@@ -72,10 +72,11 @@ class TrainerConfig:
     eval_batch_size: Optional[int] = None
     num_workers: int = 0
     deterministic: bool = False
-    # The fast GPU path: bf16 autocast and channels_last on unless set below (data stays on the
-    # device and is augmented there on every device). null = auto: on for CUDA, off on CPU.
+    # The fast path: bf16 autocast and channels_last on unless set below (data stays on the
+    # device and is augmented there on every device). null = auto: on for CUDA, and on a CPU with
+    # native bf16 (dpm.train.resolve_speed probes it; metrics.json records fast_basis).
     fast: Optional[bool] = None
-    bf16: Optional[bool] = None  # bf16 autocast, CUDA only; null = as trainer.fast
+    bf16: Optional[bool] = None  # bf16 autocast (CUDA, or CPU with native bf16); null = as trainer.fast
     channels_last: Optional[bool] = None  # null = as trainer.fast
     # torch.compile the training forward (recompiled after each physical removal).
     compile: bool = False
