@@ -11,11 +11,25 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dpm import callbacks
+from dpm.config import CONF_DIR, compose
 from dpm.errors import UserError
-from dpm.quickstart import CONF_DIR, compose
-from dpm.run import _hydra_entry, check_overrides, sweep_verdict
+from dpm.quickstart import main as run_main_job
+from dpm.report import format_runs
+from dpm.run import run
 
+# Run dirs of this process's multirun jobs that stopped with a UserError (sweep_verdict reads them).
+SWEEP_FAILURES: list[str] = []
 # Config groups of conf/ a user picks from (hydra/ and recipe/ are chosen for them).
 HELP_GROUPS = ("experiment", "model", "dataset", "pruner", "dpm", "trainer", "logger")
 
@@ -33,14 +47,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     if main_job:
-        from dpm.quickstart import main as run_main_job
-
         rows = run_main_job(args)
         if any(r.get("status") != "complete" for r in rows):
             sys.exit(1)
         return
     sys.argv = [sys.argv[0], *args]
-    _hydra_entry()()
+    hydra_entry()()
     sweep_verdict()
 
 
@@ -87,3 +99,112 @@ def help_text() -> str:
     lines += ["", "README.md has the recipes, hardware, times and expected numbers. Hydra's own options: "
                   "python -m dpm --hydra-help"]
     return "\n".join(lines)
+
+
+def print_summary(metrics: dict) -> None:
+    source = {"trained": "pretrained here", "cache": "pretrained baseline reused from the cache",
+              "checkpoint": "weights from pretrain.checkpoint", "scratch": "no pretraining"}
+    print(f"\ndpm {metrics['name']}: {metrics['model']} on {metrics['dataset']} ({metrics.get('train_size')} "
+          f"train images), {metrics.get('device')}, {source.get(metrics.get('pretrain_source'), '')}")
+    print(format_runs([metrics]))
+    if metrics.get("status") == "target_missed":
+        print(f"\ntarget_missed: {metrics['error']}")
+    print(f"\nmetrics: {Path(metrics['run_dir']) / 'metrics.json'}")
+
+
+def hydra_entry():
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+    def hydra_main(cfg: DictConfig) -> None:
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+        try:
+            metrics = run(cfg, run_dir)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            if sweep:
+                # One line, no traceback: the sweep's other points still run, its report lists this
+                # run as failed, and main() exits non-zero at the end.
+                SWEEP_FAILURES.append(str(run_dir))
+                return
+            sys.exit(2)
+        if not metrics.get("rank"):  # DDP: rank 0 reports
+            print_summary(metrics)
+        if metrics.get("status") == "target_missed" and not sweep:
+            sys.exit(1)
+
+    return hydra_main
+
+
+def check_overrides(args: list[str]) -> None:
+    """Compose the config the command line asks for (each value of a sweep once) and turn Hydra's
+    multi-line composition errors into one line naming the key, the bad value and the fix.
+    Hydra's own options (`-m`, `--cfg`, ...) and `hydra.*` overrides are left to Hydra."""
+    plain, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd"):
+            return  # another primary config: Hydra reports its own errors
+        if arg in ("--cfg", "-c", "--package", "-p", "--info", "-i", "--experimental-rerun"):
+            i += 1 if arg in ("--info", "-i") and (i + 1 >= len(args) or "=" in args[i + 1]) else 2
+            continue
+        if not arg.startswith("-") and not arg.lstrip("+~").startswith(("hydra.", "hydra/")):
+            plain.append(arg)
+        i += 1
+    try:
+        parsed = OverridesParser.create().parse_overrides(plain)
+    except HydraException as err:
+        raise UserError(f"{str(err).strip().splitlines()[0]}: write overrides as key=value") from None
+    first = [o.input_line if not o.is_sweep_override() else
+             f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" for o in parsed]
+    trials = [first]
+    for i, o in enumerate(parsed):
+        if o.is_sweep_override():
+            trials += [first[:i] + [f"{o.get_key_element()}={v}"] + first[i + 1:] for v in o.sweep_string_iterator()]
+    for overrides in trials:
+        try:
+            compose(overrides)
+        except (HydraException, OmegaConfBaseException) as err:
+            raise UserError(composition_error_line(err)) from None
+    # A sweep's run dirs are named after its overrides: many overrides exceed a file name's 255 bytes.
+    excluded = set(OmegaConf.load(CONF_DIR / "config.yaml").hydra.job.config.override_dirname.exclude_keys)
+    named = [o for o in first if o.split("=", 1)[0].lstrip("+~") not in excluded]
+    if any(a in ("-m", "--multirun") for a in args) and len(",".join(named)) > 230 and \
+            not any(a.startswith("hydra.sweep.subdir=") for a in args):
+        raise UserError(f"the sweep's run-dir names ({len(','.join(named))} characters of overrides) would exceed the "
+                        f"file-name limit: add 'hydra.sweep.subdir=${{hydra.job.num}}' (numbered run dirs)")
+
+
+def composition_error_line(err: Exception) -> str:
+    """One line for a Hydra/OmegaConf composition error: the key, the value, the fix."""
+    cause = err.__cause__ or err
+    text = str(err).strip()
+    if "Could not find '" in text:  # an unknown option of a config group
+        missing = text.split("Could not find '", 1)[1].split("'", 1)[0]
+        options = [line.strip() for line in text.split("Available options in", 1)[-1].splitlines()[1:]
+                   if line.startswith("\t") and "=" not in line and not line.strip().endswith("_schema")]
+        group, _, name = missing.rpartition("/")
+        return f"{group}={name}: no such {group} config; valid: {', '.join(options) or '(none)'}"
+    key = getattr(cause, "full_key", None)
+    message = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()[0]
+    if key and "could not be converted to" in message:
+        kind = message.rsplit(" ", 1)[-1].lower()
+        return f"{key}: {message}: give {'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+    if key and " not in " in message:
+        return f"{key}: no such key ({message}): check the spelling; `python -m dpm <overrides> --cfg job` prints every key"
+    return f"{text.splitlines()[0]}: {message}" if message not in text else text.splitlines()[0]
+
+
+def sweep_verdict() -> None:
+    """After a multirun: exit 1 with one line when a run failed or ended short of its target (read
+    from the sweep's report, which sees the runs of every launcher, and from this process's jobs)."""
+    report, callbacks.LAST_REPORT = callbacks.LAST_REPORT, None
+    statuses = list(report.problems["status"]) if report is not None else []
+    missed = statuses.count("target_missed")
+    failed = max(len(statuses) - missed, len(SWEEP_FAILURES))
+    SWEEP_FAILURES.clear()
+    if missed or failed:
+        total = len(report.runs) if report is not None else failed
+        where = f": see {report.out / 'report.md'}" if report is not None else ""
+        print(f"error: {missed + failed} of {total} runs did not complete ({missed} short of their pruning target, "
+              f"{failed} failed or incomplete){where}", file=sys.stderr)
+        sys.exit(1)

@@ -6,11 +6,22 @@ message. Semantic checks (ranges, names) live in `validate`, run before any work
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import List, Optional
 
+from hydra import compose as hydra_compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig
+
+from dpm.data import DATASET_NAMES
+from dpm.errors import UserError
+from dpm.models import MODEL_NAMES
+from dpm.stages import stage_for
+
+#: The Hydra config tree (conf/ beside the package).
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 @dataclass
@@ -305,19 +316,12 @@ PRUNER_NAMES = tuple(PRUNER_SCHEMAS)
 register_configs()
 
 VARIANTS = ("base", "sp", "sr")
-# Pruners whose pruning stage lives in their own module: `run_stage(ctx)` (see dpm.run.RunContext) and
-# optionally `validate_config(cfg, fail)` for their keys.
-PRUNER_STAGES = {"gate_decorator": "dpm.pruners.gate_decorator", "otov2": "dpm.pruners.otov2"}
 # ImageNet roots may be subsets (e.g. Imagenette): their class count is checked against the folders.
 DATASET_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
 
 
 def validate(cfg) -> None:
     """Semantic checks before any work starts; raises UserError naming the key, the value and the fix."""
-    from dpm.data import DATASET_NAMES
-    from dpm.errors import UserError
-    from dpm.models import MODEL_NAMES
-
     def fail(key: str, value, fix: str) -> None:
         raise UserError(f"{key}={value!r}: {fix}")
 
@@ -360,21 +364,7 @@ def validate(cfg) -> None:
     if cfg.pruner.name != "none":
         if not cfg.pruner.speedup > 1:
             fail("pruner.speedup", cfg.pruner.speedup, "the MACs speed-up target must be > 1")
-    if cfg.pruner.name == "depgraph":
-        if cfg.pruner.rounds < 1:
-            fail("pruner.rounds", cfg.pruner.rounds, "must be >= 1")
-        if cfg.pruner.round_interval < 0:
-            fail("pruner.round_interval", cfg.pruner.round_interval, "must be >= 0 (0 = one fine-tune epoch)")
-        if cfg.trainer.finetune.epochs < 1:
-            fail("trainer.finetune.epochs", cfg.trainer.finetune.epochs, "pruning happens during fine-tuning: use >= 1")
-        if not 0 < cfg.pruner.max_pruning_ratio <= 1:
-            fail("pruner.max_pruning_ratio", cfg.pruner.max_pruning_ratio, "must be in (0, 1]")
-    if cfg.pruner.name in PRUNER_STAGES:
-        import importlib
-
-        module = importlib.import_module(PRUNER_STAGES[cfg.pruner.name])
-        if hasattr(module, "validate_config"):
-            module.validate_config(cfg, fail)
+    stage_for(cfg.pruner.name).validate_config(cfg, fail)  # the base pruner's own keys (dpm.stages)
     if cfg.dpm.interval < 1:
         fail("dpm.interval", cfg.dpm.interval, "must be >= 1")
     for key in ("T_rate", "T_len"):
@@ -417,3 +407,28 @@ def validate(cfg) -> None:
         fail("trainer.max_steps_per_epoch", cfg.trainer.max_steps_per_epoch, "must be >= 0 (0 = whole epoch)")
     if cfg.logger.mode not in ("online", "offline", "disabled"):
         fail("logger.mode", cfg.logger.mode, "valid: online, offline, disabled")
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The config `python -m dpm <overrides>` would run (without Hydra's own node)."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+# Keys that may change between a run and its resumption without changing its result.
+RUNTIME_KEYS = ("run_id", "resume", "force_resume", "trainer.device", "trainer.progress", "trainer.num_workers",
+                "trainer.eval_batch_size", "trainer.compile", "trainer.checkpoint_every_steps",
+                "trainer.checkpoint_every_minutes", "logger", "output_root", "cache_dir", "dataset.root",
+                "dpm.track")
+
+
+def comparable_config(container: dict) -> dict:
+    """The config without run-time keys: equal for a run and its resumption."""
+    out = copy.deepcopy(container)
+    for key in RUNTIME_KEYS:
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    return out

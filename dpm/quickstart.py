@@ -9,31 +9,18 @@ import sys
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig
+from dpm.config import VARIANTS, compose
+from dpm.errors import UserError
+from dpm.report import format_runs, report_runs
+from dpm.run import run, target_goal
 
-VARIANTS = ("base", "sp", "sr")
 PRUNER_LABELS = {"depgraph": "DepGraph", "otov2": "OTOv2", "gate_decorator": "Gate Decorator"}
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """The config `python -m dpm <overrides>` would run (without Hydra's own node)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    import dpm.config  # noqa: F401  (registers the schema)
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides))
 
 
 def main(overrides: list[str] | None = None) -> list[dict]:
     """Run the three variants one after another into <output_root>/<name>/<time>/<variant>/ with
     `overrides` applied to each, print the comparison and write the report. Returns the three
     metrics dicts (a run short of its target has status `target_missed`)."""
-    from dpm.errors import UserError
-    from dpm.report import format_runs, report_runs
-    from dpm.run import run, target_goal
-
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s", stream=sys.stdout)
     try:
         configs = [compose([*(overrides or []), f"dpm={v}"]) for v in VARIANTS]

@@ -32,6 +32,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from dpm.config import comparable_config
+
 # metrics.json field -> column title, in display order.
 RUN_COLUMNS = {
     "model": "model", "dataset": "dataset", "pruner": "pruner", "variant": "variant", "seed": "seed",
@@ -144,8 +146,6 @@ def _flatten(tree: dict, prefix: str) -> dict:
 def _dup_key(cfg: dict | None, metrics: dict) -> str:
     """Equal for runs that should have given the same result: the config without run-time keys (seed
     included), or, without a config, what metrics.json says the run was."""
-    from dpm.run import comparable_config
-
     if cfg is not None:
         basis: Any = comparable_config(cfg)
     else:

@@ -58,7 +58,7 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose, initialize_config_dir
 
     import dpm.config  # noqa: F401  (registers the schema)
-    from dpm.quickstart import CONF_DIR
+    from dpm.config import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose("config", overrides=overrides, return_hydra_config=True)

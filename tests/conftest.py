@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dpm.quickstart import compose  # noqa: F401  (the config `python -m dpm <overrides>` would run)
+from dpm.config import compose  # noqa: F401  (the config `python -m dpm <overrides>` would run)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"

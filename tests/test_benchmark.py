@@ -5,7 +5,12 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import pytest
+
 from conftest import ROOT
+
+# Run-level: minutes on 2 cores (`pytest -m "not slow"` leaves it out).
+pytestmark = pytest.mark.slow
 
 
 def test_throughput_benchmark_smoke_writes_json_and_markdown(tmp_path):

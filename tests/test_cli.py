@@ -41,6 +41,7 @@ def table_rows(stdout: str) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("args,pruner", [(["seed=1"], "depgraph"), (["pruner=otov2"], "otov2"),
                                          (["pruner=gate_decorator"], "gate_decorator")])
+@pytest.mark.slow
 def test_any_overrides_run_the_main_job_and_every_variant_meets_its_target(args, pruner, tmp_path):
     """An argument no longer turns the main job into another program: the three variants run from
     one baseline with the overrides applied to all three, each base with its digits recipe."""
@@ -58,6 +59,7 @@ def test_any_overrides_run_the_main_job_and_every_variant_meets_its_target(args,
     assert "report:" in proc.stdout
 
 
+@pytest.mark.slow
 def test_one_variant_and_sweeps_stay_one_run_each(tmp_path):
     proc = cli(["dpm=sp", "trainer.progress=false", f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -91,6 +93,7 @@ def test_every_experiment_validates_with_every_variant(experiment):
             assert cfg.dpm.N_epochs is not None or cfg.dpm.N is not None
 
 
+@pytest.mark.slow
 def test_a_bad_point_in_a_sweep_is_one_line_and_the_others_still_run(tmp_path):
     sweep = tmp_path / "sweep"
     proc = cli(["-m", "experiment=smoke", "pruner=depgraph", "dpm=base", "pruner.speedup=2,0.5",

@@ -14,7 +14,8 @@ import pytest
 
 from conftest import CIFAR10, ROOT
 
-pytestmark = pytest.mark.usefixtures("cifar10")  # skips without the data, fails under DPM_REQUIRE_DATA=1
+# Run-level (minutes on 2 cores: `pytest -m "not slow"` leaves it out) and on the real data.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("cifar10")]  # no data: skip, or fail under DPM_REQUIRE_DATA=1
 
 
 def campaign(*args: str) -> subprocess.CompletedProcess:

@@ -107,6 +107,7 @@ def test_image_folder_layout_and_decode_cache(tmp_path):
 
 
 @pytest.mark.usefixtures("cifar10")  # skips without the data, fails under DPM_REQUIRE_DATA=1
+@pytest.mark.slow
 def test_real_cifar10_folder_loads_in_label_order(decode_cache):
     cfg = compose(["dataset=cifar10", f"dataset.root={CIFAR10}", "dataset.train_subset=500",
                    "dataset.test_subset=200", "dataset.val_size=100"]).dataset

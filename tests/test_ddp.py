@@ -35,6 +35,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, run_dirs: list[str],
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     import dpm.run as R
+    import dpm.stages.depgraph as stage
+    from dpm.stages.base import decay_log
     from dpm.data.loaders import SplitLoader
     from dpm.pruners.rounds import PruningRounds
 
@@ -52,7 +54,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, run_dirs: list[str],
                                  "pruned": sorted(map(str, self.controller.pruned))})
 
     captured = {}
-    original_make_rounds = R.make_rounds
+    original_make_rounds = stage.make_rounds
 
     def spy_make_rounds(*args, **kwargs):
         captured["rounds"] = original_make_rounds(*args, **kwargs)
@@ -82,17 +84,18 @@ def _worker(rank: int, world: int, port: int, out_dir: str, run_dirs: list[str],
         return original_logger(*args, **kwargs)
 
     dpm.train.atomic_torch_save, dpm.loggers.make_logger = spy_save, spy_logger
-    SplitLoader.__iter__, PruningRounds._start_round, R.make_rounds = spy_iter, spy_start, spy_make_rounds
+    SplitLoader.__iter__, PruningRounds._start_round, stage.make_rounds = spy_iter, spy_start, spy_make_rounds
     distributed.TrainModule.refresh = spy_refresh
     metrics = R.run(compose(DDP_OVERRIDES), run_dirs[rank])
     rounds = captured["rounds"]
     record.update(metrics={k: metrics.get(k) for k in ("status", "top1_final", "native_speedup", "released", "pruned",
                                                        "admitted", "rounds_done", "world_size")},
-                  removals=rounds.removals, summary=rounds.summary(), decay_log=R.decay_log(rounds.controller),
+                  removals=rounds.removals, summary=rounds.summary(), decay_log=decay_log(rounds.controller),
                   sizes=[list(p.shape) for p in rounds.model.parameters()])
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record, default=str))
 
 
+@pytest.mark.slow
 def test_two_process_ddp_depgraph_sr_agrees_on_every_decision(tmp_path):
     run_dirs = [str(tmp_path / "run"), str(tmp_path / "rank1_own_dir")]  # rank 1 must adopt rank 0's dir
     env = {k: os.environ[k] for k in ("DPM_OUTPUT_ROOT", "DPM_CACHE_DIR")}
@@ -127,6 +130,7 @@ def test_two_process_ddp_depgraph_sr_agrees_on_every_decision(tmp_path):
     assert (tmp_path / "run" / "dpm_log.json").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_cli_writes_one_run(tmp_path):
     import subprocess
     import sys
@@ -170,6 +174,7 @@ def test_devices_without_a_launcher_and_unsupported_pruners_are_clear_errors(mon
         validate(compose(["experiment=smoke", "pruner=depgraph", "trainer.devices=3"]))
 
 
+@pytest.mark.slow
 def test_killed_torchrun_run_resumes_inside_an_epoch_to_the_same_metrics(tmp_path):
     """Two ranks killed inside a fine-tune epoch (a decay under way) resume from the mid-epoch
     checkpoint rank 0 wrote and end with the metrics of an uninterrupted two-rank run."""
@@ -220,6 +225,7 @@ def _due_worker(rank: int, world: int, port: int, out: str) -> None:
         tdist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_checkpoint_clock_is_rank_zeros_on_every_rank(tmp_path):
     mp.spawn(_due_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     assert [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)] == [True, True]

@@ -71,6 +71,7 @@ def zero_producers(targets, keys) -> None:
 
 
 # ---------------------------------------------------------------------------- selection
+@pytest.mark.slow
 def test_select_is_torch_prunings_own_progressive_selection():
     model, x = model_and_input("resnet20")
     tag_channels(model)
@@ -147,6 +148,7 @@ def test_excluded_keys_are_never_selected_and_keys_survive_removals():
 
 # ---------------------------------------------------------------------------- removal
 @pytest.mark.parametrize("name", ["resnet56", "vgg16_bn", "vgg16", "mobilenet_v2"])
+@pytest.mark.slow
 def test_removing_zeroed_channels_keeps_the_function_and_meets_the_speedup(name):
     model, x = model_and_input(name)
     # Fewer, larger progressive steps than the recipe's 400: the same loop, a test-sized runtime.

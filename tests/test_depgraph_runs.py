@@ -80,6 +80,7 @@ def test_rounds_split_the_speedup_and_never_reselect(tmp_path, monkeypatch):
 
 
 @pytest.mark.usefixtures("cifar10")  # skips without the data, fails under DPM_REQUIRE_DATA=1
+@pytest.mark.slow
 def test_real_cifar10_base_sp_sr_end_to_end(tmp_path, decode_cache):
     common = ["dataset=cifar10", f"dataset.root={CIFAR10}", "model=resnet20", "dataset.train_subset=1000",
               "dataset.test_subset=500", "trainer.pretrain.epochs=4", "trainer.finetune.epochs=3",
@@ -103,6 +104,7 @@ def test_real_cifar10_base_sp_sr_end_to_end(tmp_path, decode_cache):
     assert results["base"]["pretrain_key"] == results["sp"]["pretrain_key"] == results["sr"]["pretrain_key"]
 
 
+@pytest.mark.slow
 def test_killed_pruning_run_resumes_to_the_same_metrics(tmp_path):
     """Killed after fine-tune epoch 2 (channels removed, SR rounds under way), the rerun replays the
     removals, restores the decay controller and ends where an uninterrupted run ends."""
@@ -126,6 +128,7 @@ def test_killed_pruning_run_resumes_to_the_same_metrics(tmp_path):
     assert {k: v for k, v in b.items() if k not in skip} == {k: v for k, v in a.items() if k not in skip}
 
 
+@pytest.mark.slow
 def test_sr_releases_in_the_last_round_are_made_up_so_the_target_is_met(tmp_path):
     """Thresholds of 0 release nearly every decaying channel: make-up rounds follow at once, and
     when no N-step decay fits any more the channels still missing go at once (invariant 6)."""
@@ -137,6 +140,7 @@ def test_sr_releases_in_the_last_round_are_made_up_so_the_target_is_met(tmp_path
     assert immediate and immediate[-1]["speedup"] >= 2.0 and len({r["iteration"] for r in immediate}) == 1  # once
 
 
+@pytest.mark.slow
 def test_run_killed_inside_epochs_resumes_from_mid_epoch_checkpoints_to_the_same_metrics(tmp_path):
     """With trainer.checkpoint_every_steps, a kill inside a pretrain epoch and one inside a fine-tune
     epoch (round 2's decay under way: rounds at steps 0, 10, 20, N = 5) resume at the step after the
@@ -169,6 +173,7 @@ def test_run_killed_inside_epochs_resumes_from_mid_epoch_checkpoints_to_the_same
     assert [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in b["history"]["finetune"]] == strip
 
 
+@pytest.mark.slow
 def test_sparse_learning_stage_is_shared_between_variants(tmp_path):
     sl = ["trainer.sparse.epochs=2", "trainer.sparse.lr=0.01", "pruner.reg=5e-4"]
     base = run(digits("dpm=base", *sl), tmp_path / "base")
@@ -184,6 +189,7 @@ def test_sparse_learning_stage_is_shared_between_variants(tmp_path):
                                                       final_weights(tmp_path / "base").values()))
 
 
+@pytest.mark.slow
 def test_strict_budget_replaces_releases_within_the_round(tmp_path):
     base_budget = run(digits("dpm=sr"), tmp_path / "base_budget")
     strict = run(digits("dpm=sr", "dpm.budget=strict"), tmp_path / "strict")

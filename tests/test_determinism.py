@@ -11,6 +11,9 @@ from conftest import CIFAR10, run_cli
 from dpm.checkpoint import load_checkpoint
 from dpm.run import CHECKPOINT
 
+# Run-level: minutes on 2 cores (`pytest -m "not slow"` leaves it out).
+pytestmark = pytest.mark.slow
+
 # What legitimately differs between two runs of the same computation (where and when it ran).
 RUN_SPECIFIC = {"wall_time_s", "run_dir", "git_sha", "pretrain_source", "pretrain_checkpoint"}
 

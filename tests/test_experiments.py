@@ -175,6 +175,7 @@ def _check_table(out: Path, name: str, seeds: list[int]) -> tuple[list[dict], li
 
 
 @pytest.mark.parametrize("name", PAPER)
+@pytest.mark.slow
 def test_smoke_table_runs_with_the_basic_launcher(name, tmp_path):
     if name in SLURM_ENTRIES and _slurm_problem() is None:
         pytest.skip("runs through the SLURM cluster in test_smoke_table_runs_through_slurm_after_its_pretrain_sweep")
@@ -195,11 +196,12 @@ def _array_of(sweep: Path) -> tuple[str, list[str]]:
 def _sacct_times(job: str) -> tuple[str, str]:
     out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job, "-o", "JobID,Start,End"], capture_output=True,
                          text=True, timeout=30, check=True).stdout
-    (start, end), = [(s, e) for jid, s, e in (l.split("|") for l in out.splitlines()) if jid == job]
+    (start, end), = [(s, e) for jid, s, e in (line.split("|") for line in out.splitlines()) if jid == job]
     return start, end
 
 
 @pytest.mark.parametrize("name", sorted(SLURM_ENTRIES))
+@pytest.mark.slow
 def test_smoke_table_runs_through_slurm_after_its_pretrain_sweep(slurm, name, tmp_path):  # noqa: F811
     """On the real cluster: the warm-up sweep is one job array; the prune sweep is submitted while it
     runs, with `--dependency=afterok:<that array>`, and none of its tasks starts before the warm-up's
@@ -238,6 +240,7 @@ def test_smoke_table_runs_through_slurm_after_its_pretrain_sweep(slurm, name, tm
 
 
 @pytest.mark.parametrize("facet", [a.removeprefix("depgraph_") for a in ABLATIONS if a != "depgraph_N"])
+@pytest.mark.slow
 def test_ablation_smoke_sweep_ends_in_its_plot(facet, tmp_path, shared_cache, monkeypatch):
     monkeypatch.setenv("DPM_CACHE_DIR", str(shared_cache))
     sweep = tmp_path / "sweep"
@@ -258,6 +261,7 @@ def test_ablation_smoke_sweep_ends_in_its_plot(facet, tmp_path, shared_cache, mo
     assert Path(f"{plot}.pdf").read_bytes()[:5] == b"%PDF-"
 
 
+@pytest.mark.slow
 def test_N_ablation_runs_as_two_sweeps_and_its_N1_point_is_the_base_method(tmp_path, shared_cache):
     """The entry script: warm-up (pinned to the sweep's first point), then the N sweep with its plot;
     its N = 1 point (+SP, N = 1) ends exactly where DepGraph alone (dpm=base) ends (invariant 3)."""

@@ -86,6 +86,7 @@ KILL_POINTS = [
 
 
 @pytest.mark.parametrize("point", [p for p, _ in KILL_POINTS], ids=[p for p, _ in KILL_POINTS])
+@pytest.mark.slow
 def test_kill_anywhere_then_resume_gives_the_same_metrics(tmp_path, reference, point):
     run_dir = tmp_path / "run"
     killed = run_cli([*CAMPAIGN, f"hydra.run.dir={run_dir}"], env={"DPM_FAULT_AT": point})
@@ -98,6 +99,7 @@ def test_kill_anywhere_then_resume_gives_the_same_metrics(tmp_path, reference, p
     assert comparable(read_metrics(run_dir)) == comparable(reference)
 
 
+@pytest.mark.slow
 def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, reference):
     run_dir = tmp_path / "run"
     killed = run_cli([*CAMPAIGN, f"hydra.run.dir={run_dir}"], env={"DPM_FAULT_AT": "finetune:epoch2"})
@@ -127,6 +129,7 @@ def test_corrupt_byte_is_detected_by_the_checksum(tmp_path):
         load_checkpoint(path)
 
 
+@pytest.mark.slow
 def test_killed_report_is_rewritten_whole(tmp_path):
     runs = tmp_path / "runs"
     for variant in ("base", "sp"):
@@ -181,6 +184,7 @@ BAD_CONFIGS = [
 
 
 @pytest.mark.parametrize("args,expected", BAD_CONFIGS, ids=[" ".join(a) for a, _ in BAD_CONFIGS])
+@pytest.mark.slow
 def test_bad_config_is_one_line_before_any_work(tmp_path, args, expected):
     run_dir = tmp_path / "bad"
     proc = run_cli(["experiment=quickstart", "trainer.progress=false", *args, f"hydra.run.dir={run_dir}"])
@@ -206,6 +210,7 @@ def test_sweep_with_run_dir_names_too_long_is_one_line(tmp_path):
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_is_one_line(tmp_path):
     torch.save(torch.nn.Linear(3, 3).state_dict(), tmp_path / "other.pt")
     proc = run_cli(["experiment=quickstart", f"pretrain.checkpoint={tmp_path / 'other.pt'}",
@@ -216,6 +221,7 @@ def test_checkpoint_of_another_model_is_one_line(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ resume safety
+@pytest.mark.slow
 def test_resume_with_another_config_is_refused_with_the_diff(tmp_path):
     run_dir = tmp_path / "run"
     args = ["experiment=smoke", "trainer.finetune.epochs=3", f"hydra.run.dir={run_dir}"]
@@ -234,6 +240,7 @@ def test_resume_with_another_config_is_refused_with_the_diff(tmp_path):
     assert run_cli([*args, "trainer.finetune.lr=0.5", "force_resume=true"]).returncode == 0  # complete: returns
 
 
+@pytest.mark.slow
 def test_second_process_on_the_same_run_dir_is_refused(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -255,6 +262,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
 
 
 # ------------------------------------------------------------------------------------ numerical faults
+@pytest.mark.slow
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     args = ["experiment=quickstart", "pretrain.cache=false", "trainer.progress=false", f"hydra.run.dir={run_dir}"]
@@ -380,6 +388,7 @@ def test_corrupt_jpeg_is_named_or_skipped(tmp_path):
     assert len(data.train) == 19 and len(data.test) == 20
 
 
+@pytest.mark.slow
 def test_corrupt_jpeg_through_the_cli_is_one_line(tmp_path):
     root = image_folder(tmp_path / "cifar10")
     bad = root / "test" / "class0" / "0.jpg"

@@ -395,6 +395,7 @@ def test_sp_with_N_1_is_bitwise_the_base_method(tmp_path):
     assert wb.keys() == ws.keys() and all(torch.equal(wb[k], ws[k]) for k in wb)
 
 
+@pytest.mark.slow
 def test_smoke_runs_of_base_sp_sr_reach_the_flops_target_without_reselecting_decaying_channels(tmp_path):
     results = {v: run(smoke(f"dpm={v}"), tmp_path / v) for v in ("base", "sp", "sr")}
     for v, m in results.items():
@@ -447,6 +448,7 @@ class Killed(BaseException):
 
 
 @pytest.mark.parametrize("point", ["tick2:epoch1", "finetune:epoch1"])
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_metrics(tmp_path, monkeypatch, caplog, point):
     """Killed after tick 2's checkpoint (its selection not yet made, +SR decays in flight) or after
     the melted model's fine-tune epoch, the rerun continues to what an uninterrupted run gives."""
@@ -488,7 +490,7 @@ def test_strict_budget_replacements_are_drained_before_the_melt(tmp_path):
 def test_drain_loader_resumed_inside_an_epoch_yields_only_the_steps_left():
     """A drain killed after a mid-epoch checkpoint resumes at its next step: the cut loader must take
     the start step (train_phase passes it) and stop at the drain's total, not a full epoch later."""
-    from dpm.pruners.gate_decorator import _Steps
+    from dpm.stages.gate_decorator import _Steps
 
     class Loader:
         def __init__(self):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import pytest
 
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_runs_every_step_and_writes_its_records(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DPM_OUTPUT_ROOT": str(tmp_path / "outputs")}
     done = subprocess.run(["bash", "experiments/benchmarks/gpu_check.sh", "--dry-run", str(tmp_path / "out")],

@@ -19,7 +19,7 @@ from dpm.checkpoint import load_checkpoint, load_pruned_model
 from dpm.core import DecayController, RectifyConfig
 from dpm.errors import UserError
 from dpm.pruners.otov2 import DHSPG, remove_zero_groups, zero_invariant_groups
-from dpm.quickstart import compose
+from dpm.config import compose
 
 from helpers import one_thread  # noqa: F401  (autouse fixture)
 
@@ -404,6 +404,7 @@ def test_bad_otov2_settings_fail_with_the_key(override, key):
         validate(compose(["experiment=otov2_smoke", override]))
 
 
+@pytest.mark.slow
 def test_killed_sr_run_resumes_to_the_same_result(tmp_path):
     """Killed mid-decay (end of DHSPG epoch 1) and again after the fine-tune's checkpoint, the run
     resumes to the uninterrupted run's metrics and pruned weights: DHSPG's state_dict (partition,

@@ -29,6 +29,9 @@ from dpm.pruners.otov2 import DHSPG, zero_invariant_groups
 
 from helpers import one_thread  # noqa: F401  (autouse fixture)
 
+# Run-level: minutes on 2 cores (`pytest -m "not slow"` leaves it out).
+pytestmark = pytest.mark.slow
+
 REQUIRED = os.environ.get("DPM_REQUIRE_PARITY") == "1"
 
 

@@ -200,6 +200,7 @@ def test_plots_are_written_and_non_empty(runs_dir, tmp_path):
     assert len([p for p in report.files if p.parent == plots]) == 4
 
 
+@pytest.mark.slow
 def test_cli_prints_the_report_and_refuses_a_dir_without_runs(runs_dir, tmp_path):
     out = tmp_path / "cli_report"
     done = subprocess.run([sys.executable, "-m", "dpm.report", str(runs_dir), "--out", str(out), "--no-plots"],
@@ -215,6 +216,7 @@ def test_cli_prints_the_report_and_refuses_a_dir_without_runs(runs_dir, tmp_path
         assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_quickstart_ends_with_a_report_of_its_three_runs(capsys):
     from dpm.quickstart import main
 
@@ -227,6 +229,7 @@ def test_quickstart_ends_with_a_report_of_its_three_runs(capsys):
     assert (root / "report" / "plots" / "trajectories_sr.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_multirun_callback_writes_the_sweep_report(tmp_path):
     sweep = tmp_path / "sweep"
     done = run_cli(["-m", "experiment=quickstart", "dpm=base,sp,sr", "trainer.pretrain.epochs=2",
@@ -268,6 +271,7 @@ def ablation_dir(tmp_path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_ablation_and_released_plots_only_for_facets_that_vary(ablation_dir, tmp_path):
     runs = rp.load_runs([ablation_dir])
     assert rp.ablation_facets(runs) == ["N", "T_rate"]  # T_len is 1.0 everywhere: no curve to draw
@@ -312,6 +316,7 @@ def test_a_table_whose_variants_differ_in_N_is_no_N_ablation(tmp_path):
     assert rp.ablation_facets(rp.load_runs([root])) == ["N"]
 
 
+@pytest.mark.slow
 def test_report_logs_its_tables_and_plots_to_an_offline_wandb_run(runs_dir, tmp_path):
     out = tmp_path / "rep"
     done = subprocess.run([sys.executable, "-m", "dpm.report", str(runs_dir), "--out", str(out), "--wandb",
@@ -336,7 +341,7 @@ def test_report_logs_its_tables_and_plots_to_an_offline_wandb_run(runs_dir, tmp_
 
 def test_report_of_only_failed_runs_has_the_header_and_lists_them(tmp_path):
     from dpm.errors import UserError
-    from dpm.quickstart import compose
+    from dpm.config import compose
     from dpm.run import run
 
     with pytest.raises(UserError):
@@ -347,7 +352,7 @@ def test_report_of_only_failed_runs_has_the_header_and_lists_them(tmp_path):
 
 
 def test_base_gate_withholds_variants_without_base_and_checks_the_base_row(tmp_path):
-    from dpm.quickstart import compose
+    from dpm.config import compose
     from dpm.run import run
 
     for variant in ("base", "sp"):

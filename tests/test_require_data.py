@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import pytest
 from pathlib import Path
 
 from conftest import ROOT
@@ -27,6 +28,7 @@ def _pytest(env: dict[str, str]) -> tuple[dict[str, int], str]:
     return counts, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_missing_cifar10_skips_with_the_reason_or_fails_under_dpm_require_data(tmp_path):
     env = {**os.environ, "DPM_DATA_DIR": str(tmp_path / "empty"), "OMP_NUM_THREADS": "1"}
     env.pop("DPM_REQUIRE_DATA", None)

@@ -44,6 +44,7 @@ def test_run_writes_complete_metrics(tmp_path):
     assert not list((tmp_path / "run").glob(".*.tmp"))  # nothing half-written left behind
 
 
+@pytest.mark.slow
 def test_cli_smoke_run_writes_metrics_and_prints_summary(tmp_path):
     out = tmp_path / "cli"
     proc = run_cli(["experiment=smoke", f"hydra.run.dir={out}"])
@@ -66,6 +67,7 @@ def test_second_run_reuses_the_cached_pretrained_baseline(tmp_path, caplog):
     assert third["pretrain_source"] == "trained" and third["pretrain_key"] != first["pretrain_key"]
 
 
+@pytest.mark.slow
 def test_racing_runs_pretrain_once(tmp_path):
     """Two runs with one pretrain key start while the key is locked: both wait, then exactly one
     pretrains and the other reuses its result."""
@@ -87,6 +89,7 @@ def test_racing_runs_pretrain_once(tmp_path):
     assert list(Path(os.environ["DPM_CACHE_DIR"]).glob("pretrained/*/model.pt")) == [cache.model_path]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     args = ["experiment=smoke", "trainer.pretrain.epochs=3", "trainer.finetune.epochs=3"]
     reference = run_cli([*args, f"hydra.run.dir={tmp_path / 'ref'}"],
@@ -110,6 +113,7 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
                                           zip(ref["history"]["finetune"], got["history"]["finetune"])]
 
 
+@pytest.mark.slow
 def test_resume_true_continues_the_newest_unfinished_run(tmp_path):
     args = ["experiment=smoke", "trainer.finetune.epochs=3", "pretrain.cache=false"]
     first = run_cli([*args, "run_id=first"], env={"DPM_FAULT_AT": "finetune:epoch2"})
@@ -134,6 +138,7 @@ def test_completed_run_dir_is_not_rerun(tmp_path):
      "error: dataset.root=/nonexistent/cifar10 holds neither"),
     (["pretrain.checkpoint=/nonexistent.pt"], "error: pretrain.checkpoint=/nonexistent.pt does not exist"),
 ])
+@pytest.mark.slow
 def test_bad_input_is_one_clear_line(tmp_path, args, expected):
     proc = run_cli(["experiment=smoke", *args, f"hydra.run.dir={tmp_path / 'bad'}"])
     assert proc.returncode == 2
@@ -158,6 +163,7 @@ def test_given_checkpoint_replaces_pretraining(tmp_path):
     assert loaded["top1_before_prune"] == first["top1_before_prune"]
 
 
+@pytest.mark.slow
 def test_cli_multirun_writes_one_run_dir_per_job(tmp_path):
     proc = run_cli(["-m", "experiment=smoke", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
     assert proc.returncode == 0, proc.stderr
@@ -177,6 +183,7 @@ class _RunsCode:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.slow
 def test_checkpoint_that_would_run_code_is_refused_in_one_line(tmp_path):
     from dpm.checkpoint import atomic_torch_save, load_checkpoint
 
@@ -217,6 +224,7 @@ def test_rng_state_travels_in_a_weights_only_checkpoint():
     assert torch.equal(got[0], expected[0]) and (got[1] == expected[1]).all() and got[2:] == expected[2:]
 
 
+@pytest.mark.slow
 def test_checkpoint_written_before_weights_only_loading_is_one_line_on_resume(tmp_path):
     import numpy as np
 

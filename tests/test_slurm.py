@@ -23,6 +23,9 @@ import pytest
 
 from conftest import ROOT, run_cli
 
+# Run-level: minutes on 2 cores (`pytest -m "not slow"` leaves it out).
+pytestmark = pytest.mark.slow
+
 REQUIRED = os.environ.get("DPM_REQUIRE_SLURM") == "1"
 LAUNCHER = ["hydra/launcher=slurm_cpu"]
 # Tiny DepGraph + DPM runs (synthetic data, 4 steps an epoch, deterministic CPU).
@@ -76,7 +79,7 @@ def _sacct_states(job_id: str) -> list[tuple[str, str]]:
     """(state, partition) of every record of a job, requeued ones included (sacct -D), oldest first."""
     out = subprocess.run(["sacct", "-n", "-P", "-D", "-X", "-j", job_id, "-o", "JobID,State,Partition"],
                          capture_output=True, text=True, timeout=30, check=True).stdout
-    return [(state.split()[0], part) for jid, state, part in (l.split("|") for l in out.splitlines()) if jid == job_id]
+    return [(state.split()[0], part) for jid, state, part in (line.split("|") for line in out.splitlines()) if jid == job_id]
 
 
 def _report_rows(sweep: Path) -> pd.DataFrame:

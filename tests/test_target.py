@@ -61,6 +61,7 @@ def cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_a_sweep_with_a_missed_target_exits_non_zero_and_says_so(tmp_path):
     sweep = tmp_path / "sweep"
     proc = cli(["-m", *SHORT["depgraph"], "dpm=base", "pruner.iterative_steps=1,400", f"hydra.sweep.dir={sweep}"],
@@ -73,6 +74,7 @@ def test_a_sweep_with_a_missed_target_exits_non_zero_and_says_so(tmp_path):
     assert "1 complete, 1 short of their pruning target, 0 failed or incomplete" in text
 
 
+@pytest.mark.slow
 def test_a_single_run_that_missed_its_target_prints_what_it_reached_and_exits_1(tmp_path):
     proc = cli([*SHORT["depgraph"], "dpm=base", f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
     assert proc.returncode == 1, proc.stderr[-3000:]

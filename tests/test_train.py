@@ -108,6 +108,7 @@ def test_recalibrate_bn_restores_running_statistics():
 
 
 @pytest.mark.usefixtures("cifar10")  # skips without the data, fails under DPM_REQUIRE_DATA=1
+@pytest.mark.slow
 def test_short_real_cifar10_run_is_above_chance(tmp_path, decode_cache):
     cfg = compose(["pruner=none", "dataset=cifar10", f"dataset.root={CIFAR10}", "model=resnet20", "trainer=cpu_debug",
                    "trainer.max_steps_per_epoch=0", "dataset.train_subset=800", "dataset.test_subset=500",

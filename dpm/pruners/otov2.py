@@ -26,16 +26,12 @@ lambda x/||x|| is OTOv2's own push toward zero: it would add -alpha*lambda_g*N/L
 C_rate of every decaying group, a negative bias that grows as lambda adapts, so SR would rarely
 release; the question SR asks is whether the *loss* defends the group.
 
-Stage (``run_stage``): DHSPG trains the model for ``pruner.train`` (from scratch in OTOv2's
-recipe: ``trainer.pretrain.epochs=0``), the zero groups are removed with Torch-Pruning (consumers
-included), the pruned ``nn.Module`` is saved, measured and fine-tuned with ``trainer.finetune``
-when its epochs are > 0 (0 in OTOv2's recipe, which trains once).
+The run-side stage (DHSPG phase, removal, fine-tune) is dpm.stages.otov2.
 """
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterable, Sequence
 
 import torch
@@ -43,11 +39,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpm.core import DecayController, Target
+from dpm.pruners.otov2_groups import _CONV, ZeroInvariantGroup, zero_invariant_groups, zigs_of
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VARIANT_DEFAULTS", "ZeroInvariantGroup", "DHSPG", "zero_invariant_groups", "ControllerHook",
-           "run_stage", "validate_config"]
+__all__ = ["VARIANT_DEFAULTS", "WEIGHT_DECAY_TYPES", "ZeroInvariantGroup", "DHSPG", "zero_invariant_groups",
+           "zigs_of", "remove_zero_groups"]
 
 #: only_train_once 2.0.16 ``optimizer/hyperparameter.py``: what ``None`` means per variant.
 VARIANT_DEFAULTS: dict[str, dict[str, float]] = {
@@ -61,134 +58,6 @@ VARIANT_DEFAULTS: dict[str, dict[str, float]] = {
 WEIGHT_DECAY_TYPES = ("l2_norm", "l1_norm")
 _SAFE_GUARD = 1e-8  # 2.0.16's safe_guard: x / (||x|| + 1e-8) and the Adam denominator
 _STATE_VERSION = 1
-# 2.0.16's group types; only the two that DHSPG updates row-wise occur here.
-_LINEAR, _CONV = 4, 5
-
-
-# ---------------------------------------------------------------------------------------------- groups
-@dataclass
-class _Producer:
-    param: nn.Parameter
-    dim: int
-    index: torch.Tensor | None  # None: the rows are the param's dim-0 rows in order (a plain view)
-    per_row: int                # indices along ``dim`` per group
-
-
-class ZeroInvariantGroup:
-    """One ZIG: ``num_groups`` rows, row ``i`` the concatenation of every producer's slice ``i``.
-
-    Built from :class:`dpm.core.Target` objects of one family (one per channel, same producer
-    parameters in the same order), which also name the rows (``keys[i]``) for the decay controller.
-    """
-
-    def __init__(self, name: str, targets: Sequence[Target], linear: bool = False) -> None:
-        if not targets:
-            raise ValueError(f"ZIG {name!r} has no groups")
-        self.name = name
-        self.keys: list[Hashable] = [t.key for t in targets]
-        self.targets: list[Target] = list(targets)
-        first = targets[0].producers
-        self.producers: list[_Producer] = []
-        for j, s in enumerate(first):
-            rows: list[int] = []
-            for t in targets:
-                ps = t.producers
-                if len(ps) != len(first) or ps[j].param is not s.param or ps[j].dim != s.dim \
-                        or len(ps[j].indices) != len(s.indices):
-                    raise NotImplementedError(f"ZIG {name!r}: channels slice different parameters")
-                rows.extend(ps[j].indices)
-            p = s.param
-            size = p.shape[s.dim] if p.dim() > 0 else 1
-            if sorted(rows) != list(range(size)):
-                raise NotImplementedError(
-                    f"ZIG {name!r} covers {len(rows)} of the {size} rows of a {tuple(p.shape)} parameter along dim "
-                    f"{s.dim}: DHSPG needs every producer row in exactly one group")
-            identity = s.dim == 0 and rows == list(range(size)) and len(s.indices) == 1
-            index = None if identity else torch.tensor(rows, dtype=torch.long, device=p.device)
-            self.producers.append(_Producer(p, s.dim, index, len(s.indices)))
-        self.num_groups = len(targets)
-        # 2.0.16 counts linear and conv ZIGs in separate float32 buckets (see compute_group_sparsity).
-        self.group_type = _LINEAR if linear else _CONV
-
-    @property
-    def params(self) -> list[nn.Parameter]:
-        """The producer parameters, in row-concatenation order."""
-        return [p.param for p in self.producers]
-
-    def gather(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The ``[num_groups, n]`` group matrix of ``tensors`` (one per producer, parameter-shaped)."""
-        cols = []
-        for pr, t in zip(self.producers, tensors):
-            if pr.index is None:
-                cols.append(t.reshape(self.num_groups, -1))
-            else:
-                cols.append(t.index_select(pr.dim, pr.index).movedim(pr.dim, 0).reshape(self.num_groups, -1))
-        return torch.cat(cols, dim=1)
-
-    def row_norms(self, tensors: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-        """L2 norm of every row, from each producer's rows in place (no group matrix is built)."""
-        sq = None
-        for pr, t in zip(self.producers, self.params if tensors is None else tensors):
-            rows = t.reshape(self.num_groups, -1) if pr.index is None else \
-                t.index_select(pr.dim, pr.index).movedim(pr.dim, 0).reshape(self.num_groups, -1)
-            n = torch.linalg.vector_norm(rows, dim=1)
-            sq = n * n if sq is None else sq + n * n
-        return sq.sqrt()
-
-    def zero_rows(self, mask: torch.Tensor) -> None:
-        """Set the rows in ``mask`` (bool, one per group) to exactly zero in every producer."""
-        for pr in self.producers:
-            p = pr.param
-            if pr.index is None:
-                p.data.masked_fill_(mask.view(-1, *[1] * (p.dim() - 1)), 0.0)
-            else:
-                idx = pr.index.view(self.num_groups, pr.per_row)[mask].flatten()
-                p.data.index_fill_(pr.dim, idx, 0.0)
-
-    def scatter(self, matrix: torch.Tensor) -> None:
-        """Write a group matrix back into the producer parameters (2.0.16's ``update_xs``)."""
-        left = 0
-        for pr in self.producers:
-            p = pr.param
-            width = p.numel() // self.num_groups
-            block = matrix[:, left:left + width]
-            left += width
-            if pr.index is None:
-                p.data.copy_(block.reshape(p.shape))
-            else:
-                moved = list(p.shape)
-                moved.insert(0, moved.pop(pr.dim))
-                p.data.index_copy_(pr.dim, pr.index, block.reshape(moved).movedim(0, pr.dim))
-
-
-def zero_invariant_groups(model: nn.Module, example_inputs: torch.Tensor,
-                          num_classes: int) -> tuple[list["ZeroInvariantGroup"], Any]:
-    """The ZIGs of ``model`` from Torch-Pruning's dependency groups (classifier ignored).
-
-    Returns ``(zigs, pruner)``: the pruner (a :class:`dpm.pruners.DepGraphPruner`) names the groups'
-    channels ``(group_name, channel)`` and removes them physically at the end.
-    """
-    from dpm.pruners.depgraph import DepGraphPruner
-
-    pruner = DepGraphPruner(model, example_inputs, num_classes=num_classes, iterative_steps=1)
-    return zigs_of(pruner), pruner
-
-
-def zigs_of(pruner) -> list["ZeroInvariantGroup"]:
-    """One ZIG per dependency group of ``pruner`` (families of its targets), sorted by name."""
-    linear = {id(p) for m in pruner.model.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
-    families: dict[Hashable, list[Target]] = {}
-    for t in pruner.targets().values():
-        families.setdefault(t.family, []).append(t)
-    zigs = [ZeroInvariantGroup(str(f), ts, linear=any(id(s.param) in linear for s in ts[0].producers))
-            for f, ts in sorted(families.items(), key=lambda kv: str(kv[0]))]
-    seen: set[int] = set()
-    for z in zigs:
-        for p in z.params:
-            if id(p) in seen:
-                raise NotImplementedError(f"parameter {tuple(p.shape)} is a producer of two ZIGs")
-            seen.add(id(p))
-    return zigs
 
 
 # ---------------------------------------------------------------------------------------------- DHSPG
@@ -592,128 +461,6 @@ class DHSPG(torch.optim.Optimizer):
         self.group_sparsity = float(own["group_sparsity"])
 
 
-# ---------------------------------------------------------------------------------------------- stage
-class ControllerHook:
-    """Training-loop hook that puts the decay controller into the phase checkpoint (DHSPG drives
-    the controller from inside its own step) and exposes it for per-step logging.
-
-    With ``evaluate`` it also records the test top-1 right before the step that starts pruning
-    (``start_step`` DHSPG steps done): OTOv2 trains from scratch, so the accuracy before the stage
-    is chance level and this is the meaningful "before pruning" number.
-    """
-
-    def __init__(self, controller: DecayController, evaluate: Callable[[], float] | None = None,
-                 start_step: int = 0) -> None:
-        self.controller = controller
-        self.evaluate, self.start_step = evaluate, start_step
-        self.top1_at_start: float | None = None
-
-    def step_start(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.evaluate is not None and self.top1_at_start is None and \
-                getattr(optimizer, "num_steps", None) == self.start_step:
-            self.top1_at_start = self.evaluate()
-
-    def state_dict(self) -> dict:
-        return {"controller": self.controller.state_dict(), "top1_at_start": self.top1_at_start}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.controller.load_state_dict(state["controller"])
-        self.top1_at_start = state.get("top1_at_start")
-
-
-def dhspg_kwargs(p: Any) -> dict[str, Any]:
-    """DHSPG's keyword arguments from a ``pruner`` config node (steps resolved by the caller)."""
-    keys = ("variant", "lmbda", "lmbda_amplify", "hat_lmbda_coeff", "epsilon", "weight_decay", "weight_decay_type",
-            "first_momentum", "second_momentum", "dampening", "target_group_sparsity", "tolerance_group_sparsity",
-            "partition_step", "half_space_project_steps", "warm_up_steps", "group_divisible", "fixed_zero_groups")
-    return {k: p[k] for k in keys}
-
-
-def start_pruning_step(p: Any, iters_per_epoch: int) -> int:
-    """``start_pruning_epochs`` (when set) in optimizer steps of the DHSPG phase, else ``start_pruning_steps``."""
-    if p.start_pruning_epochs is not None:
-        return int(round(p.start_pruning_epochs * iters_per_epoch))
-    return int(p.start_pruning_steps)
-
-
-def run_stage(ctx) -> dict:
-    """OTOv2 with DPM (docs/method.md section 6): DHSPG training, physical removal, optional fine-tune.
-
-    ``dpm=base`` runs the same path with N = 1 (the controller zeroes and masks at admission: the
-    base method bit for bit), so the three variants differ only in the decay.
-    """
-    from dpm.checkpoint import atomic_write_json, save_pruned_model
-    from dpm.core import resolve_decay_steps
-    from dpm.errors import UserError
-    from dpm.run import CHECKPOINT, decay_log, model_build_spec, rectify_config
-
-    cfg, p, d = ctx.cfg, ctx.cfg.pruner, ctx.cfg.dpm
-    model = ctx.model
-    zigs, pruner = zero_invariant_groups(model, ctx.example, cfg.dataset.num_classes)
-    ctx.mark_before_prune()
-    loader = ctx.phase_loader("dhspg", p.train.batch_size)
-    iters = len(loader)
-    start = start_pruning_step(p, iters)
-    total = iters * p.train.epochs
-    if start >= total:
-        raise UserError(f"pruner.start_pruning_steps: pruning would start at step {start}, after the "
-                        f"{total} steps of pruner.train: lower it or raise pruner.train.epochs")
-    try:
-        N = 1 if d.variant == "base" else resolve_decay_steps(
-            N=d.N, N_epochs=None if d.N is not None else d.N_epochs, iters_per_epoch=iters,
-            iters_left=total - start)
-    except ValueError as err:
-        raise UserError(f"dpm.N: {err}") from None
-    rectify = rectify_config(d)
-    holder: dict[str, DHSPG] = {}
-    controller = DecayController(
-        model, N, interval=d.interval, schedule=d.schedule, rectify=rectify, include_consumers=d.include_consumers,
-        replacement=lambda released, excluded: holder["opt"].promote(released, excluded), track=d.track)
-    # Every group is a family member from the start (C_len compares with the whole ZIG).
-    controller.register(t for z in zigs for t in z.targets)
-    kwargs = dhspg_kwargs(p)
-    in_zig = {id(q) for z in zigs for q in z.params}
-
-    def make_optimizer(m: nn.Module, pcfg: Any) -> DHSPG:
-        opt = DHSPG(zigs, [q for q in m.parameters() if id(q) not in in_zig], lr=pcfg.lr,
-                    start_pruning_steps=start, controller=controller, **kwargs)
-        holder["opt"] = opt
-        return opt
-
-    hook = ControllerHook(controller, lambda: ctx.evaluate("test")[0], start)
-    summary = ctx.run_phase("dhspg", ctx.run_dir / CHECKPOINT, hooks=[hook], phase_cfg=p.train, loader=loader,
-                            optimizer_factory=make_optimizer)
-    summary["phase"] = "dhspg"
-    opt = holder["opt"]
-    out: dict[str, Any] = {"N": N, "start_pruning_step": start, "top1_at_pruning_start": hook.top1_at_start,
-                           "target_group_sparsity": p.target_group_sparsity}
-    out.update(opt.summary())
-    out["decaying_at_end"] = controller.counts()["decaying"]
-    counts = controller.counts()
-    out.update(admitted=counts["decaying"] + counts["pruned"] + counts["releases_total"],
-               released=counts["releases_total"])
-    atomic_write_json(ctx.run_dir / "dpm_log.json", decay_log(controller))
-
-    # Physical removal of the zero groups (consumers included), decided from the group vectors.
-    removal = remove_zero_groups(model, pruner, opt, ctx.eval_loaders["test"])
-    out.update(removal)
-    out["target_met"] = out["group_sparsity"] >= p.target_group_sparsity
-    out["native_speedup"] = pruner.base_native[0] / pruner.native_macs_params()[0]
-    # Weights plus structure, not a pickled module: loading it (load_pruned_model) runs no code.
-    save_pruned_model(ctx.run_dir / "pruned_model.pt", model, model_build_spec(cfg), removed=removal["removed_groups"])
-    out["pruned_model"] = str(ctx.run_dir / "pruned_model.pt")
-    out["stage_epochs"] = {"dhspg": p.train.epochs, "finetune": cfg.trainer.finetune.epochs}
-    # metrics["history"] holds pretrain and finetune only (dpm.run): the DHSPG epochs go here.
-    out["dhspg_history"] = summary["history"]
-    out["final_phase"] = summary
-    if cfg.trainer.finetune.epochs > 0:
-        out["top1_after_dhspg"], _ = ctx.evaluate("test")
-        ft = ctx.run_phase("finetune", ctx.run_dir / "finetune_last.pt")
-        ft["phase"] = "finetune"
-        out["final_phase"] = ft
-    return out
-
-
 @torch.no_grad()
 def remove_zero_groups(model: nn.Module, pruner, opt: DHSPG, loader) -> dict[str, Any]:
     """Remove every exactly-zero group with Torch-Pruning; check the eval-mode outputs on one batch.
@@ -739,52 +486,3 @@ def remove_zero_groups(model: nn.Module, pruner, opt: DHSPG, loader) -> dict[str
     if not diff <= 1e-4 * max(1.0, float(before.abs().max())):
         raise RuntimeError(f"removing {len(keys)} zero groups changed the outputs by {diff}")
     return {"removed_groups": len(keys), "removal_max_abs_diff": diff, "zigs_kept_one_zero_channel": kept_empty}
-
-
-def validate_config(cfg: Any, fail: Callable[[str, Any, str], None]) -> None:
-    """Semantic checks of the ``pruner`` keys (dpm.config.validate calls this for pruner=otov2)."""
-    p = cfg.pruner
-    if p.variant not in VARIANT_DEFAULTS:
-        fail("pruner.variant", p.variant, f"valid: {', '.join(VARIANT_DEFAULTS)}")
-    if p.weight_decay_type not in WEIGHT_DECAY_TYPES:
-        fail("pruner.weight_decay_type", p.weight_decay_type, f"valid: {', '.join(WEIGHT_DECAY_TYPES)}")
-    if not 0 < p.target_group_sparsity < 1:
-        fail("pruner.target_group_sparsity", p.target_group_sparsity, "must be in (0, 1)")
-    if not p.tolerance_group_sparsity >= 0:
-        fail("pruner.tolerance_group_sparsity", p.tolerance_group_sparsity, "must be >= 0")
-    for key in ("lmbda", "lmbda_amplify", "hat_lmbda_coeff", "weight_decay", "dampening"):
-        if p[key] is not None and not p[key] >= 0:
-            fail(f"pruner.{key}", p[key], "must be >= 0 (or null for the variant default)")
-    for key in ("first_momentum", "second_momentum"):
-        if p[key] is not None and not 0 <= p[key] < 1:
-            fail(f"pruner.{key}", p[key], "must be in [0, 1) (or null for the variant default)")
-    if not 0 <= p.epsilon < 1:
-        fail("pruner.epsilon", p.epsilon, "the half-space threshold must be in [0, 1)")
-    if p.group_divisible < 1:
-        fail("pruner.group_divisible", p.group_divisible, "must be >= 1")
-    for key in ("start_pruning_steps", "warm_up_steps"):
-        if p[key] < 0:
-            fail(f"pruner.{key}", p[key], "must be >= 0")
-    if p.start_pruning_epochs is not None and not p.start_pruning_epochs >= 0:
-        fail("pruner.start_pruning_epochs", p.start_pruning_epochs, "must be >= 0 (or null to use start_pruning_steps)")
-    for key in ("partition_step", "half_space_project_steps"):
-        if p[key] is not None and p[key] < 0:
-            fail(f"pruner.{key}", p[key], "must be >= 0 (or null)")
-    t = p.train
-    if t.epochs < 1:
-        fail("pruner.train.epochs", t.epochs, "DHSPG prunes while it trains: use >= 1")
-    if not t.lr > 0:
-        fail("pruner.train.lr", t.lr, "must be > 0")
-    if t.batch_size < 1:
-        fail("pruner.train.batch_size", t.batch_size, "must be >= 1")
-    if t.schedule not in ("cosine", "step", "constant"):
-        fail("pruner.train.schedule", t.schedule, "valid: cosine, step, constant")
-    if t.mixup < 0:
-        fail("pruner.train.mixup", t.mixup, "the mixup alpha must be >= 0 (0 = off)")
-    if list(t.milestones) != sorted(t.milestones):
-        fail("pruner.train.milestones", list(t.milestones), "must be increasing")
-    for key, set_by in (("momentum", "pruner.first_momentum"), ("weight_decay", "pruner.weight_decay")):
-        if t[key] != 0:
-            fail(f"pruner.train.{key}", t[key], f"DHSPG reads {set_by}: set pruner.train.{key}=0 and use {set_by}")
-    if t.nesterov:
-        fail("pruner.train.nesterov", t.nesterov, "DHSPG has no Nesterov momentum: set it to false")

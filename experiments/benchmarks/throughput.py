@@ -184,7 +184,7 @@ def bench_model(name: str, split: ImageSplit, args, device: torch.device) -> dic
         blocks.append({"reference_images_per_s": ri / rt, "suite_images_per_s": si / st})
         ref_images, ref_time, suite_images, suite_time = ref_images + ri, ref_time + rt, suite_images + si, suite_time + st
         print(f"  {name} round {r + 1}: reference {ri / rt:8.1f} img/s, suite {si / st:8.1f} img/s", flush=True)
-    del epoch_iter, ref_batches, loader  # stop the workers
+    epoch_iter = ref_batches = loader = None  # drop the iterators: the workers stop
     ref_ips, suite_ips = ref_images / ref_time, suite_images / suite_time
     return {"model": name, "batch": args.batch, "steps_timed_each": int(args.steps * args.rounds),
             "reference_images_per_s": ref_ips, "suite_images_per_s": suite_ips, "ratio": suite_ips / ref_ips,

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from dpm.quickstart import compose
-from dpm.run import build_configured_model
+from dpm.config import compose
+from dpm.stages.base import build_configured_model
 from dpm.pruners.gate_decorator import GateDecorator
 from dpm.pruners.gate_decorator_gates import gate_model, gated_modules
 from dpm.pruners.gate_decorator_units import channel_units
