@@ -5,6 +5,7 @@ With the submitit launchers (`hydra/launcher=slurm`) the callback runs in the su
 after every job of the sweep has ended. A multirun that fails (a job crashed, was killed or was
 cancelled: Hydra raises before `on_multirun_end`) still gets its report, written when the
 submitting process exits, with the failed runs listed as such."""
+
 from __future__ import annotations
 
 import atexit

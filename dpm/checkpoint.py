@@ -1,4 +1,5 @@
 """Atomic files, checkpoints, RNG state and the shared cache of pretrained baselines."""
+
 from __future__ import annotations
 
 import contextlib
@@ -45,8 +46,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, keep_previous: bool
         os.replace(tmp, path)
     except OSError as err:
         _remove_quietly(tmp)
-        raise UserError(f"cannot write {path}: {err.strerror or err}: free space there or point output_root / "
-                        f"cache_dir at a writable location") from err
+        raise UserError(
+            f"cannot write {path}: {err.strerror or err}: free space there or point output_root / "
+            f"cache_dir at a writable location"
+        ) from err
     except BaseException:
         _remove_quietly(tmp)
         raise
@@ -119,11 +122,16 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
                 f"{candidate} is not loaded: it holds pickled Python objects ({err}), not only tensors and plain "
                 f"data, and unpickling them could run code; a checkpoint that dpm wrote before it loaded with "
                 f"weights_only=True: delete it (or its run dir) and rerun that stage; weights from elsewhere: save "
-                f"them as torch.save(model.state_dict(), path)") from None
+                f"them as torch.save(model.state_dict(), path)"
+            ) from None
         except Exception as err:  # torch.load raises many kinds (pickle, zip, EOF) for a damaged file
             errors.append(f"{candidate}: {err}")
-            log.warning("checkpoint %s is unusable (%s)%s", candidate, err,
-                        "; falling back to the previous one" if candidate == path else "")
+            log.warning(
+                "checkpoint %s is unusable (%s)%s",
+                candidate,
+                err,
+                "; falling back to the previous one" if candidate == path else "",
+            )
             continue
         if candidate != path:
             log.warning("resuming from the previous checkpoint %s", candidate)
@@ -138,7 +146,7 @@ def _read_checkpoint(path: Path) -> Any:
 
     data = path.read_bytes()
     if data.startswith(_MAGIC):
-        digest, payload = data[len(_MAGIC):len(_MAGIC) + 32], data[len(_MAGIC) + 32:]
+        digest, payload = data[len(_MAGIC) : len(_MAGIC) + 32], data[len(_MAGIC) + 32 :]
         if hashlib.sha256(payload).digest() != digest:
             raise CorruptCheckpoint("checksum mismatch (truncated or corrupt)")
         data = payload
@@ -160,10 +168,17 @@ def rng_state() -> dict:
     weights_only=True, unlike numpy's own state tuple, which holds an ndarray)."""
     name, key, pos, has_gauss, cached_gaussian = np.random.get_state()
     version, internal, gauss_next = random.getstate()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"bit_generator": str(name), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
-             "python": {"version": int(version), "internal": [int(i) for i in internal], "gauss_next": gauss_next}}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "bit_generator": str(name),
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": {"version": int(version), "internal": [int(i) for i in internal], "gauss_next": gauss_next},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -173,8 +188,9 @@ def set_rng_state(state: dict) -> None:
     """Restore what :func:`rng_state` returned."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state((n["bit_generator"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (n["bit_generator"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     py = state["python"]
     random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
@@ -199,12 +215,24 @@ def save_pruned_model(path: str | os.PathLike, model: torch.nn.Module, build: di
     module's plain attributes (the channel counts Torch-Pruning rewrote: ``in_channels``,
     ``out_channels``, ``num_features``, ...); the weights carry the pruned shapes. ``extra`` (plain
     data) is stored beside them. :func:`load_pruned_model` reads it back with ``weights_only=True``."""
-    structure = {name: {k: v for k, v in vars(m).items() if not k.startswith("_") and _plain(v)}
-                 for name, m in model.named_modules()}
+    structure = {
+        name: {k: v for k, v in vars(m).items() if not k.startswith("_") and _plain(v)}
+        for name, m in model.named_modules()
+    }
     frozen = [n for n, q in model.named_parameters() if not q.requires_grad]
-    atomic_torch_save({"format": PRUNED_MODEL_FORMAT, "build": dict(build), "structure": structure,
-                       "weights": model.state_dict(), "frozen": frozen, "training": model.training, **extra},
-                      path, keep_previous=False)
+    atomic_torch_save(
+        {
+            "format": PRUNED_MODEL_FORMAT,
+            "build": dict(build),
+            "structure": structure,
+            "weights": model.state_dict(),
+            "frozen": frozen,
+            "training": model.training,
+            **extra,
+        },
+        path,
+        keep_previous=False,
+    )
 
 
 def load_pruned_model(path: str | os.PathLike) -> torch.nn.Module:
@@ -216,15 +244,19 @@ def load_pruned_model(path: str | os.PathLike) -> torch.nn.Module:
 
     state = load_checkpoint(path)
     if not isinstance(state, dict) or state.get("format") != PRUNED_MODEL_FORMAT:
-        raise UserError(f"{path} is not a pruned model saved by dpm.checkpoint.save_pruned_model: load it with "
-                        f"dpm.checkpoint.load_checkpoint")
+        raise UserError(
+            f"{path} is not a pruned model saved by dpm.checkpoint.save_pruned_model: load it with "
+            f"dpm.checkpoint.load_checkpoint"
+        )
     build = dict(state["build"])
     model = build_model(build.pop("name"), build.pop("num_classes"), build.pop("in_channels", 3), **build)
     modules = dict(model.named_modules())
     missing = sorted(set(state["structure"]) - set(modules))
     if missing:
-        raise UserError(f"{path}: modules {missing[:5]} are not in a fresh {state['build']['name']}: the file was "
-                        f"saved from another model (or another dpm version); rerun the stage that wrote it")
+        raise UserError(
+            f"{path}: modules {missing[:5]} are not in a fresh {state['build']['name']}: the file was "
+            f"saved from another model (or another dpm version); rerun the stage that wrote it"
+        )
     for name, attrs in state["structure"].items():
         for key, value in attrs.items():
             setattr(modules[name], key, value)
@@ -239,11 +271,14 @@ def load_pruned_model(path: str | os.PathLike) -> torch.nn.Module:
         elif module is not None and attr in module._buffers:
             setattr(module, attr, tensor)
         else:
-            raise UserError(f"{path}: weight {full!r} has no place in a fresh {state['build']['name']}: rerun the "
-                            f"stage that wrote it")
+            raise UserError(
+                f"{path}: weight {full!r} has no place in a fresh {state['build']['name']}: rerun the "
+                f"stage that wrote it"
+            )
     if set(model.state_dict()) != set(state["weights"]):
-        raise UserError(f"{path}: the weights do not cover a fresh {state['build']['name']}: rerun the stage "
-                        f"that wrote it")
+        raise UserError(
+            f"{path}: the weights do not cover a fresh {state['build']['name']}: rerun the stage that wrote it"
+        )
     return model.train(state["training"])
 
 

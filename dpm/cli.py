@@ -8,6 +8,7 @@
   pruning target;
 * `--help`: dpm's own help (`--hydra-help` for Hydra's).
 """
+
 from __future__ import annotations
 
 import sys
@@ -96,16 +97,25 @@ def help_text() -> str:
         lines.append(f"  {group}: {', '.join(options(group))}")
     lines += ["", "Recipes adapting an experiment to a base pruner (conf/recipe/<experiment>/<pruner>.yaml):"]
     lines += [f"  {e}: {', '.join(r)}" for e, r in recipes.items()]
-    lines += ["", "README.md has the recipes, hardware, times and expected numbers. Hydra's own options: "
-                  "python -m dpm --hydra-help"]
+    lines += [
+        "",
+        "README.md has the recipes, hardware, times and expected numbers. Hydra's own options: "
+        "python -m dpm --hydra-help",
+    ]
     return "\n".join(lines)
 
 
 def print_summary(metrics: dict) -> None:
-    source = {"trained": "pretrained here", "cache": "pretrained baseline reused from the cache",
-              "checkpoint": "weights from pretrain.checkpoint", "scratch": "no pretraining"}
-    print(f"\ndpm {metrics['name']}: {metrics['model']} on {metrics['dataset']} ({metrics.get('train_size')} "
-          f"train images), {metrics.get('device')}, {source.get(metrics.get('pretrain_source'), '')}")
+    source = {
+        "trained": "pretrained here",
+        "cache": "pretrained baseline reused from the cache",
+        "checkpoint": "weights from pretrain.checkpoint",
+        "scratch": "no pretraining",
+    }
+    print(
+        f"\ndpm {metrics['name']}: {metrics['model']} on {metrics['dataset']} ({metrics.get('train_size')} "
+        f"train images), {metrics.get('device')}, {source.get(metrics.get('pretrain_source'), '')}"
+    )
     print(format_runs([metrics]))
     if metrics.get("status") == "target_missed":
         print(f"\ntarget_missed: {metrics['error']}")
@@ -154,12 +164,14 @@ def check_overrides(args: list[str]) -> None:
         parsed = OverridesParser.create().parse_overrides(plain)
     except HydraException as err:
         raise UserError(f"{str(err).strip().splitlines()[0]}: write overrides as key=value") from None
-    first = [o.input_line if not o.is_sweep_override() else
-             f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" for o in parsed]
+    first = [
+        o.input_line if not o.is_sweep_override() else f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}"
+        for o in parsed
+    ]
     trials = [first]
     for i, o in enumerate(parsed):
         if o.is_sweep_override():
-            trials += [first[:i] + [f"{o.get_key_element()}={v}"] + first[i + 1:] for v in o.sweep_string_iterator()]
+            trials += [first[:i] + [f"{o.get_key_element()}={v}"] + first[i + 1 :] for v in o.sweep_string_iterator()]
     for overrides in trials:
         try:
             compose(overrides)
@@ -168,10 +180,15 @@ def check_overrides(args: list[str]) -> None:
     # A sweep's run dirs are named after its overrides: many overrides exceed a file name's 255 bytes.
     excluded = set(OmegaConf.load(CONF_DIR / "config.yaml").hydra.job.config.override_dirname.exclude_keys)
     named = [o for o in first if o.split("=", 1)[0].lstrip("+~") not in excluded]
-    if any(a in ("-m", "--multirun") for a in args) and len(",".join(named)) > 230 and \
-            not any(a.startswith("hydra.sweep.subdir=") for a in args):
-        raise UserError(f"the sweep's run-dir names ({len(','.join(named))} characters of overrides) would exceed the "
-                        f"file-name limit: add 'hydra.sweep.subdir=${{hydra.job.num}}' (numbered run dirs)")
+    if (
+        any(a in ("-m", "--multirun") for a in args)
+        and len(",".join(named)) > 230
+        and not any(a.startswith("hydra.sweep.subdir=") for a in args)
+    ):
+        raise UserError(
+            f"the sweep's run-dir names ({len(','.join(named))} characters of overrides) would exceed the "
+            f"file-name limit: add 'hydra.sweep.subdir=${{hydra.job.num}}' (numbered run dirs)"
+        )
 
 
 def composition_error_line(err: Exception) -> str:
@@ -180,8 +197,11 @@ def composition_error_line(err: Exception) -> str:
     text = str(err).strip()
     if "Could not find '" in text:  # an unknown option of a config group
         missing = text.split("Could not find '", 1)[1].split("'", 1)[0]
-        options = [line.strip() for line in text.split("Available options in", 1)[-1].splitlines()[1:]
-                   if line.startswith("\t") and "=" not in line and not line.strip().endswith("_schema")]
+        options = [
+            line.strip()
+            for line in text.split("Available options in", 1)[-1].splitlines()[1:]
+            if line.startswith("\t") and "=" not in line and not line.strip().endswith("_schema")
+        ]
         group, _, name = missing.rpartition("/")
         return f"{group}={name}: no such {group} config; valid: {', '.join(options) or '(none)'}"
     key = getattr(cause, "full_key", None)
@@ -190,7 +210,10 @@ def composition_error_line(err: Exception) -> str:
         kind = message.rsplit(" ", 1)[-1].lower()
         return f"{key}: {message}: give {'an' if kind[0] in 'aeiou' else 'a'} {kind}"
     if key and " not in " in message:
-        return f"{key}: no such key ({message}): check the spelling; `python -m dpm <overrides> --cfg job` prints every key"
+        return (
+            f"{key}: no such key ({message}): check the spelling; "
+            "`python -m dpm <overrides> --cfg job` prints every key"
+        )
     return f"{text.splitlines()[0]}: {message}" if message not in text else text.splitlines()[0]
 
 
@@ -205,6 +228,9 @@ def sweep_verdict() -> None:
     if missed or failed:
         total = len(report.runs) if report is not None else failed
         where = f": see {report.out / 'report.md'}" if report is not None else ""
-        print(f"error: {missed + failed} of {total} runs did not complete ({missed} short of their pruning target, "
-              f"{failed} failed or incomplete){where}", file=sys.stderr)
+        print(
+            f"error: {missed + failed} of {total} runs did not complete ({missed} short of their pruning target, "
+            f"{failed} failed or incomplete){where}",
+            file=sys.stderr,
+        )
         sys.exit(1)

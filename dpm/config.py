@@ -4,6 +4,7 @@
 dataclasses: a misspelt key or a value of the wrong type fails at composition with Hydra's own
 message. Semantic checks (ranges, names) live in `validate`, run before any work starts.
 """
+
 from __future__ import annotations
 
 import copy
@@ -11,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-from hydra import compose as hydra_compose, initialize_config_dir
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
@@ -173,12 +175,14 @@ class GateDecoratorConfig(PrunerConfig):
     tock_every: int = 10
     # A tick: Taylor scores |g dL/dg| summed over its steps while everything but the convolutions
     # trains; weight decay 5e-4 as the original's one optimizer (dpm's earlier ticks: 0).
-    tick: PhaseConfig = field(default_factory=lambda: PhaseConfig(epochs=1, lr=1e-3, weight_decay=5e-4,
-                                                                  schedule="constant"))
+    tick: PhaseConfig = field(
+        default_factory=lambda: PhaseConfig(epochs=1, lr=1e-3, weight_decay=5e-4, schedule="constant")
+    )
     # A tock: every weight trains (BN scales stay frozen at 1), L1 `tock_l1` on the gates, and a
     # per-step triangular lr tock.lr -> tock_lr_max -> tock.lr over the tock's epochs.
-    tock: PhaseConfig = field(default_factory=lambda: PhaseConfig(epochs=10, lr=1e-3, weight_decay=5e-4,
-                                                                  schedule="constant"))
+    tock: PhaseConfig = field(
+        default_factory=lambda: PhaseConfig(epochs=10, lr=1e-3, weight_decay=5e-4, schedule="constant")
+    )
     tock_lr_max: float = 1e-2
     tock_l1: float = 1e-3
     # What +SP/+SR decay: `gate` (the gate alone) or `channel` (conv filter + gate + BN bias).
@@ -221,9 +225,19 @@ class OTOv2Config(PrunerConfig):
     # The DHSPG training phase: epochs, lr, schedule, batch size, mixup. DHSPG takes its momentum and
     # weight decay from first_momentum / weight_decay above, so train.momentum and train.weight_decay
     # must stay 0 (validated). trainer.finetune runs on the pruned model afterwards if its epochs > 0.
-    train: PhaseConfig = field(default_factory=lambda: PhaseConfig(
-        epochs=300, lr=0.1, momentum=0.0, weight_decay=0.0, schedule="step", milestones=[75, 150, 225],
-        gamma=0.1, batch_size=64, mixup=0.0))
+    train: PhaseConfig = field(
+        default_factory=lambda: PhaseConfig(
+            epochs=300,
+            lr=0.1,
+            momentum=0.0,
+            weight_decay=0.0,
+            schedule="step",
+            milestones=[75, 150, 225],
+            gamma=0.1,
+            batch_size=64,
+            mixup=0.0,
+        )
+    )
 
 
 @dataclass
@@ -309,8 +323,12 @@ def register_configs() -> None:
         store.store(group="pruner", name=f"{name}_schema", node=schema)
 
 
-PRUNER_SCHEMAS = {"none": PrunerConfig, "depgraph": DepGraphConfig, "gate_decorator": GateDecoratorConfig,
-                  "otov2": OTOv2Config}
+PRUNER_SCHEMAS = {
+    "none": PrunerConfig,
+    "depgraph": DepGraphConfig,
+    "gate_decorator": GateDecoratorConfig,
+    "otov2": OTOv2Config,
+}
 PRUNER_NAMES = tuple(PRUNER_SCHEMAS)
 
 register_configs()
@@ -322,6 +340,7 @@ DATASET_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
 
 def validate(cfg) -> None:
     """Semantic checks before any work starts; raises UserError naming the key, the value and the fix."""
+
     def fail(key: str, value, fix: str) -> None:
         raise UserError(f"{key}={value!r}: {fix}")
 
@@ -346,15 +365,23 @@ def validate(cfg) -> None:
     if cfg.dpm.variant not in VARIANTS:
         fail("dpm.variant", cfg.dpm.variant, f"valid: {', '.join(VARIANTS)}")
     if cfg.dpm.variant != "base" and cfg.pruner.name == "none":
-        fail("dpm.variant", cfg.dpm.variant, "smooth pruning needs a base pruner: add pruner=depgraph, gate_decorator or otov2")
+        fail(
+            "dpm.variant",
+            cfg.dpm.variant,
+            "smooth pruning needs a base pruner: add pruner=depgraph, gate_decorator or otov2",
+        )
     if cfg.dpm.N is not None and cfg.dpm.N < 1:
         fail("dpm.N", cfg.dpm.N, "N counts decay steps and must be >= 1 (N = 1 is the base method)")
     if cfg.dpm.N_epochs is not None and not cfg.dpm.N_epochs > 0:
         fail("dpm.N_epochs", cfg.dpm.N_epochs, "must be > 0 (or null to use dpm.N)")
     if cfg.dpm.variant != "base" and cfg.dpm.N is None and cfg.dpm.N_epochs is None:
         fail("dpm.N", None, "give the decay length: dpm.N (iterations) or dpm.N_epochs (epochs of its phase)")
-    for key, valid in (("schedule", ("linear", "cosine", "exp")), ("c_rate_form", ("radial", "relative", "per_step")),
-                       ("release_rule", ("and", "or")), ("budget", ("base", "strict"))):
+    for key, valid in (
+        ("schedule", ("linear", "cosine", "exp")),
+        ("c_rate_form", ("radial", "relative", "per_step")),
+        ("release_rule", ("and", "or")),
+        ("budget", ("base", "strict")),
+    ):
         if cfg.dpm[key] not in valid:
             fail(f"dpm.{key}", cfg.dpm[key], f"valid: {', '.join(valid)}")
     if cfg.dpm.release_cooldown < 1:
@@ -392,12 +419,19 @@ def validate(cfg) -> None:
     world = t.devices * t.nodes
     if world > 1:
         if cfg.pruner.name in ("gate_decorator", "otov2"):
-            fail("trainer.devices", t.devices, f"pruner={cfg.pruner.name} is not supported with trainer.devices > 1 "
-                                               f"yet: use pruner=depgraph or one device")
+            fail(
+                "trainer.devices",
+                t.devices,
+                f"pruner={cfg.pruner.name} is not supported with trainer.devices > 1 "
+                f"yet: use pruner=depgraph or one device",
+            )
         for phase in ("pretrain", "sparse", "finetune"):
             if t[phase].epochs and t[phase].batch_size % world:
-                fail(f"trainer.{phase}.batch_size", t[phase].batch_size,
-                     f"the global batch must divide evenly over the {world} processes")
+                fail(
+                    f"trainer.{phase}.batch_size",
+                    t[phase].batch_size,
+                    f"the global batch must divide evenly over the {world} processes",
+                )
     if t.eval_batch_size is not None and t.eval_batch_size < 1:
         fail("trainer.eval_batch_size", t.eval_batch_size, "must be >= 1 (or null = auto)")
     for key in ("checkpoint_every_steps", "checkpoint_every_minutes"):
@@ -416,10 +450,23 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 
 
 # Keys that may change between a run and its resumption without changing its result.
-RUNTIME_KEYS = ("run_id", "resume", "force_resume", "trainer.device", "trainer.progress", "trainer.num_workers",
-                "trainer.eval_batch_size", "trainer.compile", "trainer.checkpoint_every_steps",
-                "trainer.checkpoint_every_minutes", "logger", "output_root", "cache_dir", "dataset.root",
-                "dpm.track")
+RUNTIME_KEYS = (
+    "run_id",
+    "resume",
+    "force_resume",
+    "trainer.device",
+    "trainer.progress",
+    "trainer.num_workers",
+    "trainer.eval_batch_size",
+    "trainer.compile",
+    "trainer.checkpoint_every_steps",
+    "trainer.checkpoint_every_minutes",
+    "logger",
+    "output_root",
+    "cache_dir",
+    "dataset.root",
+    "dpm.track",
+)
 
 
 def comparable_config(container: dict) -> dict:

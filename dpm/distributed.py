@@ -17,6 +17,7 @@ What the rest of the suite relies on:
 - Only rank 0 writes files (metrics.json, checkpoints, dpm_log.json, the stage cache) and logs to
   W&B; `is_main()` guards each write.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -53,16 +54,34 @@ def launch_env(environ: dict | None = None) -> dict | None:
     environment, or None when neither launched this process."""
     env = os.environ if environ is None else environ
     if "WORLD_SIZE" in env and "RANK" in env:
-        return {"rank": int(env["RANK"]), "world_size": int(env["WORLD_SIZE"]),
-                "local_rank": int(env.get("LOCAL_RANK", 0)), "master_addr": env.get("MASTER_ADDR", "127.0.0.1"),
-                "master_port": int(env.get("MASTER_PORT", DEFAULT_PORT)), "launcher": "torchrun"}
+        return {
+            "rank": int(env["RANK"]),
+            "world_size": int(env["WORLD_SIZE"]),
+            "local_rank": int(env.get("LOCAL_RANK", 0)),
+            "master_addr": env.get("MASTER_ADDR", "127.0.0.1"),
+            "master_port": int(env.get("MASTER_PORT", DEFAULT_PORT)),
+            "launcher": "torchrun",
+        }
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         job = env.get("SLURM_JOB_ID", "0")
-        port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else 20000 + int(job) % 20000 if job.isdigit() else DEFAULT_PORT
-        addr = env.get("MASTER_ADDR") or first_host(env.get("SLURM_NODELIST", env.get("SLURM_JOB_NODELIST", "localhost")))
-        return {"rank": int(env["SLURM_PROCID"]), "world_size": int(env["SLURM_NTASKS"]),
-                "local_rank": int(env.get("SLURM_LOCALID", 0)), "master_addr": addr, "master_port": port,
-                "launcher": "slurm"}
+        port = (
+            int(env["MASTER_PORT"])
+            if "MASTER_PORT" in env
+            else 20000 + int(job) % 20000
+            if job.isdigit()
+            else DEFAULT_PORT
+        )
+        addr = env.get("MASTER_ADDR") or first_host(
+            env.get("SLURM_NODELIST", env.get("SLURM_JOB_NODELIST", "localhost"))
+        )
+        return {
+            "rank": int(env["SLURM_PROCID"]),
+            "world_size": int(env["SLURM_NTASKS"]),
+            "local_rank": int(env.get("SLURM_LOCALID", 0)),
+            "master_addr": addr,
+            "master_port": port,
+            "launcher": "slurm",
+        }
     return None
 
 
@@ -73,11 +92,15 @@ def setup(devices: int, nodes: int, device_type: str) -> None:
         return
     env = launch_env()
     if env is None:
-        raise UserError(f"trainer.devices={devices} x trainer.nodes={nodes} needs one process per device: launch with "
-                        f"`torchrun --nproc_per_node {devices} -m dpm ...` or `srun` with {devices} tasks per node")
+        raise UserError(
+            f"trainer.devices={devices} x trainer.nodes={nodes} needs one process per device: launch with "
+            f"`torchrun --nproc_per_node {devices} -m dpm ...` or `srun` with {devices} tasks per node"
+        )
     if env["world_size"] != world:
-        raise UserError(f"trainer.devices={devices} x trainer.nodes={nodes} = {world} processes, but the launcher "
-                        f"started {env['world_size']}: make them agree")
+        raise UserError(
+            f"trainer.devices={devices} x trainer.nodes={nodes} = {world} processes, but the launcher "
+            f"started {env['world_size']}: make them agree"
+        )
     os.environ.setdefault("MASTER_ADDR", env["master_addr"])
     os.environ.setdefault("MASTER_PORT", str(env["master_port"]))
     os.environ.setdefault("RANK", str(env["rank"]))
@@ -86,11 +109,12 @@ def setup(devices: int, nodes: int, device_type: str) -> None:
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         if env["local_rank"] >= torch.cuda.device_count():
-            raise UserError(f"local rank {env['local_rank']} but only {torch.cuda.device_count()} CUDA devices are "
-                            f"visible: lower trainer.devices to the GPUs per node")
+            raise UserError(
+                f"local rank {env['local_rank']} but only {torch.cuda.device_count()} CUDA devices are "
+                f"visible: lower trainer.devices to the GPUs per node"
+            )
         torch.cuda.set_device(env["local_rank"])
-    tdist.init_process_group(backend, rank=env["rank"], world_size=world,
-                             timeout=datetime.timedelta(minutes=30))
+    tdist.init_process_group(backend, rank=env["rank"], world_size=world, timeout=datetime.timedelta(minutes=30))
     log.info("rank %d of %d (%s, %s)", env["rank"], world, env["launcher"], backend)
     if env["rank"] != 0:
         logging.getLogger("dpm").setLevel(logging.WARNING)  # rank 0 tells the story; others only warn
@@ -171,7 +195,9 @@ def agree(obj: Any, what: str) -> Any:
     values = [None] * world_size()
     tdist.all_gather_object(values, obj)
     if any(v != values[0] for v in values[1:]):
-        raise RuntimeError(f"{what} differs between ranks ({', '.join(f'rank {i}: {v!r}'[:200] for i, v in enumerate(values))})")
+        raise RuntimeError(
+            f"{what} differs between ranks ({', '.join(f'rank {i}: {v!r}'[:200] for i, v in enumerate(values))})"
+        )
     return values[0]
 
 

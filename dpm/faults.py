@@ -6,6 +6,7 @@ makes the process SIGKILL itself there, so tests can prove that a killed run res
 `DPM_FAULT_AT=<phase>:nan_step<k>` makes step k's loss NaN (see `fault_step`). Other points:
 `rounds:before_removal`, `run:before_metrics`, `report:after_first_file`.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,8 @@ def fault_point(point: str) -> None:
 def fault_step(prefix: str) -> int | None:
     """The step k if DPM_FAULT_AT is `<prefix><k>` (read once per phase, not per step)."""
     value = os.environ.get("DPM_FAULT_AT", "")
-    if value.startswith(prefix) and value[len(prefix):].isdigit():
-        return int(value[len(prefix):])
+    if value.startswith(prefix) and value[len(prefix) :].isdigit():
+        return int(value[len(prefix) :])
     return None
 
 

@@ -15,6 +15,7 @@ W&B layout (one W&B run per dpm run):
 - a failed run is finished with exit_code=1 (marked failed in W&B); a pre-empted one is marked
   preempting and continues under the same W&B id when its job is requeued (`<run_dir>/wandb_id`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,6 +45,7 @@ class NullLogger:
 
 def wandb_group(config: dict) -> str:
     """`<model>-<dataset>-<pruner>-<variant>` from a resolved config."""
+
     def name(section: str, key: str = "name") -> str:
         node = config.get(section) or {}
         return str(node.get(key)) if isinstance(node, dict) and node.get(key) is not None else "none"
@@ -70,11 +72,20 @@ class WandbLogger:
 
         self.wandb = wandb
         self.log_every = max(int(getattr(cfg, "log_every", 0) or 0), 0)
-        self.run = wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode,
-                              id=stable_run_id(run_dir), resume="allow",
-                              group=cfg.group or wandb_group(config), job_type=RUN_JOB_TYPE,
-                              tags=wandb_tags(cfg, config), config=config, dir=str(run_dir), name=run_dir.name,
-                              reinit="finish_previous")
+        self.run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            mode=cfg.mode,
+            id=stable_run_id(run_dir),
+            resume="allow",
+            group=cfg.group or wandb_group(config),
+            job_type=RUN_JOB_TYPE,
+            tags=wandb_tags(cfg, config),
+            config=config,
+            dir=str(run_dir),
+            name=run_dir.name,
+            reinit="finish_previous",
+        )
         for stage in STAGES:
             # Per-stage x-axes: a resumed or cached stage does not shift the other stages' curves.
             self.run.define_metric(f"{stage}/step")

@@ -10,12 +10,12 @@ zero-padding shortcuts 125,485,696 (125.49 M).
 Beside it each base method's **native** counter, so a row can be set against the paper in the
 paper's own units (:func:`native_macs_params`):
 
-| pruner | counter | function | ResNet-56 |
-|---|---|---|---|
-| depgraph | Torch-Pruning ``count_ops_and_params`` (adds BN, ReLU modules, pooling, biases) | :func:`torch_pruning_macs_params` | 127.12 M |
-| otov2 | conv + linear (same as the headline) | :func:`conv_linear_macs_params` | 125.75 M |
-| gate_decorator | thop with its default rules (adds BN, average pooling) | :func:`thop_default_macs_params` | 127.93 M |
-| none | the headline | :func:`count_macs_params` | 125.75 M |
+| pruner | counter (function) | ResNet-56 |
+|---|---|---|
+| depgraph | Torch-Pruning's count (+ BN, ReLU modules, pooling, biases): :func:`torch_pruning_macs_params` | 127.12 M |
+| otov2 | conv + linear (same as the headline): :func:`conv_linear_macs_params` | 125.75 M |
+| gate_decorator | thop's default rules (+ BN, average pooling): :func:`thop_default_macs_params` | 127.93 M |
+| none | the headline: :func:`count_macs_params` | 125.75 M |
 
 Conventions shared by every counter here:
 - MACs are **per sample**: every counter runs on the first sample of the inputs (``x[:1]`` of
@@ -26,6 +26,7 @@ Conventions shared by every counter here:
   buffers and its BatchNorm statistics are left exactly as they were.
 - Count only after physical removal (zeroed channels still cost MACs).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -267,9 +268,7 @@ def _resolve_inputs(
         return (first(torch.randn(*items, device=device)),)
     if items and all(isinstance(v, torch.Tensor) for v in items):
         return tuple(first(t) for t in items)
-    raise TypeError(
-        f"example_inputs must be a tensor, a tuple of tensors or a shape of ints, got {example_inputs!r}"
-    )
+    raise TypeError(f"example_inputs must be a tensor, a tuple of tensors or a shape of ints, got {example_inputs!r}")
 
 
 def _first_sample(t: torch.Tensor) -> torch.Tensor:

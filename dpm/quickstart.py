@@ -2,6 +2,7 @@
 configured experiment and base pruner from one shared pretrained baseline, one comparison table and
 the report. With no overrides: DepGraph on the embedded digits data set, seconds on 2 CPU cores;
 `pruner=otov2` / `pruner=gate_decorator` take their digits recipes (conf/recipe/quickstart/)."""
+
 from __future__ import annotations
 
 import logging
@@ -31,9 +32,11 @@ def main(overrides: list[str] | None = None) -> list[dict]:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     first = rows[0]
-    print(f"\ndpm {first['name']}: {PRUNER_LABELS.get(first['pruner'], first['pruner'])} on {first['model']} / "
-          f"{first['dataset']} ({first['train_size']} train images, {first['device']}), {target_goal(first)}, one "
-          f"shared pretrained baseline ({first['top1_before_prune']:.2f}%), {time.time() - t0:.0f} s")
+    print(
+        f"\ndpm {first['name']}: {PRUNER_LABELS.get(first['pruner'], first['pruner'])} on {first['model']} / "
+        f"{first['dataset']} ({first['train_size']} train images, {first['device']}), {target_goal(first)}, one "
+        f"shared pretrained baseline ({first['top1_before_prune']:.2f}%), {time.time() - t0:.0f} s"
+    )
     print(format_runs(rows))
     for r in rows:
         if r["status"] != "complete":

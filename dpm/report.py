@@ -17,6 +17,7 @@ statistics) build on `runs_frame`:
 - `write_report(dirs, out)`: all of it as Markdown, CSV, LaTeX and plots (PNG + PDF), atomically.
 - `log_report_to_wandb(report)`: the tables as W&B Tables and the plots as images, one W&B run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,12 +37,26 @@ from dpm.config import comparable_config
 
 # metrics.json field -> column title, in display order.
 RUN_COLUMNS = {
-    "model": "model", "dataset": "dataset", "pruner": "pruner", "variant": "variant", "seed": "seed",
-    "top1_final": "top1 %", "top1_best": "best %", "top1_best_epoch": "@ep",
-    "pruned_macs_m": "MACs (M)", "pruned_params_m": "params (M)",
-    "flops_remaining_pct": "MACs %", "params_remaining_pct": "params %", "speedup": "speed-up",
-    "rounds_done": "rounds", "N": "N", "admitted": "admitted", "released": "released", "pruned": "removed",
-    "wall_time_s": "time (s)", "status": "status",
+    "model": "model",
+    "dataset": "dataset",
+    "pruner": "pruner",
+    "variant": "variant",
+    "seed": "seed",
+    "top1_final": "top1 %",
+    "top1_best": "best %",
+    "top1_best_epoch": "@ep",
+    "pruned_macs_m": "MACs (M)",
+    "pruned_params_m": "params (M)",
+    "flops_remaining_pct": "MACs %",
+    "params_remaining_pct": "params %",
+    "speedup": "speed-up",
+    "rounds_done": "rounds",
+    "N": "N",
+    "admitted": "admitted",
+    "released": "released",
+    "pruned": "removed",
+    "wall_time_s": "time (s)",
+    "status": "status",
 }
 
 REFERENCE_CSV = Path(__file__).resolve().parent.parent / "results" / "paper" / "reference_results.csv"
@@ -149,8 +164,22 @@ def _dup_key(cfg: dict | None, metrics: dict) -> str:
     if cfg is not None:
         basis: Any = comparable_config(cfg)
     else:
-        basis = {k: metrics.get(k) for k in ("name", "table", "model", "dataset", "pruner", "variant", "seed",
-                                             "N", "T_rate", "T_len", "sparse_learning")}
+        basis = {
+            k: metrics.get(k)
+            for k in (
+                "name",
+                "table",
+                "model",
+                "dataset",
+                "pruner",
+                "variant",
+                "seed",
+                "N",
+                "T_rate",
+                "T_len",
+                "sparse_learning",
+            )
+        }
     return hashlib.sha1(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -170,9 +199,15 @@ def load_run(run_dir: Path) -> dict:
     if cfg is not None:
         row.update(_flatten(cfg, "cfg."))
         # A run that failed before writing metrics (or never got there) still says what it was.
-        identity = {"name": cfg.get("name"), "table": cfg.get("table"), "model": cfg["model"].get("name"),
-                    "dataset": cfg["dataset"].get("name"), "pruner": (cfg.get("pruner") or {}).get("name"),
-                    "variant": cfg["dpm"].get("variant"), "seed": cfg.get("seed")}
+        identity = {
+            "name": cfg.get("name"),
+            "table": cfg.get("table"),
+            "model": cfg["model"].get("name"),
+            "dataset": cfg["dataset"].get("name"),
+            "pruner": (cfg.get("pruner") or {}).get("name"),
+            "variant": cfg["dpm"].get("variant"),
+            "seed": cfg.get("seed"),
+        }
         for key, value in identity.items():
             row.setdefault(key, value)
         if "sparse_learning" not in row and isinstance(cfg.get("trainer"), dict):
@@ -203,8 +238,11 @@ def _choice_facets(cfg: dict, row: dict) -> dict:
     that an ablation over them splits the table's rows and gets its plot."""
     dpm_cfg = cfg.get("dpm") if isinstance(cfg.get("dpm"), dict) else {}
     variant = row.get("variant", dpm_cfg.get("variant"))
-    return {name: dpm_cfg.get(name) if variant in variants else None
-            for name, variants in CHOICE_FACETS.items() if name not in row}
+    return {
+        name: dpm_cfg.get(name) if variant in variants else None
+        for name, variants in CHOICE_FACETS.items()
+        if name not in row
+    }
 
 
 def load_runs(dirs: Sequence[str | os.PathLike]) -> pd.DataFrame:
@@ -264,8 +302,10 @@ def run_settings(runs: pd.DataFrame) -> pd.Series:
     for _, group in runs.groupby(keys, dropna=False, sort=False):
         varying = [f for f in facets if group[f].astype(str).nunique(dropna=False) > 1]
         if varying:
-            out.loc[group.index] = [", ".join(f"{f}={_facet_text(v)}" for f, v in zip(varying, values))
-                                    for values in group[varying].itertuples(index=False)]
+            out.loc[group.index] = [
+                ", ".join(f"{f}={_facet_text(v)}" for f, v in zip(varying, values))
+                for values in group[varying].itertuples(index=False)
+            ]
     return out
 
 
@@ -290,8 +330,12 @@ def match_reference(ref: pd.DataFrame, key: dict) -> pd.Series | None:
     """The paper row for one group. A run's `table` (may be null) must equal the CSV's when set; an
     empty sparse_learning in the CSV (OTOv2, Gate Decorator) matches either. Among several matches
     the first in file order wins: each table lists the DPM paper's own rows before third-party runs."""
-    hit = ref[(ref["base_pruner"] == key["pruner"]) & (ref["model"] == key["model"])
-              & (ref["dataset"] == key["dataset"]) & (ref["variant"] == key["variant"])]
+    hit = ref[
+        (ref["base_pruner"] == key["pruner"])
+        & (ref["model"] == key["model"])
+        & (ref["dataset"] == key["dataset"])
+        & (ref["variant"] == key["variant"])
+    ]
     if key.get("table") not in (None, "") and not pd.isna(key.get("table")):
         hit = hit[hit["table"] == key["table"]]
     sl = key.get("sparse_learning")
@@ -373,8 +417,11 @@ def base_checks(table: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
             notes.append("" if (block["variant"] == "base").any() else "no base row: deltas withheld")
             continue
         if not pd.isna(row["paper_top1"]):
-            off = [f"{name} {diff:+.2f}" for name, diff in (("top1", row["diff_top1"]), ("FLOPs", row["diff_flops_pct"]))
-                   if not pd.isna(diff) and abs(diff) > BASE_TOLERANCE["top1" if name == "top1" else "flops_pct"]]
+            off = [
+                f"{name} {diff:+.2f}"
+                for name, diff in (("top1", row["diff_top1"]), ("FLOPs", row["diff_flops_pct"]))
+                if not pd.isna(diff) and abs(diff) > BASE_TOLERANCE["top1" if name == "top1" else "flops_pct"]
+            ]
             notes.append(f"base deviates from the paper's ({', '.join(off)})" if off else "base matches the paper's")
             continue
         members = runs
@@ -425,9 +472,14 @@ class PairedInterval:
         return not (self.low > 0 or self.high < 0)
 
 
-def paired_interval(diffs: Sequence[float], confidence: float = CONFIDENCE, power: float = POWER,
-                    bootstrap_min_n: int = BOOTSTRAP_MIN_N, resamples: int = BOOTSTRAP_RESAMPLES,
-                    seed: int = 0) -> PairedInterval:
+def paired_interval(
+    diffs: Sequence[float],
+    confidence: float = CONFIDENCE,
+    power: float = POWER,
+    bootstrap_min_n: int = BOOTSTRAP_MIN_N,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> PairedInterval:
     """The paired t-interval of the mean difference, and the minimum detectable difference.
 
     interval: mean(d) +- t_{(1+c)/2, n-1} * sd(d) / sqrt(n)      (sd with ddof = 1)
@@ -465,8 +517,22 @@ def seed_statistics(frame: pd.DataFrame, metrics: Sequence[str] = STAT_METRICS) 
     metric, n, its 95% t-interval, the MDD, a bootstrap interval when n >= 10, the seeds that had no
     partner, and `includes_zero`."""
     runs = aggregated_runs(frame).copy()
-    columns = [*BLOCK_KEYS, "comparison", "metric", "n", "mean_diff", "sd_diff", "ci_low", "ci_high",
-               "half_width", "mdd", "boot_low", "boot_high", "includes_zero", "unpaired_seeds"]
+    columns = [
+        *BLOCK_KEYS,
+        "comparison",
+        "metric",
+        "n",
+        "mean_diff",
+        "sd_diff",
+        "ci_low",
+        "ci_high",
+        "half_width",
+        "mdd",
+        "boot_low",
+        "boot_high",
+        "includes_zero",
+        "unpaired_seeds",
+    ]
     if runs.empty or "variant" not in runs:
         return pd.DataFrame(columns=columns)
     runs["table"] = runs.get("table", pd.Series(index=runs.index, dtype=object)).fillna("")
@@ -482,8 +548,9 @@ def seed_statistics(frame: pd.DataFrame, metrics: Sequence[str] = STAT_METRICS) 
         base = bases.set_index("seed")
         others = block[block["variant"] != "base"]
         for (variant, setting), group in sorted(
-                others.groupby(["variant", "setting"], sort=False),
-                key=lambda item: (VARIANT_ORDER.get(item[0][0], 9), item[0][0], item[0][1])):
+            others.groupby(["variant", "setting"], sort=False),
+            key=lambda item: (VARIANT_ORDER.get(item[0][0], 9), item[0][0], item[0][1]),
+        ):
             other = group.set_index("seed")
             label = VARIANT_LABEL.get(variant, variant) + (f" ({setting})" if setting else "")
             seeds = sorted(set(base.index) & set(other.index))
@@ -491,13 +558,24 @@ def seed_statistics(frame: pd.DataFrame, metrics: Sequence[str] = STAT_METRICS) 
             for m in metrics:
                 diffs = [float(other.at[s, m]) - float(base.at[s, m]) for s in seeds]
                 iv = paired_interval(diffs)
-                rows.append({**dict(zip(BLOCK_KEYS, block_key)),
-                             "comparison": f"{label} - base", "metric": m,
-                             "n": iv.n, "mean_diff": iv.mean, "sd_diff": iv.sd, "ci_low": iv.low,
-                             "ci_high": iv.high, "half_width": iv.half_width, "mdd": iv.mdd,
-                             "boot_low": iv.boot_low, "boot_high": iv.boot_high,
-                             "includes_zero": iv.includes_zero,
-                             "unpaired_seeds": ",".join(str(int(s)) for s in unpaired)})
+                rows.append(
+                    {
+                        **dict(zip(BLOCK_KEYS, block_key)),
+                        "comparison": f"{label} - base",
+                        "metric": m,
+                        "n": iv.n,
+                        "mean_diff": iv.mean,
+                        "sd_diff": iv.sd,
+                        "ci_low": iv.low,
+                        "ci_high": iv.high,
+                        "half_width": iv.half_width,
+                        "mdd": iv.mdd,
+                        "boot_low": iv.boot_low,
+                        "boot_high": iv.boot_high,
+                        "includes_zero": iv.includes_zero,
+                        "unpaired_seeds": ",".join(str(int(s)) for s in unpaired),
+                    }
+                )
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -519,9 +597,29 @@ def _pm(mean: float, std: float) -> str:
     return f"{mean:.2f}" if std is None or math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
 
 
-PAPER_TABLE_COLUMNS = ["table", "model", "dataset", "pruner", "SL", "variant", "n", "top1 %", "Δtop1", "best %",
-                       "Δbest", "FLOPs %", "ΔFLOPs", "params %", "Δparams", "paper top1", "ours-paper top1",
-                       "paper FLOPs %", "ours-paper FLOPs", "paper params %", "base check"]
+PAPER_TABLE_COLUMNS = [
+    "table",
+    "model",
+    "dataset",
+    "pruner",
+    "SL",
+    "variant",
+    "n",
+    "top1 %",
+    "Δtop1",
+    "best %",
+    "Δbest",
+    "FLOPs %",
+    "ΔFLOPs",
+    "params %",
+    "Δparams",
+    "paper top1",
+    "ours-paper top1",
+    "paper FLOPs %",
+    "ours-paper FLOPs",
+    "paper params %",
+    "base check",
+]
 
 
 def paper_table_display(table: pd.DataFrame) -> pd.DataFrame:
@@ -529,24 +627,33 @@ def paper_table_display(table: pd.DataFrame) -> pd.DataFrame:
     numbers and ours minus theirs."""
     if table.empty:  # no complete run yet (e.g. a sweep whose only run failed): the header alone
         return pd.DataFrame(columns=PAPER_TABLE_COLUMNS)
-    out = pd.DataFrame({
-        "table": table["table"].replace("", "-"), "model": table["model"], "dataset": table["dataset"],
-        "pruner": table["pruner"], "SL": table["sparse_learning"].map({True: "yes", False: "no"}).fillna("-"),
-        "variant": table["variant"].map(lambda v: VARIANT_LABEL.get(v, v)), "n": table["n"],
-        "top1 %": [_pm(m, s) for m, s in zip(table["top1_final_mean"], table["top1_final_std"])],
-        "Δtop1": table["d_top1_final"].map(lambda v: _fmt(v, True)),
-        "best %": [_pm(m, s) for m, s in zip(table["top1_best_mean"], table["top1_best_std"])],
-        "Δbest": table["d_top1_best"].map(lambda v: _fmt(v, True)),
-        "FLOPs %": [_pm(m, s) for m, s in zip(table["flops_remaining_pct_mean"], table["flops_remaining_pct_std"])],
-        "ΔFLOPs": table["d_flops_remaining_pct"].map(lambda v: _fmt(v, True)),
-        "params %": [_pm(m, s) for m, s in zip(table["params_remaining_pct_mean"], table["params_remaining_pct_std"])],
-        "Δparams": table["d_params_remaining_pct"].map(lambda v: _fmt(v, True)),
-        "paper top1": table["paper_top1"].map(_fmt), "ours-paper top1": table["diff_top1"].map(lambda v: _fmt(v, True)),
-        "paper FLOPs %": table["paper_flops_pct"].map(_fmt),
-        "ours-paper FLOPs": table["diff_flops_pct"].map(lambda v: _fmt(v, True)),
-        "paper params %": table["paper_params_pct"].map(_fmt),
-        "base check": table["base_check"].fillna("") if "base_check" in table else "",
-    })
+    out = pd.DataFrame(
+        {
+            "table": table["table"].replace("", "-"),
+            "model": table["model"],
+            "dataset": table["dataset"],
+            "pruner": table["pruner"],
+            "SL": table["sparse_learning"].map({True: "yes", False: "no"}).fillna("-"),
+            "variant": table["variant"].map(lambda v: VARIANT_LABEL.get(v, v)),
+            "n": table["n"],
+            "top1 %": [_pm(m, s) for m, s in zip(table["top1_final_mean"], table["top1_final_std"])],
+            "Δtop1": table["d_top1_final"].map(lambda v: _fmt(v, True)),
+            "best %": [_pm(m, s) for m, s in zip(table["top1_best_mean"], table["top1_best_std"])],
+            "Δbest": table["d_top1_best"].map(lambda v: _fmt(v, True)),
+            "FLOPs %": [_pm(m, s) for m, s in zip(table["flops_remaining_pct_mean"], table["flops_remaining_pct_std"])],
+            "ΔFLOPs": table["d_flops_remaining_pct"].map(lambda v: _fmt(v, True)),
+            "params %": [
+                _pm(m, s) for m, s in zip(table["params_remaining_pct_mean"], table["params_remaining_pct_std"])
+            ],
+            "Δparams": table["d_params_remaining_pct"].map(lambda v: _fmt(v, True)),
+            "paper top1": table["paper_top1"].map(_fmt),
+            "ours-paper top1": table["diff_top1"].map(lambda v: _fmt(v, True)),
+            "paper FLOPs %": table["paper_flops_pct"].map(_fmt),
+            "ours-paper FLOPs": table["diff_flops_pct"].map(lambda v: _fmt(v, True)),
+            "paper params %": table["paper_params_pct"].map(_fmt),
+            "base check": table["base_check"].fillna("") if "base_check" in table else "",
+        }
+    )
     # The paper prints deltas only on the +SP / +SR rows.
     for col in ("Δtop1", "Δbest", "ΔFLOPs", "Δparams"):
         out.loc[(table["variant"] == "base").to_numpy(), col] = ""
@@ -557,25 +664,33 @@ def paper_table_display(table: pd.DataFrame) -> pd.DataFrame:
 
 def stats_display(stats: pd.DataFrame) -> pd.DataFrame:
     """Seed statistics as text cells; `includes 0` is flagged `YES` (the gain is not shown)."""
+
     def interval(lo: float, hi: float) -> str:
         return "-" if math.isnan(lo) else f"[{lo:+.2f}, {hi:+.2f}]"
 
-    return pd.DataFrame({
-        "table": stats["table"].replace("", "-"), "model": stats["model"], "dataset": stats["dataset"],
-        "pruner": stats["pruner"], "SL": stats["sparse_learning"].map({True: "yes", False: "no"}).fillna("-"),
-        "comparison": stats["comparison"], "metric": stats["metric"], "n": stats["n"],
-        "mean diff": stats["mean_diff"].map(lambda v: _fmt(v, True)), "sd diff": stats["sd_diff"].map(_fmt),
-        "95% t-interval": [interval(lo, hi) for lo, hi in zip(stats["ci_low"], stats["ci_high"])],
-        "MDD (80%)": stats["mdd"].map(_fmt),
-        "bootstrap 95%": [interval(lo, hi) for lo, hi in zip(stats["boot_low"], stats["boot_high"])],
-        "includes 0": stats["includes_zero"].map({True: "YES", False: "no"}).fillna("n < 2"),
-        "unpaired seeds": stats["unpaired_seeds"].replace("", "-"),
-    })
+    return pd.DataFrame(
+        {
+            "table": stats["table"].replace("", "-"),
+            "model": stats["model"],
+            "dataset": stats["dataset"],
+            "pruner": stats["pruner"],
+            "SL": stats["sparse_learning"].map({True: "yes", False: "no"}).fillna("-"),
+            "comparison": stats["comparison"],
+            "metric": stats["metric"],
+            "n": stats["n"],
+            "mean diff": stats["mean_diff"].map(lambda v: _fmt(v, True)),
+            "sd diff": stats["sd_diff"].map(_fmt),
+            "95% t-interval": [interval(lo, hi) for lo, hi in zip(stats["ci_low"], stats["ci_high"])],
+            "MDD (80%)": stats["mdd"].map(_fmt),
+            "bootstrap 95%": [interval(lo, hi) for lo, hi in zip(stats["boot_low"], stats["boot_high"])],
+            "includes 0": stats["includes_zero"].map({True: "YES", False: "no"}).fillna("n < 2"),
+            "unpaired seeds": stats["unpaired_seeds"].replace("", "-"),
+        }
+    )
 
 
 PROBLEM_COLUMNS = ["run_dir", "status", "model", "dataset", "pruner", "variant", "seed", "problem"]
-DUPLICATE_COLUMNS = ["run_dir", "duplicate_of", "status", "model", "dataset", "pruner", "variant", "seed",
-                     "top1_final"]
+DUPLICATE_COLUMNS = ["run_dir", "duplicate_of", "status", "model", "dataset", "pruner", "variant", "seed", "top1_final"]
 
 
 def problem_runs(frame: pd.DataFrame) -> pd.DataFrame:
@@ -619,39 +734,65 @@ class Report:
     files: list[Path]
 
 
-def render_markdown(runs: pd.DataFrame, table: pd.DataFrame, stats: pd.DataFrame, problems: pd.DataFrame,
-                    duplicates: pd.DataFrame, dirs: Sequence[str | os.PathLike]) -> str:
+def render_markdown(
+    runs: pd.DataFrame,
+    table: pd.DataFrame,
+    stats: pd.DataFrame,
+    problems: pd.DataFrame,
+    duplicates: pd.DataFrame,
+    dirs: Sequence[str | os.PathLike],
+) -> str:
     """The whole report as one Markdown document (also what the CLI prints)."""
     n_ok = int((runs["status"] == COMPLETE).sum())
     n_missed = int((problems["status"] == TARGET_MISSED).sum())
     parts = [
-        "# dpm report", "",
+        "# dpm report",
+        "",
         f"{len(runs)} run dirs under {', '.join(map(str, dirs))}: {n_ok} complete, {n_missed} short of their "
         f"pruning target, {len(problems) - n_missed} failed or incomplete, "
-        f"{int(runs['duplicate_of'].notna().sum())} duplicates left out.", "",
-        "## Paper table", "",
+        f"{int(runs['duplicate_of'].notna().sum())} duplicates left out.",
+        "",
+        "## Paper table",
+        "",
         "Mean ± std over seeds (complete runs, one per config and seed). `top1 %` is the final test "
         "accuracy (headline), `best %` the best over fine-tune epochs (Torch-Pruning reports best). "
-        "Δ = mean minus the block's base mean. Paper numbers: results/paper/reference_results.csv.", "",
-        _markdown(paper_table_display(table)) if len(table) else "(no complete runs)", "",
-        "## Seed statistics (paired by seed)", "",
+        "Δ = mean minus the block's base mean. Paper numbers: results/paper/reference_results.csv.",
+        "",
+        _markdown(paper_table_display(table)) if len(table) else "(no complete runs)",
+        "",
+        "## Seed statistics (paired by seed)",
+        "",
         "Difference = variant minus base on the same seed (same pretrained checkpoint). 95% t-interval: "
         "mean ± t(0.975, n-1)·sd/√n. MDD (80% power): (t(0.975, n-1) + t(0.80, n-1))·sd/√n, the "
         "smallest true difference these seeds would detect 4 times in 5. Bootstrap (percentile, "
         f"{BOOTSTRAP_RESAMPLES} resamples) only when n >= {BOOTSTRAP_MIN_N}. `includes 0` = YES: the "
-        "difference is not shown by these seeds.", "",
-        _markdown(stats_display(stats)) if len(stats) else "(no base / variant pairs)", "",
-        "## Failed and incomplete runs", "",
+        "difference is not shown by these seeds.",
+        "",
+        _markdown(stats_display(stats)) if len(stats) else "(no base / variant pairs)",
+        "",
+        "## Failed and incomplete runs",
+        "",
         "Never aggregated: failed, killed or unfinished runs, and runs that ended short of their pruning "
-        "target (status `target_missed`, `problem` says what they reached).", "", _markdown(problems), "",
-        "## Duplicates (same config except run-time keys, same seed)", "",
-        "Only the newest complete run of each is aggregated.", "", _markdown(duplicates), "",
+        "target (status `target_missed`, `problem` says what they reached).",
+        "",
+        _markdown(problems),
+        "",
+        "## Duplicates (same config except run-time keys, same seed)",
+        "",
+        "Only the newest complete run of each is aggregated.",
+        "",
+        _markdown(duplicates),
+        "",
     ]
     return "\n".join(parts)
 
 
-def write_report(dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None,
-                 reference: str | os.PathLike | None = None, plots: bool = True) -> Report:
+def write_report(
+    dirs: Sequence[str | os.PathLike],
+    out: str | os.PathLike | None = None,
+    reference: str | os.PathLike | None = None,
+    plots: bool = True,
+) -> Report:
     """Read the runs under `dirs` and write the report into `out` (default `<first dir>/report`):
     report.md (everything), tables.tex, runs.csv, paper_table.csv, stats.csv, problems.csv,
     duplicates.csv and plots/*.png|pdf. Every file is written atomically. Raises NoRunsError."""
@@ -665,14 +806,19 @@ def write_report(dirs: Sequence[str | os.PathLike], out: str | os.PathLike | Non
     problems = problem_runs(runs)
     duplicates = duplicate_runs(runs)
     markdown = render_markdown(runs, table, stats, problems, duplicates, dirs)
-    latex = "\n".join([
-        _latex(paper_table_display(table), "DPM: ours (mean $\\pm$ std over seeds) against the paper"),
-        _latex(stats_display(stats), "Paired differences against base over seeds (95\\% t-intervals)"),
-    ])
+    latex = "\n".join(
+        [
+            _latex(paper_table_display(table), "DPM: ours (mean $\\pm$ std over seeds) against the paper"),
+            _latex(stats_display(stats), "Paired differences against base over seeds (95\\% t-intervals)"),
+        ]
+    )
     files: dict[str, bytes] = {
-        "report.md": markdown.encode(), "tables.tex": latex.encode(),
-        "runs.csv": runs.to_csv(index=False).encode(), "paper_table.csv": table.to_csv(index=False).encode(),
-        "stats.csv": stats.to_csv(index=False).encode(), "problems.csv": problems.to_csv(index=False).encode(),
+        "report.md": markdown.encode(),
+        "tables.tex": latex.encode(),
+        "runs.csv": runs.to_csv(index=False).encode(),
+        "paper_table.csv": table.to_csv(index=False).encode(),
+        "stats.csv": stats.to_csv(index=False).encode(),
+        "problems.csv": problems.to_csv(index=False).encode(),
         "duplicates.csv": duplicates.to_csv(index=False).encode(),
     }
     written = []
@@ -690,6 +836,7 @@ def write_report(dirs: Sequence[str | os.PathLike], out: str | os.PathLike | Non
 # ----------------------------------------------------------------------------------------------
 # Plots
 
+
 def file_label(label: str, limit: int = 120) -> str:
     """A run label fit for a file name: sweep-dir names of many overrides exceed the 255-byte limit,
     so long ones keep their start and a hash of the whole."""
@@ -698,8 +845,7 @@ def file_label(label: str, limit: int = 120) -> str:
     safe = label.replace("/", "_")
     if len(safe) <= limit:
         return safe
-    return f"{safe[:limit - 9]}-{hashlib.sha1(safe.encode()).hexdigest()[:8]}"
-
+    return f"{safe[: limit - 9]}-{hashlib.sha1(safe.encode()).hexdigest()[:8]}"
 
 
 def _save(fig, path_stem: Path) -> list[Path]:
@@ -744,16 +890,29 @@ def plot_accuracy_vs_flops(table: pd.DataFrame, ref: pd.DataFrame, path_stem: Pa
             label = f"ours {row['model']}/{row['dataset']} {VARIANT_LABEL.get(row['variant'], row['variant'])}"
             if row["sparse_learning"] is not None and not pd.isna(row["sparse_learning"]):
                 label += " SL" if row["sparse_learning"] else " no-SL"
-            ax.errorbar(row["flops_remaining_pct_mean"], row["top1_final_mean"],
-                        xerr=np.nan_to_num(row["flops_remaining_pct_std"]), yerr=np.nan_to_num(row["top1_final_std"]),
-                        fmt="o", color=colors.get(row["variant"], "tab:gray"), capsize=3, label=label)
+            ax.errorbar(
+                row["flops_remaining_pct_mean"],
+                row["top1_final_mean"],
+                xerr=np.nan_to_num(row["flops_remaining_pct_std"]),
+                yerr=np.nan_to_num(row["top1_final_std"]),
+                fmt="o",
+                color=colors.get(row["variant"], "tab:gray"),
+                capsize=3,
+                label=label,
+            )
         models = set(zip(ours["model"], ours["dataset"]))
         same_setting = np.array([m in models for m in zip(ref["model"], ref["dataset"])], dtype=bool)
         theirs = ref[(ref["base_pruner"] == pruner).to_numpy() & same_setting]
         for _, row in theirs.iterrows():
-            ax.scatter(row["flops_remaining_pct"], row["top1"], facecolors="none",
-                       edgecolors=colors.get(row["variant"], "tab:gray"), marker="s", s=50,
-                       label=f"paper {row['table']} {VARIANT_LABEL.get(row['variant'], row['variant'])}")
+            ax.scatter(
+                row["flops_remaining_pct"],
+                row["top1"],
+                facecolors="none",
+                edgecolors=colors.get(row["variant"], "tab:gray"),
+                marker="s",
+                s=50,
+                label=f"paper {row['table']} {VARIANT_LABEL.get(row['variant'], row['variant'])}",
+            )
         ax.set_title(pruner)
         ax.set_xlabel("FLOPs remaining (%)")
         ax.set_ylabel("top-1 (%)")
@@ -773,7 +932,7 @@ def trajectories_to_draw(dpm_log: dict, limit: int = 8) -> list:
     hit = [t for t in tracked if json.dumps(t[0]) in released]
     rest = [t for t in tracked if json.dumps(t[0]) not in released]
     n_hit = min(len(hit), max(limit // 2, limit - len(rest)))
-    return hit[:n_hit] + rest[:limit - n_hit]
+    return hit[:n_hit] + rest[: limit - n_hit]
 
 
 def plot_trajectories(dpm_log: dict, title: str, path_stem: Path, limit: int = 8) -> list[Path]:
@@ -798,19 +957,28 @@ def plot_trajectories(dpm_log: dict, title: str, path_stem: Path, limit: int = 8
         starts = [i for i, p in enumerate(points) if i == 0 or p[1] <= points[i - 1][1]] + [len(points)]
         color = None
         for a, b in zip(starts, starts[1:]):
-            line, = ax.plot(steps[a:b], norms[a:b], marker=".", markersize=3, linewidth=1, color=color,
-                            label=None if a else str(tuple(key)))
+            (line,) = ax.plot(
+                steps[a:b],
+                norms[a:b],
+                marker=".",
+                markersize=3,
+                linewidth=1,
+                color=color,
+                label=None if a else str(tuple(key)),
+            )
             color = line.get_color()
             if a:
-                ax.plot(steps[a - 1:a + 1], norms[a - 1:a + 1], linestyle=":", linewidth=1, color=color)
+                ax.plot(steps[a - 1 : a + 1], norms[a - 1 : a + 1], linestyle=":", linewidth=1, color=color)
         for step in released_at.get(json.dumps(key), []):
             # the norm where it was released: the last point at or before the release step
             before = [n for s, n in zip(steps, norms) if s <= step] or norms[:1]
             ax.scatter([step], [before[-1]], marker="x", color="tab:red", s=60, zorder=3)
     tracked = sum(1 for _, points in dpm_log.get("trajectories") or [] if points)
     shown = sum(1 for key, _ in drawn if json.dumps(key) in released_at)
-    ax.set_title(f"{title}: {len(releases)} releases (red); {len(drawn)} of {tracked} tracked drawn, "
-                 f"{shown} released", fontsize=9)
+    ax.set_title(
+        f"{title}: {len(releases)} releases (red); {len(drawn)} of {tracked} tracked drawn, {shown} released",
+        fontsize=9,
+    )
     ax.set_xlabel("fine-tune step")
     ax.set_ylabel("target norm")
     ax.grid(alpha=0.3)
@@ -823,11 +991,20 @@ def plot_trajectories(dpm_log: dict, title: str, path_stem: Path, limit: int = 8
 
 
 #: Facets of the ablation plots: metrics.json field -> axis label.
-ABLATION_FACETS = {"N": "N (decay steps)", "T_rate": "T_rate", "T_len": "T_len", "release_rule": "release rule",
-                   "budget": "budget after a release", "schedule": "decay schedule s(n)"}
+ABLATION_FACETS = {
+    "N": "N (decay steps)",
+    "T_rate": "T_rate",
+    "T_len": "T_len",
+    "release_rule": "release rule",
+    "budget": "budget after a release",
+    "schedule": "decay schedule s(n)",
+}
 #: Facets whose values are names, not numbers: drawn at evenly spaced positions, in this order.
-CATEGORICAL_FACETS = {"release_rule": ["and", "or"], "budget": ["base", "strict"],
-                      "schedule": ["linear", "cosine", "exp"]}
+CATEGORICAL_FACETS = {
+    "release_rule": ["and", "or"],
+    "budget": ["base", "strict"],
+    "schedule": ["linear", "cosine", "exp"],
+}
 #: Metrics on the ablation plots' y-axes: field -> axis label.
 ABLATION_METRICS = {"top1_final": "top-1 final (%)", "flops_remaining_pct": "FLOPs remaining (%)"}
 
@@ -838,8 +1015,11 @@ def ablation_facets(runs: pd.DataFrame) -> list[str]:
     another N, is no N ablation)."""
     ok = aggregated_runs(runs)
     groups = [group for _, group in ok.groupby([ok[k].astype(str) for k in GROUP_KEYS if k in ok])] if len(ok) else []
-    return [f for f in ABLATION_FACETS if f in ok
-            and any(_facet_values(group[f], f).dropna().nunique() >= 2 for group in groups)]
+    return [
+        f
+        for f in ABLATION_FACETS
+        if f in ok and any(_facet_values(group[f], f).dropna().nunique() >= 2 for group in groups)
+    ]
 
 
 def _facet_values(values: pd.Series, facet: str) -> pd.Series:
@@ -875,8 +1055,7 @@ def plot_ablation(runs: pd.DataFrame, facet: str, path_stem: Path) -> list[Path]
             if stats["mean"].isna().all():
                 continue
             name = f"{key[2]} {VARIANT_LABEL.get(key[3], key[3])} ({key[0]}/{key[1]})"
-            ax.errorbar(stats.index, stats["mean"], yerr=np.nan_to_num(stats["std"]), marker="o", capsize=3,
-                        label=name)
+            ax.errorbar(stats.index, stats["mean"], yerr=np.nan_to_num(stats["std"]), marker="o", capsize=3, label=name)
         ax.set_xlabel(ABLATION_FACETS[facet])
         if categories is not None:
             ax.set_xticks(range(len(categories)), categories)
@@ -903,9 +1082,15 @@ def plot_released(logs: dict[str, dict], path_stem: Path) -> list[Path]:
             continue
         steps = [h["step"] for h in history]
         released = [h.get("releases_total", h.get("released", 0)) for h in history]
-        line, = axes[0][0].step(steps, released, where="post", label=label)
-        axes[0][1].step(steps, [h.get("decaying", 0) for h in history], where="post", color=line.get_color(),
-                        linestyle="--", label=label)
+        (line,) = axes[0][0].step(steps, released, where="post", label=label)
+        axes[0][1].step(
+            steps,
+            [h.get("decaying", 0) for h in history],
+            where="post",
+            color=line.get_color(),
+            linestyle="--",
+            label=label,
+        )
     for ax, ylabel in zip(axes[0], ("released (cumulative)", "decaying")):
         ax.set_xlabel("fine-tune step")
         ax.set_ylabel(ylabel)
@@ -972,8 +1157,9 @@ def _wandb_frame(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def log_report_to_wandb(report: Report, mode: str | None = None, project: str = "dpm",
-                        entity: str | None = None) -> Path:
+def log_report_to_wandb(
+    report: Report, mode: str | None = None, project: str = "dpm", entity: str | None = None
+) -> Path:
     """Log a written report into one W&B run (job_type `report`): the paper table, the seed
     statistics, the runs, the failed/incomplete runs and the duplicates as W&B Tables (display
     text, as in report.md; the numeric paper table too), every PNG plot as an image, and the counts
@@ -981,10 +1167,16 @@ def log_report_to_wandb(report: Report, mode: str | None = None, project: str = 
     Returns the W&B run's local dir."""
     import wandb
 
-    run = wandb.init(project=project, entity=entity, mode=mode, job_type="report",
-                     name=f"report-{report.out.resolve().parent.name}", dir=str(report.out),
-                     config={"report_dir": str(report.out), "runs": int(len(report.runs))},
-                     reinit="finish_previous")
+    run = wandb.init(
+        project=project,
+        entity=entity,
+        mode=mode,
+        job_type="report",
+        name=f"report-{report.out.resolve().parent.name}",
+        dir=str(report.out),
+        config={"report_dir": str(report.out), "runs": int(len(report.runs))},
+        reinit="finish_previous",
+    )
     try:
         run_columns = [c for c in [*RUN_COLUMNS, "run_dir"] if c in report.runs]
         tables = {
@@ -1000,10 +1192,14 @@ def log_report_to_wandb(report: Report, mode: str | None = None, project: str = 
             if path.suffix == ".png":
                 payload[f"plots/{path.stem}"] = wandb.Image(str(path))
         run.log(payload)
-        run.summary.update({"runs": int(len(report.runs)),
-                            "complete": int((report.runs["status"] == COMPLETE).sum()),
-                            "failed_or_incomplete": int(len(report.problems)),
-                            "duplicates": int(report.runs["duplicate_of"].notna().sum())})
+        run.summary.update(
+            {
+                "runs": int(len(report.runs)),
+                "complete": int((report.runs["status"] == COMPLETE).sum()),
+                "failed_or_incomplete": int(len(report.problems)),
+                "duplicates": int(report.runs["duplicate_of"].notna().sum()),
+            }
+        )
         run_dir = Path(run.dir).parent  # run.dir is <run>/files
     except BaseException:
         run.finish(exit_code=1)
@@ -1027,21 +1223,30 @@ def report_runs(dirs: Sequence[str | os.PathLike], logger_cfg: Any = None, plots
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m dpm.report <dir>... [--out DIR] [--reference CSV] [--no-plots] [--wandb ...]`: write
-    the report and print it (and log it to W&B with --wandb). Exit status 2 with one line for bad input (no runs, not a directory)."""
+    the report and print it (and log it to W&B with --wandb). Exit status 2 with one line for bad
+    input (no runs, not a directory)."""
     parser = argparse.ArgumentParser(prog="python -m dpm.report", description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="+", help="directories holding run dirs (searched recursively)")
     parser.add_argument("--out", help="report dir (default: <first dir>/report)")
     parser.add_argument("--reference", default=str(REFERENCE_CSV), help="the paper's numbers (CSV)")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
-    parser.add_argument("--wandb", action="store_true",
-                        help="also log the tables (W&B Tables) and plots (images) into one W&B run, job_type report")
-    parser.add_argument("--wandb-mode", choices=["online", "offline", "disabled"],
-                        help="W&B mode (default: $WANDB_MODE, else online); offline files go to <out>/wandb")
+    parser.add_argument(
+        "--wandb",
+        action="store_true",
+        help="also log the tables (W&B Tables) and plots (images) into one W&B run, job_type report",
+    )
+    parser.add_argument(
+        "--wandb-mode",
+        choices=["online", "offline", "disabled"],
+        help="W&B mode (default: $WANDB_MODE, else online); offline files go to <out>/wandb",
+    )
     parser.add_argument("--wandb-project", default="dpm", help="W&B project (default: dpm)")
     args = parser.parse_args(argv)
     if not Path(args.reference).is_file():
-        print(f"error: --reference={args.reference} does not exist: give the paper's reference_results.csv",
-              file=sys.stderr)
+        print(
+            f"error: --reference={args.reference} does not exist: give the paper's reference_results.csv",
+            file=sys.stderr,
+        )
         return 2
     try:
         report = write_report(args.dirs, args.out, args.reference, plots=not args.no_plots)

@@ -6,6 +6,7 @@
 `run(cfg, run_dir)` does the work and is what tests call; `main` adds Hydra's CLI and output dirs.
 Every run ends with `metrics.json` in its run dir, written atomically, `complete` or `failed`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,8 +43,17 @@ log = logging.getLogger("dpm")
 # A run with one of these statuses is finished: run() returns its record instead of running it again.
 FINISHED = ("complete", "target_missed")
 # Re-exported: the run dir's file names and the pretrain cache key, as tests and experiments read them.
-__all__ = ["run", "outcome", "target_goal", "target_text", "run_dir_lock", "CHECKPOINT", "PRETRAIN_PROGRESS",
-           "FINISHED", "pretrain_key_fields"]
+__all__ = [
+    "run",
+    "outcome",
+    "target_goal",
+    "target_text",
+    "run_dir_lock",
+    "CHECKPOINT",
+    "PRETRAIN_PROGRESS",
+    "FINISHED",
+    "pretrain_key_fields",
+]
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
@@ -169,9 +179,11 @@ def target_goal(metrics: dict) -> str:
 def target_text(metrics: dict) -> str:
     """The pruning target and what the run reached, in the pruner's native units."""
     pruner = metrics.get("pruner")
-    reached = {"depgraph": lambda: f"{metrics['native_speedup']:.2f}x",
-               "otov2": lambda: f"{metrics['group_sparsity']:.3f}",
-               "gate_decorator": lambda: f"{100 * metrics['native_flops_remaining']:.1f}%"}.get(pruner)
+    reached = {
+        "depgraph": lambda: f"{metrics['native_speedup']:.2f}x",
+        "otov2": lambda: f"{metrics['group_sparsity']:.3f}",
+        "gate_decorator": lambda: f"{100 * metrics['native_flops_remaining']:.1f}%",
+    }.get(pruner)
     return f"{target_goal(metrics)}, reached {reached()}" if reached else f"target_met false ({pruner})"
 
 
@@ -187,8 +199,10 @@ def run_dir_lock(run_dir: Path):
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError(f"{run_dir} is in use by another process ({holder or 'unknown'}): wait for it to finish, "
-                            f"or give this run another run_id / hydra.run.dir") from None
+            raise UserError(
+                f"{run_dir} is in use by another process ({holder or 'unknown'}): wait for it to finish, "
+                f"or give this run another run_id / hydra.run.dir"
+            ) from None
         if holder:
             log.info("taking over the stale lock of a process that is gone (%s)", holder)
         f.seek(0)
@@ -219,8 +233,10 @@ def refuse_changed_config(cfg: DictConfig, run_dir: Path) -> None:
     diff = config_diff(old, new)
     if diff:
         shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
-        raise UserError(f"{run_dir} holds a run with another config ({shown}): give this run another run_id, or "
-                        f"force_resume=true to continue it with the new config")
+        raise UserError(
+            f"{run_dir} holds a run with another config ({shown}): give this run another run_id, or "
+            f"force_resume=true to continue it with the new config"
+        )
 
 
 def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -235,14 +251,24 @@ def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 def identity_fields(cfg: DictConfig) -> dict:
     """What a run is, recorded even when it fails before doing anything."""
+
     def get(key: str) -> Any:
         return OmegaConf.select(cfg, key, throw_on_missing=False, default=None)
 
     sr = get("dpm.variant") == "sr"  # thresholds an experiment sets for +SR mean nothing to base / +SP rows
-    return {"name": get("name"), "table": get("table"), "ablation": get("ablation"), "model": get("model.name"),
-            "dataset": get("dataset.name"), "pruner": get("pruner.name"), "variant": get("dpm.variant"),
-            "seed": get("seed"), "N": get("dpm.N"), "T_rate": get("dpm.T_rate") if sr else None,
-            "T_len": get("dpm.T_len") if sr else None}
+    return {
+        "name": get("name"),
+        "table": get("table"),
+        "ablation": get("ablation"),
+        "model": get("model.name"),
+        "dataset": get("dataset.name"),
+        "pruner": get("pruner.name"),
+        "variant": get("dpm.variant"),
+        "seed": get("seed"),
+        "N": get("dpm.N"),
+        "T_rate": get("dpm.T_rate") if sr else None,
+        "T_len": get("dpm.T_len") if sr else None,
+    }
 
 
 def execute(cfg: DictConfig, run_dir: Path, log_metrics) -> dict:
@@ -258,21 +284,43 @@ def execute(cfg: DictConfig, run_dir: Path, log_metrics) -> dict:
     model = build_configured_model(cfg).to(device)
     if speed.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    eval_loaders = {"test": dpm_data.eval_loader(data, "test", speed.eval_batch_size, device, speed.channels_last,
-                                                 tcfg.num_workers)}
+    eval_loaders = {
+        "test": dpm_data.eval_loader(data, "test", speed.eval_batch_size, device, speed.channels_last, tcfg.num_workers)
+    }
     if data.val is not None:
-        eval_loaders["val"] = dpm_data.eval_loader(data, "val", speed.eval_batch_size, device, speed.channels_last,
-                                                   tcfg.num_workers)
-    ctx = RunContext(cfg, model, run_dir, device, torch.zeros(data.example_shape, device=device), data,
-                     eval_loaders, log_metrics, speed=speed)
+        eval_loaders["val"] = dpm_data.eval_loader(
+            data, "val", speed.eval_batch_size, device, speed.channels_last, tcfg.num_workers
+        )
+    ctx = RunContext(
+        cfg,
+        model,
+        run_dir,
+        device,
+        torch.zeros(data.example_shape, device=device),
+        data,
+        eval_loaders,
+        log_metrics,
+        speed=speed,
+    )
     metrics = ctx.metrics
-    metrics.update({"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-                    # Results are bitwise reproducible at the same thread count only: record it.
-                    "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
-                    "world_size": distributed.world_size(), "fast": speed.fast, "bf16": speed.bf16,
-                    "channels_last": speed.channels_last, "compile": speed.compile, "fast_basis": speed.basis,
-                    "train_size": len(data.train) if hasattr(data.train, "__len__") else None,
-                    "val_size": len(data.val) if data.val is not None else 0})
+    metrics.update(
+        {
+            "device": str(device),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            # Results are bitwise reproducible at the same thread count only: record it.
+            "threads": torch.get_num_threads(),
+            "interop_threads": torch.get_num_interop_threads(),
+            "world_size": distributed.world_size(),
+            "fast": speed.fast,
+            "bf16": speed.bf16,
+            "channels_last": speed.channels_last,
+            "compile": speed.compile,
+            "fast_basis": speed.basis,
+            "train_size": len(data.train) if hasattr(data.train, "__len__") else None,
+            "val_size": len(data.val) if data.val is not None else 0,
+        }
+    )
     # An infeasible plan fails now, not after hours of pretraining: each stage may check its own.
     stage = stage_for(cfg.pruner.name)
     stage.preflight(ctx)
@@ -307,17 +355,25 @@ def execute(cfg: DictConfig, run_dir: Path, log_metrics) -> dict:
     metrics.update(compare_models(base_counts, count_macs_params(model, example)))
     metrics["counter"] = "thop_conv_linear"
     counter, native_macs, native_params = native_macs_params(model, example, cfg.pruner.name)
-    metrics.update(native_counter=counter, native_base_macs=native_base[1], native_base_params=native_base[2],
-                   native_pruned_macs=native_macs, native_pruned_params=native_params)
+    metrics.update(
+        native_counter=counter,
+        native_base_macs=native_base[1],
+        native_base_params=native_base[2],
+        native_pruned_macs=native_macs,
+        native_pruned_params=native_params,
+    )
     epochs = {"pretrain": metrics.pop("pretrain_epochs")}
     epochs.update(metrics.pop("stage_epochs", {}))
     metrics["epochs"] = epochs
-    skipped = pretrain_summary.get("skipped_steps", 0) + (final_phase.get("skipped_steps", 0)
-                                                          if final_phase is not pretrain_summary else 0)
+    skipped = pretrain_summary.get("skipped_steps", 0) + (
+        final_phase.get("skipped_steps", 0) if final_phase is not pretrain_summary else 0
+    )
     if cfg.trainer.on_nan == "skip_step":
         metrics["nonfinite_steps_skipped"] = skipped
-    metrics["history"] = {"pretrain": pretrain_summary["history"],
-                          "finetune": final_phase["history"] if final_phase.get("phase") == "finetune" else []}
+    metrics["history"] = {
+        "pretrain": pretrain_summary["history"],
+        "finetune": final_phase["history"] if final_phase.get("phase") == "finetune" else [],
+    }
     return metrics
 
 
@@ -333,11 +389,21 @@ def adopt_unfinished_run(cfg: DictConfig, run_dir: Path) -> None:
     if any(p.suffix in (".pt", ".prev") for p in resume_files(run_dir)):
         return  # this run dir has its own checkpoint: resumed in place
     wanted = comparable_config(OmegaConf.to_container(cfg, resolve=True))
-    candidates = sorted((p.parent for p in Path(cfg.output_root, cfg.name).glob("*/config.yaml")
-                         if p.parent.resolve() != run_dir.resolve()),
-                        key=lambda p: p.stat().st_mtime, reverse=True)
+    candidates = sorted(
+        (
+            p.parent
+            for p in Path(cfg.output_root, cfg.name).glob("*/config.yaml")
+            if p.parent.resolve() != run_dir.resolve()
+        ),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
     for other in candidates:
-        status = json.loads((other / "metrics.json").read_text()).get("status") if (other / "metrics.json").exists() else None
+        status = (
+            json.loads((other / "metrics.json").read_text()).get("status")
+            if (other / "metrics.json").exists()
+            else None
+        )
         files = resume_files(other)
         if status in FINISHED or not any(p.suffix in (".pt", ".prev") for p in files):
             continue
@@ -347,8 +413,11 @@ def adopt_unfinished_run(cfg: DictConfig, run_dir: Path) -> None:
             shutil.copy2(f, run_dir / f.name)
         log.info("resuming the unfinished run %s", other)
         return
-    log.warning("resume=true but no unfinished run of '%s' with this config under %s: starting fresh",
-                cfg.name, Path(cfg.output_root, cfg.name))
+    log.warning(
+        "resume=true but no unfinished run of '%s' with this config under %s: starting fresh",
+        cfg.name,
+        Path(cfg.output_root, cfg.name),
+    )
 
 
 def git_sha() -> str | None:
@@ -357,7 +426,12 @@ def git_sha() -> str | None:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         if sha.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=here,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
             return sha.stdout.strip() + ("-dirty" if dirty else "")
     return None

@@ -4,6 +4,7 @@ A phase checkpoints after every epoch (model, optimizer, scheduler, hooks, RNG s
 continues from such a checkpoint to the same result as an uninterrupted run: the data order and
 augmentation of an epoch depend only on (seed, phase, epoch), and the global RNG state is restored.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -99,6 +100,7 @@ def resolve_speed(tcfg: Any, device: torch.device) -> Speed:
     bf16 autocast and channels_last follow it unless set (explicit values win); the eval batch is
     1024 on CUDA and 256 on CPU unless set. On a CPU without native bf16, autocast would emulate it
     (slower than fp32) and channels_last alone gains less, so the plain fp32 NCHW loop stays."""
+
     def get(key: str, default: Any = None) -> Any:
         return getattr(tcfg, key, default) if not isinstance(tcfg, dict) else tcfg.get(key, default)
 
@@ -119,9 +121,13 @@ def resolve_speed(tcfg: Any, device: torch.device) -> Speed:
 
 def make_optimizer(model: nn.Module, phase_cfg: Any) -> torch.optim.Optimizer:
     """SGD with momentum and (coupled) weight decay, as every base recipe uses."""
-    return torch.optim.SGD(model.parameters(), lr=phase_cfg.lr, momentum=phase_cfg.momentum,
-                           nesterov=phase_cfg.nesterov and phase_cfg.momentum > 0,
-                           weight_decay=phase_cfg.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=phase_cfg.lr,
+        momentum=phase_cfg.momentum,
+        nesterov=phase_cfg.nesterov and phase_cfg.momentum > 0,
+        weight_decay=phase_cfg.weight_decay,
+    )
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, phase_cfg: Any) -> torch.optim.lr_scheduler.LRScheduler:
@@ -290,19 +296,31 @@ def train_phase(
             start_step, partial = state.get("step", 0), state.get("partial")
             set_rng_state(state["rng"])
             if start_step:
-                log.info("%s: resuming at step %d of epoch %d from %s", phase, start_step, start_epoch + 1,
-                         checkpoint_path)
+                log.info(
+                    "%s: resuming at step %d of epoch %d from %s", phase, start_step, start_epoch + 1, checkpoint_path
+                )
             else:
                 log.info("%s: resuming after epoch %d from %s", phase, start_epoch, checkpoint_path)
 
     def save(epoch_done: int, step_done: int = 0, sums: dict | None = None) -> None:
         """The phase's checkpoint: after `epoch_done` epochs and `step_done` steps of the next one."""
-        atomic_torch_save({"phase": phase, "epoch": epoch_done, "step": step_done, "partial": sums,
-                           "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict(),
-                           "hooks": [h.state_dict() if hasattr(h, "state_dict") else None for h in hooks],
-                           "history": history, "rng": rng_state(), "skipped_steps": skipped_steps,
-                           "numerics": _numerics(bf16, model)}, checkpoint_path)
+        atomic_torch_save(
+            {
+                "phase": phase,
+                "epoch": epoch_done,
+                "step": step_done,
+                "partial": sums,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "hooks": [h.state_dict() if hasattr(h, "state_dict") else None for h in hooks],
+                "history": history,
+                "rng": rng_state(),
+                "skipped_steps": skipped_steps,
+                "numerics": _numerics(bf16, model),
+            },
+            checkpoint_path,
+        )
 
     forward = distributed.TrainModule(model, compile=compile)
     main = distributed.is_main()
@@ -350,12 +368,16 @@ def train_phase(
                     tdist.all_reduce(finite, op=tdist.ReduceOp.MIN)
                 if not bool(finite):  # the host sync this policy costs
                     skipped_steps += 1
-                    log.warning("%s step %d: loss %s, step skipped (trainer.on_nan=skip_step)", phase, phase_step,
-                                loss.item())
+                    log.warning(
+                        "%s step %d: loss %s, step skipped (trainer.on_nan=skip_step)", phase, phase_step, loss.item()
+                    )
                     continue
             else:
-                first_nonfinite = torch.where((first_nonfinite < 0) & ~torch.isfinite(loss.detach()),
-                                              torch.full_like(first_nonfinite, phase_step), first_nonfinite)
+                first_nonfinite = torch.where(
+                    (first_nonfinite < 0) & ~torch.isfinite(loss.detach()),
+                    torch.full_like(first_nonfinite, phase_step),
+                    first_nonfinite,
+                )
                 if step % NAN_CHECK_EVERY == NAN_CHECK_EVERY - 1:
                     distributed.all_reduce_max(first_nonfinite)
                     _raise_if_nonfinite(first_nonfinite, phase, epoch, phase_cfg)
@@ -372,10 +394,14 @@ def train_phase(
                 if phase_step % log_every == 0:
                     log_metrics(_step_record(phase, phase_step, loss, lr, hooks))
             if progress and step % 20 == 0:  # one host sync per 20 steps, only for the bar
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
-                                lr=f"{lr:.4g}")
-            if mid_epoch and (steps_per_epoch is None or step + 1 < steps_per_epoch) and _checkpoint_due(
-                    step + 1, last_save, checkpoint_every_steps, checkpoint_every_minutes):
+                bar.set_postfix(
+                    loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}", lr=f"{lr:.4g}"
+                )
+            if (
+                mid_epoch
+                and (steps_per_epoch is None or step + 1 < steps_per_epoch)
+                and _checkpoint_due(step + 1, last_save, checkpoint_every_steps, checkpoint_every_minutes)
+            ):
                 # Never a checkpoint of a state that went bad: the NaN check runs first.
                 distributed.all_reduce_max(first_nonfinite)
                 _raise_if_nonfinite(first_nonfinite, phase, epoch, phase_cfg)
@@ -389,8 +415,10 @@ def train_phase(
         _raise_if_nonfinite(first_nonfinite, phase, epoch, phase_cfg)
         bad = nonfinite_parameters(model)
         if bad:
-            raise NumericalError(f"{phase}: parameter {bad[0]} is not finite after epoch {epoch + 1}; the last good "
-                                 f"checkpoint is kept: lower trainer.{phase}.lr (now {phase_cfg.lr}) or check the data")
+            raise NumericalError(
+                f"{phase}: parameter {bad[0]} is not finite after epoch {epoch + 1}; the last good "
+                f"checkpoint is kept: lower trainer.{phase}.lr (now {phase_cfg.lr}) or check the data"
+            )
         scheduler.step()
         if distributed.is_initialized():
             # One collective an epoch: the ranks' sums, and rank 0's BatchNorm statistics everywhere
@@ -400,15 +428,28 @@ def train_phase(
             seen = int(seen_t.item())
             sync_buffers(model)
         train_loss = loss_sum.item() / max(seen, 1)
-        record = {"phase": phase, "epoch": epoch + 1, "lr": lr, "train_loss": train_loss,
-                  "train_top1": 100.0 * correct.item() / max(seen, 1)}
+        record = {
+            "phase": phase,
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": train_loss,
+            "train_top1": 100.0 * correct.item() / max(seen, 1),
+        }
         for split, loader in eval_loaders.items():
             record[f"{split}_top1"], record[f"{split}_loss"] = evaluate(model, loader, device, bf16)
         record["epoch_time_s"] = time.time() - t0
         history.append(record)
-        log.info("%s epoch %d/%d  loss %.4f  train %.2f%%  %s  lr %.4g  (%.1fs)", phase, epoch + 1,
-                 phase_cfg.epochs, train_loss, record["train_top1"],
-                 "  ".join(f"{s} {record[f'{s}_top1']:.2f}%" for s in eval_loaders), lr, record["epoch_time_s"])
+        log.info(
+            "%s epoch %d/%d  loss %.4f  train %.2f%%  %s  lr %.4g  (%.1fs)",
+            phase,
+            epoch + 1,
+            phase_cfg.epochs,
+            train_loss,
+            record["train_top1"],
+            "  ".join(f"{s} {record[f'{s}_top1']:.2f}%" for s in eval_loaders),
+            lr,
+            record["epoch_time_s"],
+        )
         if log_metrics is not None and main:
             epoch_record = {f"{phase}/{k}": v for k, v in record.items() if k != "phase"}
             if steps_per_epoch is not None:  # the stage's x-axis (see dpm.loggers)
@@ -435,10 +476,12 @@ def _refuse_other_numerics(state: dict, path: str | Path, bf16: bool, model: nn.
     saved, now = state.get("numerics"), _numerics(bf16, model)
     if saved is None or saved == now:
         return
-    raise UserError(f"{path} was trained with bf16={saved['bf16']}, channels_last={saved['channels_last']} but this "
-                    f"run resolves bf16={now['bf16']}, channels_last={now['channels_last']}: continue it with "
-                    f"trainer.bf16={str(saved['bf16']).lower()} trainer.channels_last="
-                    f"{str(saved['channels_last']).lower()}, or start it under another run_id")
+    raise UserError(
+        f"{path} was trained with bf16={saved['bf16']}, channels_last={saved['channels_last']} but this "
+        f"run resolves bf16={now['bf16']}, channels_last={now['channels_last']}: continue it with "
+        f"trainer.bf16={str(saved['bf16']).lower()} trainer.channels_last="
+        f"{str(saved['channels_last']).lower()}, or start it under another run_id"
+    )
 
 
 def _rank_partial(ranks: list[dict]) -> dict:
@@ -494,9 +537,11 @@ class NumericalError(UserError):
 def _raise_if_nonfinite(first_nonfinite: torch.Tensor, phase: str, epoch: int, phase_cfg: Any) -> None:
     step = int(first_nonfinite.item())
     if step >= 0:
-        raise NumericalError(f"{phase}: the loss became NaN/inf at step {step} (epoch {epoch + 1}); the last good "
-                             f"checkpoint is kept: lower trainer.{phase}.lr (now {phase_cfg.lr}), check the data, "
-                             f"or set trainer.on_nan=skip_step")
+        raise NumericalError(
+            f"{phase}: the loss became NaN/inf at step {step} (epoch {epoch + 1}); the last good "
+            f"checkpoint is kept: lower trainer.{phase}.lr (now {phase_cfg.lr}), check the data, "
+            f"or set trainer.on_nan=skip_step"
+        )
 
 
 def nonfinite_parameters(model: nn.Module) -> list[str]:

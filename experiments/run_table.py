@@ -33,6 +33,7 @@ background); as soon as its job array exists, the prune sweep is submitted with
 `--dependency=afterok:<array id>` (and `--kill-on-invalid-dep=yes`, so a failed warm-up cancels
 the prune jobs instead of leaving them pending). Both submitting processes wait for their jobs.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,14 +49,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # Override keys of the prune sweep that must not reach the pretrain sweep (they name a pruner's keys,
 # or the stages after pretraining, which `pruner=none trainer.finetune.epochs=0` replaces).
-PRUNE_ONLY = ("pruner", "dpm", "experiment", "trainer.finetune", "trainer.sparse", "name", "table", "ablation",
-              "hydra.sweep", "hydra.sweeper")
+PRUNE_ONLY = (
+    "pruner",
+    "dpm",
+    "experiment",
+    "trainer.finetune",
+    "trainer.sparse",
+    "name",
+    "table",
+    "ablation",
+    "hydra.sweep",
+    "hydra.sweeper",
+)
 SUBMIT_WAIT_S = float(os.environ.get("DPM_SUBMIT_WAIT_S", 600))
 
 
 def compose(overrides: list[str]):
     """The config `python -m dpm <overrides>` would run, with Hydra's node (choices, sweeper params)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     import dpm.config  # noqa: F401  (registers the schema)
     from dpm.config import CONF_DIR
@@ -113,8 +125,9 @@ def first_values(overrides: list[str]) -> list[str]:
 
     out = []
     for o in OverridesParser.create().parse_overrides(overrides):
-        out.append(f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override()
-                   else o.input_line)
+        out.append(
+            f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override() else o.input_line
+        )
     return out
 
 
@@ -126,10 +139,20 @@ def sweep_points(cfg, cli: list[str]) -> list[list[str]]:
 
     params = {k: str(v) for k, v in (cfg.hydra.sweeper.get("params") or {}).items()}
     for o in OverridesParser.create().parse_overrides(cli):
-        params[o.get_key_element()] = (",".join(o.sweep_string_iterator()) if o.is_sweep_override()
-                                       else o.input_line.split("=", 1)[1])
-    axes = [[f"{k}={v}" for v in (OverridesParser.create().parse_override(f"{k}={vals}").sweep_string_iterator()
-                                  if "," in vals else [vals])] for k, vals in params.items()]
+        params[o.get_key_element()] = (
+            ",".join(o.sweep_string_iterator()) if o.is_sweep_override() else o.input_line.split("=", 1)[1]
+        )
+    axes = [
+        [
+            f"{k}={v}"
+            for v in (
+                OverridesParser.create().parse_override(f"{k}={vals}").sweep_string_iterator()
+                if "," in vals
+                else [vals]
+            )
+        ]
+        for k, vals in params.items()
+    ]
     return [list(p) for p in itertools.product(*axes)]
 
 
@@ -163,34 +186,51 @@ def plan(experiment: str, extra: list[str], seeds: str, variants: str | None) ->
         # The sparse-learning result is cached too: warm it up with the experiment itself.
         kind = "sparse"
         # One run per seed: the experiment's own sweep (an ablation's) is pinned to its first point.
-        pinned = [first_values([f"{k}={v}"])[0] for k, v in (c.hydra.sweeper.get("params") or {}).items()
-                  if k != "seed"]
+        pinned = [
+            first_values([f"{k}={v}"])[0] for k, v in (c.hydra.sweeper.get("params") or {}).items() if k != "seed"
+        ]
         warmup = [*base, *pinned, "dpm=base", "pruner.rounds=1", "trainer.finetune.epochs=1"]
     else:
         kind = "pretrain"
         passthrough = [o for o in extra if not override_key(o).startswith(PRUNE_ONLY)]
         model = OmegaConf.to_container(c.model, resolve=True)
         dataset = OmegaConf.to_container(c.dataset, resolve=True)
-        warmup = [f"model={choices.model}", f"dataset={choices.dataset}", f"trainer={choices.trainer}", *passthrough,
-                  "pruner=none", "dpm=base", "trainer.finetune.epochs=0", "trainer.sparse.epochs=0",
-                  *leaf_overrides("model.", model), *leaf_overrides("dataset.", dataset, skip=("root",)),
-                  # The whole trainer but the later phases: the baseline trains exactly as the prune
-                  # runs would train it (recipe, device, fast path, bf16 left null to resolve alike).
-                  *leaf_overrides("trainer.", OmegaConf.to_container(c.trainer, resolve=True),
-                                  skip=("finetune", "sparse")),
-                  f"cache_dir={hydra_value(c.cache_dir)}"]
+        warmup = [
+            f"model={choices.model}",
+            f"dataset={choices.dataset}",
+            f"trainer={choices.trainer}",
+            *passthrough,
+            "pruner=none",
+            "dpm=base",
+            "trainer.finetune.epochs=0",
+            "trainer.sparse.epochs=0",
+            *leaf_overrides("model.", model),
+            *leaf_overrides("dataset.", dataset, skip=("root",)),
+            # The whole trainer but the later phases: the baseline trains exactly as the prune
+            # runs would train it (recipe, device, fast path, bf16 left null to resolve alike).
+            *leaf_overrides("trainer.", OmegaConf.to_container(c.trainer, resolve=True), skip=("finetune", "sparse")),
+            f"cache_dir={hydra_value(c.cache_dir)}",
+        ]
     # Its report lists the baselines' accuracy per seed; plots of pretraining alone say nothing.
-    warmup += [f"name={name}_pretrain", "table=null", "ablation=null", f"seed={seeds}",
-               "hydra.sweep.subdir='seed_${seed}'", "+hydra.callbacks.report.plots=false"]
+    warmup += [
+        f"name={name}_pretrain",
+        "table=null",
+        "ablation=null",
+        f"seed={seeds}",
+        "hydra.sweep.subdir='seed_${seed}'",
+        "+hydra.callbacks.report.plots=false",
+    ]
     # The warm-up must fill exactly the cache entries the prune runs read.
     warm_cfg = compose(first_values(warmup))
     validate(warm_cfg)
     want = pretrain_key_fields(warm_cfg)
     for other in prune_cfgs:
         if pretrain_key_fields(other) != want or other.cache_dir != warm_cfg.cache_dir:
-            raise UserError(f"the pretrain sweep of {experiment} would not fill the cache its prune runs read "
-                            f"(pretrain keys differ): {json.dumps(pretrain_key_fields(other), default=str)} vs "
-                            f"{json.dumps(want, default=str)}")
+            raise UserError(
+                f"the pretrain sweep of {experiment} would not fill the cache its prune runs read "
+                f"(pretrain keys differ): {json.dumps(pretrain_key_fields(other), default=str)} vs "
+                f"{json.dumps(want, default=str)}"
+            )
     return {"cfg": c, "name": name, "warmup": warmup, "prune": prune, "kind": kind}
 
 
@@ -235,8 +275,9 @@ def main(argv: list[str]) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = Path(os.environ.get("OUT") or
-               Path(p["cfg"].output_root) / p["name"] / time.strftime("table_%Y-%m-%d_%H-%M-%S"))
+    out = Path(
+        os.environ.get("OUT") or Path(p["cfg"].output_root) / p["name"] / time.strftime("table_%Y-%m-%d_%H-%M-%S")
+    )
     pre_dir, prune_dir = out / "pretrain", out / "prune"
     prune = [*p["prune"], *launcher, f"hydra.sweep.dir={prune_dir}"]
     slurm = any("slurm" in o for o in launcher)
@@ -258,14 +299,17 @@ def main(argv: list[str]) -> int:
                 try:
                     array = wait_for_array_id(pre_dir, warm)
                     print(f"pretrain sweep: SLURM job {array}; prune sweep depends on it (afterok)", flush=True)
-                    after = [f"+hydra.launcher.additional_parameters.dependency=afterok:{array}",
-                             "+hydra.launcher.additional_parameters.kill_on_invalid_dep=yes"]
+                    after = [
+                        f"+hydra.launcher.additional_parameters.dependency=afterok:{array}",
+                        "+hydra.launcher.additional_parameters.kill_on_invalid_dep=yes",
+                    ]
                     rc = subprocess.call(dpm_cmd([*prune, *after]), cwd=ROOT)
                 finally:
                     warm_rc = warm.wait()
             if warm_rc != 0:
-                print(f"error: the pretrain sweep failed ({warm_rc}): see {out / 'pretrain_sweep.log'}",
-                      file=sys.stderr)
+                print(
+                    f"error: the pretrain sweep failed ({warm_rc}): see {out / 'pretrain_sweep.log'}", file=sys.stderr
+                )
                 rc = rc or warm_rc
     report = prune_dir / "report" / "report.md"
     print(f"report: {report if report.exists() else '(none: ' + str(prune_dir) + ' holds no runs)'}", flush=True)

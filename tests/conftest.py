@@ -1,4 +1,5 @@
 """Shared fixtures: every test runs with outputs, caches and W&B files in its own tmp dir."""
+
 from __future__ import annotations
 
 import os
@@ -49,8 +50,9 @@ def isolated_env(tmp_path, monkeypatch):
 def run_cli(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m dpm <args>` in a subprocess, from the project root."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "dpm", *args], cwd=ROOT, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "dpm", *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="session")
@@ -80,5 +82,6 @@ def pytest_terminal_summary(terminalreporter):
     if FAULT_CASES:
         survived = sum(ok for _, ok, _ in FAULT_CASES)
         lost = sum(lost for _, _, lost in FAULT_CASES)
-        terminalreporter.write_line(f"fault injection: {len(FAULT_CASES)} cases tried, {survived} survived, "
-                                    f"data lost in {lost}")
+        terminalreporter.write_line(
+            f"fault injection: {len(FAULT_CASES)} cases tried, {survived} survived, data lost in {lost}"
+        )

@@ -1,5 +1,6 @@
 """Which dpm module may import which: read from the sources (function bodies included), so a
 deferred import cannot hide an arrow. docs/design.md explains the layers."""
+
 from __future__ import annotations
 
 import ast
@@ -68,8 +69,11 @@ def within(name: str, *prefixes: str) -> bool:
 
 # (importer layer, forbidden layers, why)
 RULES = [
-    ("dpm.pruners", ("dpm.run", "dpm.cli", "dpm.stages", "dpm.report", "dpm.quickstart"),
-     "algorithms know nothing of the runner, the command line, the stages or the report"),
+    (
+        "dpm.pruners",
+        ("dpm.run", "dpm.cli", "dpm.stages", "dpm.report", "dpm.quickstart"),
+        "algorithms know nothing of the runner, the command line, the stages or the report",
+    ),
     ("dpm.models", ("dpm.pruners",), "models are built without pruners"),
     ("dpm.data", ("dpm.pruners",), "data is loaded without pruners"),
     ("dpm.train", ("dpm.run",), "the training loop is below the runner"),
@@ -79,8 +83,9 @@ RULES = [
 
 @pytest.mark.parametrize("importer,forbidden,why", RULES, ids=[r[0] for r in RULES])
 def test_layer_rule(importer, forbidden, why):
-    bad = sorted(f"{m} -> {i}" for m, imports in GRAPH.items() if within(m, importer)
-                 for i in imports if within(i, *forbidden))
+    bad = sorted(
+        f"{m} -> {i}" for m, imports in GRAPH.items() if within(m, importer) for i in imports if within(i, *forbidden)
+    )
     assert not bad, f"{why}: {bad}"
 
 
@@ -107,7 +112,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         path.pop()
@@ -151,9 +156,11 @@ def test_no_module_over_600_lines():
 
 
 def test_the_reader_sees_deferred_and_relative_imports():
-    source = ("import torch\n"
-              "def f():\n    from dpm.run import CHECKPOINT\n    return CHECKPOINT\n"
-              "class C:\n    def g(self):\n        from ..report import format_runs\n"
-              "        from . import rounds\n")
+    source = (
+        "import torch\n"
+        "def f():\n    from dpm.run import CHECKPOINT\n    return CHECKPOINT\n"
+        "class C:\n    def g(self):\n        from ..report import format_runs\n"
+        "        from . import rounds\n"
+    )
     names = names_imported_by(source, "dpm.pruners.probe", is_package=False)
     assert {"torch", "dpm.run", "dpm.report", "dpm.pruners.rounds"} <= names

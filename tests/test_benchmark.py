@@ -1,5 +1,6 @@
 """The throughput benchmark's smoke mode runs end to end and writes its JSON and Markdown
 (timings are recorded, never asserted)."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -1,6 +1,7 @@
 """`python -m dpm [overrides]` is the main job whatever the arguments: base / +SP / +SR from one
 shared baseline, for every base pruner, each meeting its target; a decay length that fits every
 experiment; one clean line for a bad sweep point; a help that names dpm's own options."""
+
 from __future__ import annotations
 
 import os
@@ -23,10 +24,16 @@ VARIANTS = ("base", "sp", "sr")
 
 
 def cli(args: list[str], tmp_path: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DPM_OUTPUT_ROOT": str(tmp_path / "out"),
-           "DPM_CACHE_DIR": str(tmp_path / "cache"), "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "dpm", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DPM_OUTPUT_ROOT": str(tmp_path / "out"),
+        "DPM_CACHE_DIR": str(tmp_path / "cache"),
+        "WANDB_MODE": "disabled",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "dpm", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def table_rows(stdout: str) -> dict[str, list[str]]:
@@ -39,8 +46,10 @@ def table_rows(stdout: str) -> dict[str, list[str]]:
     return rows
 
 
-@pytest.mark.parametrize("args,pruner", [(["seed=1"], "depgraph"), (["pruner=otov2"], "otov2"),
-                                         (["pruner=gate_decorator"], "gate_decorator")])
+@pytest.mark.parametrize(
+    "args,pruner",
+    [(["seed=1"], "depgraph"), (["pruner=otov2"], "otov2"), (["pruner=gate_decorator"], "gate_decorator")],
+)
 @pytest.mark.slow
 def test_any_overrides_run_the_main_job_and_every_variant_meets_its_target(args, pruner, tmp_path):
     """An argument no longer turns the main job into another program: the three variants run from
@@ -77,7 +86,9 @@ def test_smoke_runs_every_base_and_variant_to_its_target(pruner, variant, tmp_pa
 
 
 def experiments() -> list[str]:
-    return sorted(str(p.relative_to(CONF / "experiment").with_suffix("")) for p in (CONF / "experiment").rglob("*.yaml"))
+    return sorted(
+        str(p.relative_to(CONF / "experiment").with_suffix("")) for p in (CONF / "experiment").rglob("*.yaml")
+    )
 
 
 @pytest.mark.parametrize("experiment", experiments())
@@ -96,15 +107,27 @@ def test_every_experiment_validates_with_every_variant(experiment):
 @pytest.mark.slow
 def test_a_bad_point_in_a_sweep_is_one_line_and_the_others_still_run(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = cli(["-m", "experiment=smoke", "pruner=depgraph", "dpm=base", "pruner.speedup=2,0.5",
-                "trainer.progress=false", f"hydra.sweep.dir={sweep}"], tmp_path)
+    proc = cli(
+        [
+            "-m",
+            "experiment=smoke",
+            "pruner=depgraph",
+            "dpm=base",
+            "pruner.speedup=2,0.5",
+            "trainer.progress=false",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and "pruner.speedup=0.5" in errors[0] and "1 of 2 runs" in errors[1], proc.stderr
     assert (sweep / "report" / "report.md").exists()
-    assert "1 complete, 0 short of their pruning target, 1 failed or incomplete" in \
-        (sweep / "report" / "report.md").read_text()
+    assert (
+        "1 complete, 0 short of their pruning target, 1 failed or incomplete"
+        in (sweep / "report" / "report.md").read_text()
+    )
 
 
 def test_help_names_dpm_and_its_options(tmp_path):

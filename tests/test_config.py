@@ -1,4 +1,5 @@
 """Config composition: every group option and experiment composes; bad keys, types and values fail."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,8 +18,9 @@ def options(group: str) -> list[str]:
 
 
 def experiments() -> list[str]:
-    return sorted(str(p.relative_to(CONF_DIR / "experiment").with_suffix(""))
-                  for p in (CONF_DIR / "experiment").rglob("*.yaml"))
+    return sorted(
+        str(p.relative_to(CONF_DIR / "experiment").with_suffix("")) for p in (CONF_DIR / "experiment").rglob("*.yaml")
+    )
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
@@ -43,7 +45,8 @@ def test_experiment_list_is_not_empty():
 
 @pytest.mark.parametrize("launcher", ["local", "slurm"])
 def test_launchers_compose(launcher):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = hydra_compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
@@ -72,19 +75,22 @@ def test_unknown_group_option_fails_at_composition():
         compose(["model=resnet57"])
 
 
-@pytest.mark.parametrize("override,message", [
-    ("model.name=resnet57", "model.name='resnet57': unknown model; valid: .*resnet56"),
-    ("dataset.name=mnist", "dataset.name='mnist': unknown dataset"),
-    ("dpm.N=0", "dpm.N=0: N counts decay steps"),
-    ("dpm.T_rate=-1", "dpm.T_rate=-1.0: thresholds must be >= 0 or inf"),
-    ("trainer.pretrain.lr=0", "trainer.pretrain.lr=0.0: must be > 0"),
-    ("trainer.finetune.milestones=[80,60]", "milestones=\\[80, 60\\]: must be increasing"),
-    ("dataset=cifar10 dataset.num_classes=100", "dataset.num_classes=100: cifar10 has 10 classes"),
-    ("pruner.name=magic", "pruner.name='magic': unknown pruner"),
-    ("model.shortcut=sideways", "model.shortcut='sideways'"),
-    ("trainer.checkpoint_every_minutes=-5", "trainer.checkpoint_every_minutes=-5.0: must be >= 0"),
-    ("dpm.track=-1", "dpm.track=-1: must be >= 0 .* or null for all"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.name=resnet57", "model.name='resnet57': unknown model; valid: .*resnet56"),
+        ("dataset.name=mnist", "dataset.name='mnist': unknown dataset"),
+        ("dpm.N=0", "dpm.N=0: N counts decay steps"),
+        ("dpm.T_rate=-1", "dpm.T_rate=-1.0: thresholds must be >= 0 or inf"),
+        ("trainer.pretrain.lr=0", "trainer.pretrain.lr=0.0: must be > 0"),
+        ("trainer.finetune.milestones=[80,60]", "milestones=\\[80, 60\\]: must be increasing"),
+        ("dataset=cifar10 dataset.num_classes=100", "dataset.num_classes=100: cifar10 has 10 classes"),
+        ("pruner.name=magic", "pruner.name='magic': unknown pruner"),
+        ("model.shortcut=sideways", "model.shortcut='sideways'"),
+        ("trainer.checkpoint_every_minutes=-5", "trainer.checkpoint_every_minutes=-5.0: must be >= 0"),
+        ("dpm.track=-1", "dpm.track=-1: must be >= 0 .* or null for all"),
+    ],
+)
 def test_semantic_checks_name_key_value_and_fix(override, message):
     cfg = compose(override.split())
     with pytest.raises(UserError, match=message):

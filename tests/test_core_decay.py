@@ -24,7 +24,8 @@ def make_net(path: str = "fp32", seed: int = 0) -> nn.Sequential:
 def conv1_targets(net: nn.Sequential) -> list[Target]:
     conv, bn = net[0], net[1]
     return channel_targets(
-        "conv1", [(conv.weight, 0), (conv.bias, 0), (bn.weight, 0), (bn.bias, 0)],
+        "conv1",
+        [(conv.weight, 0), (conv.bias, 0), (bn.weight, 0), (bn.bias, 0)],
         consumers=[(net[3].weight, 1)],
     )
 
@@ -37,8 +38,7 @@ def batches(n: int, seed: int = 1, path: str = "fp32"):
 
 def vec(t: Target) -> torch.Tensor:
     """The target's producer vector x."""
-    return torch.cat([s.param.detach().index_select(s.dim, torch.tensor(s.indices)).reshape(-1)
-                      for s in t.producers])
+    return torch.cat([s.param.detach().index_select(s.dim, torch.tensor(s.indices)).reshape(-1) for s in t.producers])
 
 
 def backward(net, batch, path: str = "fp32"):
@@ -124,8 +124,7 @@ def test_bit_exact_zero_after_N_and_50_more_steps(opt_name, path):
     [
         (lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), ["momentum_buffer"]),
         (lambda ps: torch.optim.Adam(ps, lr=1e-2), ["exp_avg", "exp_avg_sq"]),
-        (lambda ps: torch.optim.AdamW(ps, lr=1e-2, amsgrad=True),
-         ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]),
+        (lambda ps: torch.optim.AdamW(ps, lr=1e-2, amsgrad=True), ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]),
     ],
 )
 def test_pruned_slices_optimizer_state_zeroed(make_opt, state_names):
@@ -199,6 +198,7 @@ def test_N1_is_base_zeroing_bitwise(opt_name, path):
 @pytest.mark.parametrize("path", PATHS)
 def test_training_with_dpm_is_bitwise_reproducible(path):
     """The same training twice at the same thread count gives the same bits."""
+
     def train():
         net = make_net(path)
         opt = OPTIMIZERS["sgd_momentum_wd"](net.parameters())

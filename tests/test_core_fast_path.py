@@ -26,8 +26,11 @@ def test_grouped_row_sums_equal_the_per_tensor_path_bit_for_bit(channels_last, m
         opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
         # channels_last sums rows in another order: borderline release decisions could flip, so
         # there the thresholds are infinite (C_rate, C_len and the logs are still computed).
-        rectify = RectifyConfig(t_rate=float("inf"), t_len=float("inf")) if channels_last else \
-            RectifyConfig(t_rate=0.0, t_len=1.2)
+        rectify = (
+            RectifyConfig(t_rate=float("inf"), t_len=float("inf"))
+            if channels_last
+            else RectifyConfig(t_rate=0.0, t_len=1.2)
+        )
         ctl = DecayController(net, N=5, optimizer=opt, rectify=rectify)
         targets = []
         convs = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]

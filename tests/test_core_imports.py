@@ -3,10 +3,10 @@
 import json
 import subprocess
 import sys
+
 import pytest
 
-FORBIDDEN = ("hydra", "omegaconf", "torch_pruning", "torchvision", "thop", "wandb", "pandas",
-             "sklearn", "tqdm")
+FORBIDDEN = ("hydra", "omegaconf", "torch_pruning", "torchvision", "thop", "wandb", "pandas", "sklearn", "tqdm")
 
 
 def loaded_modules(stmt: str) -> set[str]:

@@ -44,8 +44,7 @@ def test_counts_history_and_percentiles():
         else:  # decay step 5 = N: pruned, and the last step is not checked
             assert (rec["decaying"], rec["pruned"]) == (0, 5)
             assert "c_rate" not in rec
-    assert ctl.counts() == {"decaying": 0, "pruned": 5, "released": 0, "releases_total": 0,
-                            "readmissions": 0}
+    assert ctl.counts() == {"decaying": 0, "pruned": 5, "released": 0, "releases_total": 0, "readmissions": 0}
 
 
 def test_norm_trajectories_of_a_sample():

@@ -16,7 +16,7 @@ START, END = "<!-- core-example:start -->", "<!-- core-example:end -->"
 def core_example() -> str:
     text = README.read_text()
     assert START in text and END in text, "README.md lost its core-example markers"
-    section = text[text.index(START) + len(START):text.index(END)]
+    section = text[text.index(START) + len(START) : text.index(END)]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     assert len(blocks) == 1, f"expected one python block between the markers, found {len(blocks)}"
     return blocks[0]

@@ -11,17 +11,14 @@ from helpers import OPTIMIZERS, one_thread, tiny_net  # noqa: F401  (one_thread 
 
 
 def net_targets(net):
-    a = channel_targets("conv1", [(net[0].weight, 0), (net[0].bias, 0), (net[1].weight, 0),
-                                  (net[1].bias, 0)])
-    b = channel_targets("conv2", [(net[3].weight, 0), (net[3].bias, 0), (net[4].weight, 0),
-                                  (net[4].bias, 0)])
+    a = channel_targets("conv1", [(net[0].weight, 0), (net[0].bias, 0), (net[1].weight, 0), (net[1].bias, 0)])
+    b = channel_targets("conv2", [(net[3].weight, 0), (net[3].bias, 0), (net[4].weight, 0), (net[4].bias, 0)])
     return a, b
 
 
 def batches(n: int, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g))
-            for _ in range(n)]
+    return [(torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(n)]
 
 
 def train(net, opt, ctl, data, admit_at, targets):
@@ -62,8 +59,7 @@ def line_setup(N=6, opt_name="sgd", **rectify):
     w = nn.Parameter(torch.randn(5, 4))
     opt = {
         "sgd": lambda: torch.optim.SGD([w], lr=LR["sgd"]),
-        "sgd_momentum_wd": lambda: torch.optim.SGD([w], lr=LR["sgd_momentum_wd"], momentum=0.9,
-                                                   weight_decay=5e-4),
+        "sgd_momentum_wd": lambda: torch.optim.SGD([w], lr=LR["sgd_momentum_wd"], momentum=0.9, weight_decay=5e-4),
         "adam": lambda: torch.optim.Adam([w], lr=LR["adam"]),
     }[opt_name]()
     cfg = RectifyConfig(**{"t_rate": 1.0, "t_len": 1.0, **rectify})
@@ -180,8 +176,7 @@ def test_c_rate_forms_equal_hand_computation(form):
     torch.manual_seed(1)
     w = nn.Parameter(torch.randn(3, 4))
     b = nn.Parameter(torch.randn(3))
-    opt = torch.optim.SGD([{"params": [w], "lr": 0.1},
-                           {"params": [b], "lr": 0.02, "momentum": 0.9}])
+    opt = torch.optim.SGD([{"params": [w], "lr": 0.1}, {"params": [b], "lr": 0.02, "momentum": 0.9}])
     N = 5
     cfg = RectifyConfig(t_rate=math.inf, t_len=math.inf, c_rate_form=form)
     ctl = DecayController([w, b], N=N, rectify=cfg, optimizer=opt)
@@ -245,12 +240,13 @@ def test_c_rate_c_len_vector_functions():
     na = torch.tensor([2.5, 0.5, 1.0], dtype=torch.float64)
     ls = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
     dot = torch.tensor([-1.0, 0.5, 3.0], dtype=torch.float64)
-    assert c_rate("radial", norm_before=nb, norm_after=na, step_length=ls,
-                  lr_grad_dot_x=dot).tolist() == [1.0, -2.0, 0.0]
-    assert c_rate("relative", norm_before=nb, norm_after=na, step_length=ls).tolist() == \
-        [0.25, -0.5, 0.0]
-    assert c_rate("per_step", norm_before=nb, norm_after=na, step_length=ls).tolist() == \
-        [1.0, -2.0, 4.0]
+    assert c_rate("radial", norm_before=nb, norm_after=na, step_length=ls, lr_grad_dot_x=dot).tolist() == [
+        1.0,
+        -2.0,
+        0.0,
+    ]
+    assert c_rate("relative", norm_before=nb, norm_after=na, step_length=ls).tolist() == [0.25, -0.5, 0.0]
+    assert c_rate("per_step", norm_before=nb, norm_after=na, step_length=ls).tolist() == [1.0, -2.0, 4.0]
     gn = torch.tensor([1.0, 3.0, 2.0, 10.0, 4.0], dtype=torch.float64)
     fam = torch.tensor([0, 0, 0, 1, 1])
     counted = torch.tensor([True, True, False, True, True])
@@ -263,7 +259,7 @@ def test_strict_budget_admits_replacement_at_once():
 
     def replacement(released, excluded):
         asked.append(([t.key for t in released], set(excluded)))
-        return [t for t in targets if t.key not in excluded][:len(released)]
+        return [t for t in targets if t.key not in excluded][: len(released)]
 
     cfg = RectifyConfig(t_rate=1.0, t_len=1.0, budget="strict")
     ctl = DecayController([w], N=6, rectify=cfg, optimizer=opt, replacement=replacement)
@@ -291,9 +287,17 @@ def test_sr_requires_before_step():
         ctl.after_step(opt)
 
 
-@pytest.mark.parametrize("bad", [dict(t_rate=-1.0), dict(t_len=float("nan")),
-                                 dict(c_rate_form="literal"), dict(release_rule="xor"),
-                                 dict(release_cooldown=0), dict(budget="greedy")])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(t_rate=-1.0),
+        dict(t_len=float("nan")),
+        dict(c_rate_form="literal"),
+        dict(release_rule="xor"),
+        dict(release_cooldown=0),
+        dict(budget="greedy"),
+    ],
+)
 def test_rectify_config_validation(bad):
     with pytest.raises(ValueError):
         RectifyConfig(**bad)

@@ -31,8 +31,7 @@ def test_linear_is_the_papers():
 def test_cosine_and_exp_shapes():
     assert schedule("cosine", 5, 10).item() == pytest.approx(0.5)
     k = 5.0
-    assert schedule("exp", 5, 10).item() == pytest.approx(
-        (math.exp(-k / 2) - math.exp(-k)) / (1 - math.exp(-k)))
+    assert schedule("exp", 5, 10).item() == pytest.approx((math.exp(-k / 2) - math.exp(-k)) / (1 - math.exp(-k)))
 
 
 def test_unknown_schedule():

@@ -14,12 +14,13 @@ def make(net, interval=1):
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     # Low thresholds so that releases happen during the run and travel through the checkpoint.
     cfg = RectifyConfig(t_rate=0.0, t_len=0.9, release_cooldown=2)
-    ctl = DecayController(net, N=8, interval=interval, rectify=cfg, optimizer=opt,
-                          include_consumers=True)
-    a = channel_targets("conv1", [(net[0].weight, 0), (net[0].bias, 0), (net[1].weight, 0),
-                                  (net[1].bias, 0)], consumers=[(net[3].weight, 1)])
-    b = channel_targets("conv2", [(net[3].weight, 0), (net[3].bias, 0), (net[4].weight, 0),
-                                  (net[4].bias, 0)])
+    ctl = DecayController(net, N=8, interval=interval, rectify=cfg, optimizer=opt, include_consumers=True)
+    a = channel_targets(
+        "conv1",
+        [(net[0].weight, 0), (net[0].bias, 0), (net[1].weight, 0), (net[1].bias, 0)],
+        consumers=[(net[3].weight, 1)],
+    )
+    b = channel_targets("conv2", [(net[3].weight, 0), (net[3].bias, 0), (net[4].weight, 0), (net[4].bias, 0)])
     ctl.register(a + b)
     return opt, ctl, a, b
 
@@ -40,8 +41,7 @@ def run(net, opt, ctl, a, b, data, start, stop):
 @pytest.mark.parametrize("interval", [1, 2])
 def test_round_trip_mid_decay_continues_bitwise(interval):
     g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g))
-            for _ in range(20)]
+    data = [(torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(20)]
     net = tiny_net()
     opt, ctl, a, b = make(net, interval)
     run(net, opt, ctl, a, b, data, 0, 20)
@@ -99,7 +99,7 @@ def _line(calls):
         calls.append(([t.key for t in released], sorted(excluded)))
         # Only rows 0-3 are candidates: at step 2 none is left, so the release of row 1 leaves a
         # stale row in the decay table until the next admission (a checkpoint can fall in between).
-        return [t for t in targets[:4] if t.key not in excluded][:len(released)]
+        return [t for t in targets[:4] if t.key not in excluded][: len(released)]
 
     cfg = RectifyConfig(t_rate=1.0, t_len=1.0, release_cooldown=1, budget="strict")
     ctl = DecayController([w], N=6, rectify=cfg, optimizer=opt, replacement=replacement, track=None)
@@ -127,8 +127,7 @@ def test_resume_keeps_the_order_of_releases_in_one_step():
     calls: list = []
     w, opt, ctl, targets = _line(calls)
     _line_run(w, opt, ctl, targets, 0, 6)
-    several = [s for s in {r["step"] for r in ctl.log.releases}
-               if sum(r["step"] == s for r in ctl.log.releases) > 1]
+    several = [s for s in {r["step"] for r in ctl.log.releases} if sum(r["step"] == s for r in ctl.log.releases) > 1]
     assert several, "the run should release several targets in one step"
 
     calls2: list = []
@@ -190,7 +189,7 @@ def _bound(resume: bool):
         b2 = fam(wb2)
     ctl.admit(b2[1:2])
     g = torch.zeros_like(wb2)
-    g[0, 0], g[1, 0], g[2, 0] = 2.0 ** 56, 5.0, 5.0
+    g[0, 0], g[1, 0], g[2, 0] = 2.0**56, 5.0, 5.0
     wb2.grad = g
     ctl.step(opt)
     return ctl

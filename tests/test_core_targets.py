@@ -33,8 +33,12 @@ def test_target_needs_a_producer_and_hashable_keys():
 
 def test_channel_targets_builds_one_target_per_channel():
     conv, bn, nxt = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1)
-    ts = channel_targets("conv", [(conv.weight, 0), (conv.bias, 0), (bn.weight, 0), (bn.bias, 0)],
-                         consumers=[(nxt.weight, 1)], channels=[1, 3])
+    ts = channel_targets(
+        "conv",
+        [(conv.weight, 0), (conv.bias, 0), (bn.weight, 0), (bn.bias, 0)],
+        consumers=[(nxt.weight, 1)],
+        channels=[1, 3],
+    )
     assert [t.key for t in ts] == [("conv", 1), ("conv", 3)]
     assert {t.family for t in ts} == {"conv"}
     assert all(len(t.producers) == 4 and len(t.consumers) == 1 for t in ts)
@@ -56,8 +60,7 @@ def test_register_reports_state_and_family_membership():
     with pytest.raises(ValueError, match="appears twice"):
         ctl.register([ts[1], ts[1]])
     with pytest.raises(ValueError, match="cannot change"):
-        ctl.register([Target(("l0", 0), "l0", (Slice(net[0].weight, 0, (0,)),
-                                                   Slice(net[0].bias, 0, (1,))))])
+        ctl.register([Target(("l0", 0), "l0", (Slice(net[0].weight, 0, (0,)), Slice(net[0].bias, 0, (1,))))])
 
 
 def test_slice_indices_must_be_integers():
@@ -69,8 +72,17 @@ def test_slice_indices_must_be_integers():
     assert Slice(w, 0, np.array([1, 2])).indices == (1, 2)
     assert Slice(w, 0, torch.tensor([3], dtype=torch.int32)).indices == (3,)
     # A float or a bool is not an index: refused with one line that names the fix, never rounded.
-    for bad in [(1.7,), 1.7, (True,), True, (0, False), torch.tensor([1.0, 2.0]), np.array([1.5]),
-                (np.bool_(True),), (torch.tensor(1.0),)]:
+    for bad in [
+        (1.7,),
+        1.7,
+        (True,),
+        True,
+        (0, False),
+        torch.tensor([1.0, 2.0]),
+        np.array([1.5]),
+        (np.bool_(True),),
+        (torch.tensor(1.0),),
+    ]:
         with pytest.raises(TypeError, match="pass integer indices") as e:
             Slice(w, 0, bad)
         assert "\n" not in str(e.value)

@@ -35,8 +35,7 @@ def setup(num_targets: int, rectify: bool, consumers: bool):
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     cfg = RectifyConfig(t_rate=float("inf"), t_len=float("inf")) if rectify else None
     ctl = DecayController(net, N=50, rectify=cfg, optimizer=opt, include_consumers=consumers)
-    targets = channel_targets("fc1", [(net[0].weight, 0), (net[0].bias, 0)],
-                              consumers=[(net[2].weight, 1)])
+    targets = channel_targets("fc1", [(net[0].weight, 0), (net[0].bias, 0)], consumers=[(net[2].weight, 1)])
     ctl.register(targets)
     return net, opt, ctl, targets[:num_targets]
 
@@ -101,13 +100,13 @@ def run_mlp(stack: bool, monkeypatch):
     monkeypatch.setattr(segments, "STACK_ON_CPU", stack)
     net = mlp()
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    ctl = DecayController(net, N=6, optimizer=opt, include_consumers=True,
-                          rectify=RectifyConfig(t_rate=0.0, t_len=1.0))
+    ctl = DecayController(net, N=6, optimizer=opt, include_consumers=True, rectify=RectifyConfig(t_rate=0.0, t_len=1.0))
     targets = []
     for i in range(4):
         lin, bn, nxt = net[3 * i], net[3 * i + 1], net[3 * i + 3]
-        targets += channel_targets(f"l{i}", [(lin.weight, 0), (lin.bias, 0), (bn.weight, 0),
-                                             (bn.bias, 0)], consumers=[(nxt.weight, 1)])
+        targets += channel_targets(
+            f"l{i}", [(lin.weight, 0), (lin.bias, 0), (bn.weight, 0), (bn.bias, 0)], consumers=[(nxt.weight, 1)]
+        )
     ctl.register(targets)
     ctl.admit(targets[::3])
     g = torch.Generator().manual_seed(3)

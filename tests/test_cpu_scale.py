@@ -1,5 +1,6 @@
 """The CPU-scale campaign script (experiments/cpu_scale/campaign.py) end to end on a tiny slice of
 the real CIFAR-10: baselines, selection on validation only, the paired table and its report."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("cifar10")]  # no data: 
 
 def campaign(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "DPM_DATA_DIR": str(CIFAR10.parent), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "experiments/cpu_scale/campaign.py", *args, "--smoke"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "experiments/cpu_scale/campaign.py", *args, "--smoke"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def test_campaign_selects_on_validation_then_reports_paired_seeds():
@@ -43,8 +50,9 @@ def test_campaign_selects_on_validation_then_reports_paired_seeds():
     sp = selection[selection["variant"] == "sp"]
     assert choice["N_epochs"] == sp.loc[sp["val_top1_final"].idxmax(), "N_epochs"]
     assert set(selection["variant"]) == {"base", "sp", "sr"}
-    assert sorted((m["variant"], m["seed"]) for m in table_runs) == \
-        sorted((v, s) for v in ("base", "sp", "sr") for s in (0, 1))
+    assert sorted((m["variant"], m["seed"]) for m in table_runs) == sorted(
+        (v, s) for v in ("base", "sp", "sr") for s in (0, 1)
+    )
     assert all(m["status"] == "complete" for m in table_runs)
     assert {m["T_len"] for m in table_runs if m["variant"] == "sr"} == {choice["T_len"]}
     assert (root / "results_smoke" / "selection" / "selection_depgraph.png").stat().st_size > 0
@@ -64,8 +72,12 @@ def test_campaign_selects_on_validation_then_reports_paired_seeds():
     assert len(trajectories) == 2 and len(full) == 6 and set(trajectories) < set(full)  # base runs too (N = 1)
     # Re-running a finished stage runs nothing again.
     again = campaign("table", "--bases", "depgraph", "--seeds", "0,1")
-    assert again.returncode == 0 and again.stdout.count("run already finished (complete)") + again.stderr.count(
-        "run already finished (complete)") == 6
+    assert (
+        again.returncode == 0
+        and again.stdout.count("run already finished (complete)")
+        + again.stderr.count("run already finished (complete)")
+        == 6
+    )
     # The trajectories stage repeats seed 0's +SR with every norm logged; it must equal the table run.
     replayed = campaign("trajectories", "--bases", "depgraph")
     assert replayed.returncode == 0, replayed.stdout[-3000:] + replayed.stderr[-3000:]

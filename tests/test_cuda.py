@@ -1,4 +1,5 @@
 """The GPU path (bf16 autocast, channels_last); runs only where CUDA is present."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,8 +12,15 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 
 
 def test_cuda_run_with_bf16_and_channels_last(tmp_path):
-    cfg = compose(["experiment=smoke", "trainer.device=cuda", "trainer.bf16=true", "trainer.channels_last=true",
-                   "trainer.deterministic=false"])
+    cfg = compose(
+        [
+            "experiment=smoke",
+            "trainer.device=cuda",
+            "trainer.bf16=true",
+            "trainer.channels_last=true",
+            "trainer.deterministic=false",
+        ]
+    )
     metrics = run(cfg, tmp_path / "run")
     assert metrics["status"] == "complete" and metrics["device"].startswith("cuda")
     assert metrics["base_macs"] > 0

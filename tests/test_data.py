@@ -1,4 +1,5 @@
 """Data sources, splits and the batch augmentation."""
+
 from __future__ import annotations
 
 import pytest
@@ -47,7 +48,7 @@ def test_random_crop_flip_matches_a_per_image_reference():
     flip = torch.rand(6, generator=g) < 0.5
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
     for i in range(6):
-        ref = padded[i, :, dy[i]:dy[i] + 8, dx[i]:dx[i] + 8]
+        ref = padded[i, :, dy[i] : dy[i] + 8, dx[i] : dx[i] + 8]
         if flip[i]:
             ref = ref.flip(-1)
         assert torch.equal(out[i], ref)
@@ -109,8 +110,15 @@ def test_image_folder_layout_and_decode_cache(tmp_path):
 @pytest.mark.usefixtures("cifar10")  # skips without the data, fails under DPM_REQUIRE_DATA=1
 @pytest.mark.slow
 def test_real_cifar10_folder_loads_in_label_order(decode_cache):
-    cfg = compose(["dataset=cifar10", f"dataset.root={CIFAR10}", "dataset.train_subset=500",
-                   "dataset.test_subset=200", "dataset.val_size=100"]).dataset
+    cfg = compose(
+        [
+            "dataset=cifar10",
+            f"dataset.root={CIFAR10}",
+            "dataset.train_subset=500",
+            "dataset.test_subset=200",
+            "dataset.val_size=100",
+        ]
+    ).dataset
     data = build_data(cfg, cache_dir=str(decode_cache))
     assert (len(data.train), len(data.val), len(data.test)) == (500, 100, 200)
     assert data.train.images.shape[1:] == (3, 32, 32)
@@ -132,9 +140,18 @@ def test_imagenet_style_folder_run(tmp_path):
             folder.mkdir(parents=True)
             for i in range(6):
                 Image.new("RGB", (40, 40), (80 * c, 20 * i, 30)).save(folder / f"{i}.JPEG")
-    cfg = compose(["experiment=smoke", "dataset=imagenet", f"dataset.root={tmp_path / 'imagenet'}",
-                   "dataset.num_classes=3", "dataset.image_size=32", "trainer.pretrain.batch_size=6",
-                   "trainer.finetune.epochs=0", "pretrain.cache=false"])
+    cfg = compose(
+        [
+            "experiment=smoke",
+            "dataset=imagenet",
+            f"dataset.root={tmp_path / 'imagenet'}",
+            "dataset.num_classes=3",
+            "dataset.image_size=32",
+            "trainer.pretrain.batch_size=6",
+            "trainer.finetune.epochs=0",
+            "pretrain.cache=false",
+        ]
+    )
     from dpm.data import build_data, eval_loader, train_loader
 
     data = build_data(cfg.dataset)

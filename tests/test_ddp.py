@@ -1,5 +1,6 @@
 """DDP on CPU (gloo): a 2-process DepGraph +SR run with a removal mid-run and releases, whose ranks
 train on different shards, agree on every DPM decision, and leave exactly one metrics.json."""
+
 from __future__ import annotations
 
 import json
@@ -16,10 +17,23 @@ from dpm import distributed
 from dpm.errors import UserError
 
 # The digits +SR run of tests/test_depgraph_runs.py (rounds, releases, cooldowns), shortened.
-DDP_OVERRIDES = ["experiment=quickstart", "pruner=depgraph", "dpm=sr", "trainer.device=cpu", "trainer.deterministic=true",
-                 "trainer.progress=false", "trainer.pretrain.epochs=2", "trainer.finetune.epochs=3", "dpm.N=5",
-                 "pruner.rounds=3", "pruner.round_interval=10", "dpm.release_cooldown=2", "dpm.T_rate=0.002",
-                 "dpm.T_len=1.2", "trainer.devices=2"]
+DDP_OVERRIDES = [
+    "experiment=quickstart",
+    "pruner=depgraph",
+    "dpm=sr",
+    "trainer.device=cpu",
+    "trainer.deterministic=true",
+    "trainer.progress=false",
+    "trainer.pretrain.epochs=2",
+    "trainer.finetune.epochs=3",
+    "dpm.N=5",
+    "pruner.rounds=3",
+    "pruner.round_interval=10",
+    "dpm.release_cooldown=2",
+    "dpm.T_rate=0.002",
+    "dpm.T_len=1.2",
+    "trainer.devices=2",
+]
 
 
 def _free_port() -> int:
@@ -31,14 +45,15 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, out_dir: str, run_dirs: list[str], env: dict) -> None:
     """One DDP rank: run the config through dpm.run.run, recording what this rank decided and trained on."""
     os.environ.update(env)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     import dpm.run as R
     import dpm.stages.depgraph as stage
-    from dpm.stages.base import decay_log
     from dpm.data.loaders import SplitLoader
     from dpm.pruners.rounds import PruningRounds
+    from dpm.stages.base import decay_log
 
     record: dict = {"rounds": [], "shards": {}, "rewraps": 0}
     original_iter, original_start = SplitLoader.__iter__, PruningRounds._start_round
@@ -50,8 +65,13 @@ def _worker(rank: int, world: int, port: int, out_dir: str, run_dirs: list[str],
 
     def spy_start(self, optimizer):
         original_start(self, optimizer)
-        record["rounds"].append({"iteration": self.iteration, "decaying": sorted(map(str, self.controller.decaying)),
-                                 "pruned": sorted(map(str, self.controller.pruned))})
+        record["rounds"].append(
+            {
+                "iteration": self.iteration,
+                "decaying": sorted(map(str, self.controller.decaying)),
+                "pruned": sorted(map(str, self.controller.pruned)),
+            }
+        )
 
     captured = {}
     original_make_rounds = stage.make_rounds
@@ -88,10 +108,25 @@ def _worker(rank: int, world: int, port: int, out_dir: str, run_dirs: list[str],
     distributed.TrainModule.refresh = spy_refresh
     metrics = R.run(compose(DDP_OVERRIDES), run_dirs[rank])
     rounds = captured["rounds"]
-    record.update(metrics={k: metrics.get(k) for k in ("status", "top1_final", "native_speedup", "released", "pruned",
-                                                       "admitted", "rounds_done", "world_size")},
-                  removals=rounds.removals, summary=rounds.summary(), decay_log=decay_log(rounds.controller),
-                  sizes=[list(p.shape) for p in rounds.model.parameters()])
+    record.update(
+        metrics={
+            k: metrics.get(k)
+            for k in (
+                "status",
+                "top1_final",
+                "native_speedup",
+                "released",
+                "pruned",
+                "admitted",
+                "rounds_done",
+                "world_size",
+            )
+        },
+        removals=rounds.removals,
+        summary=rounds.summary(),
+        decay_log=decay_log(rounds.controller),
+        sizes=[list(p.shape) for p in rounds.model.parameters()],
+    )
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record, default=str))
 
 
@@ -138,9 +173,28 @@ def test_torchrun_cli_writes_one_run(tmp_path):
     from conftest import ROOT
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "dpm", "experiment=smoke", "pruner=depgraph", "dpm=sp", "dpm.N=2", "trainer.devices=2"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "dpm",
+            "experiment=smoke",
+            "pruner=depgraph",
+            "dpm=sp",
+            "dpm.N=2",
+            "trainer.devices=2",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = list((tmp_path / "outputs").rglob("metrics.json"))
     assert len(found) == 1 and json.loads(found[0].read_text())["world_size"] == 2
@@ -148,12 +202,25 @@ def test_torchrun_cli_writes_one_run(tmp_path):
 
 
 def test_launch_env_from_torchrun_and_slurm():
-    torchrun = distributed.launch_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1",
-                                       "MASTER_PORT": "1234"})
-    assert (torchrun["rank"], torchrun["world_size"], torchrun["local_rank"], torchrun["master_addr"],
-            torchrun["master_port"]) == (3, 8, 1, "n1", 1234)
-    slurm = distributed.launch_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
-                                    "SLURM_NODELIST": "gpu[07-09,12],cpu1", "SLURM_JOB_ID": "4242"})
+    torchrun = distributed.launch_env(
+        {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "1234"}
+    )
+    assert (
+        torchrun["rank"],
+        torchrun["world_size"],
+        torchrun["local_rank"],
+        torchrun["master_addr"],
+        torchrun["master_port"],
+    ) == (3, 8, 1, "n1", 1234)
+    slurm = distributed.launch_env(
+        {
+            "SLURM_PROCID": "5",
+            "SLURM_NTASKS": "8",
+            "SLURM_LOCALID": "1",
+            "SLURM_NODELIST": "gpu[07-09,12],cpu1",
+            "SLURM_JOB_ID": "4242",
+        }
+    )
     assert (slurm["rank"], slurm["world_size"], slurm["local_rank"], slurm["master_addr"]) == (5, 8, 1, "gpu07")
     assert slurm["master_port"] == 20000 + 4242
     assert distributed.launch_env({}) is None
@@ -187,10 +254,31 @@ def test_killed_torchrun_run_resumes_inside_an_epoch_to_the_same_metrics(tmp_pat
         env = {**os.environ, "OMP_NUM_THREADS": "1", "DPM_CACHE_DIR": str(run_dir.parent / f"{run_dir.name}_cache")}
         if fault:
             env["DPM_FAULT_AT"] = fault
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               "-m", "dpm", "experiment=smoke", "pruner=depgraph", "dpm=sp", "dpm.N=3",
-                               "trainer.finetune.epochs=2", "trainer.devices=2", f"hydra.run.dir={run_dir}", *extra],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                "2",
+                "-m",
+                "dpm",
+                "experiment=smoke",
+                "pruner=depgraph",
+                "dpm=sp",
+                "dpm.N=3",
+                "trainer.finetune.epochs=2",
+                "trainer.devices=2",
+                f"hydra.run.dir={run_dir}",
+                *extra,
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     ref = torchrun(tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr[-3000:]

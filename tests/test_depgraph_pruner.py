@@ -1,4 +1,5 @@
 """DepGraphPruner: Torch-Pruning's own selection, exact physical removal, stable keys, optimizer state."""
+
 from __future__ import annotations
 
 import copy
@@ -55,8 +56,11 @@ def tag_channels(model: nn.Module) -> None:
 
 
 def surviving_channels(model: nn.Module) -> dict[str, list[int]]:
-    return {n: m.running_mean.long().tolist() for n, m in model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    return {
+        n: m.running_mean.long().tolist()
+        for n, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    }
 
 
 def speedup(pruner: DepGraphPruner) -> float:
@@ -81,8 +85,14 @@ def test_select_is_torch_prunings_own_progressive_selection():
     example = x[:1]
     base_ops, _ = tp.utils.count_ops_and_params(reference, example_inputs=example)
     ref_pruner = tp.pruner.MagnitudePruner(
-        reference, example, importance=tp.importance.GroupMagnitudeImportance(p=2), global_pruning=True,
-        iterative_steps=400, pruning_ratio=1.0, ignored_layers=[reference.fc])
+        reference,
+        example,
+        importance=tp.importance.GroupMagnitudeImportance(p=2),
+        global_pruning=True,
+        iterative_steps=400,
+        pruning_ratio=1.0,
+        ignored_layers=[reference.fc],
+    )
     current = 1.0
     while current < 2.0:
         ref_pruner.step()
@@ -111,7 +121,7 @@ def test_select_first_step_takes_the_lowest_importance():
     pruner = DepGraphPruner(model, x, num_classes=10, iterative_steps=400)
     keys = pruner.select(1.0001)  # one progressive step: ratio 1/400 of all channels
     scores = pruner.importance(list(pruner.targets()))
-    lowest = sorted(scores, key=scores.__getitem__)[:len(keys)]
+    lowest = sorted(scores, key=scores.__getitem__)[: len(keys)]
     assert set(keys) == set(lowest) and len(keys) >= 1
 
 
@@ -127,8 +137,10 @@ def test_excluded_keys_are_never_selected_and_keys_survive_removals():
     # Per-channel BN values of every channel, by key, before the removal (conv rows lose the
     # input columns of removed channels, BN entries are the channel's own).
     def bn_values(targets):
-        return {k: [s.param.detach()[list(s.indices)].clone() for s in t.producers if s.param.dim() == 1]
-                for k, t in targets.items()}
+        return {
+            k: [s.param.detach()[list(s.indices)].clone() for s in t.producers if s.param.dim() == 1]
+            for k, t in targets.items()
+        }
 
     rows = bn_values(pruner.targets())
     pruner.remove(keys)
@@ -196,11 +208,15 @@ def test_removing_zeroed_channels_keeps_the_function_and_meets_the_speedup(name)
         assert (zeroed(x) - y0).abs().max().item() > 1e-3
 
 
-@pytest.mark.parametrize("make", [
-    lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=5e-4),
-    lambda ps: torch.optim.Adam(ps, lr=1e-3),
-    lambda ps: torch.optim.AdamW(ps, lr=1e-3, amsgrad=True),
-], ids=["sgd", "adam", "adamw_amsgrad"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=5e-4),
+        lambda ps: torch.optim.Adam(ps, lr=1e-3),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-3, amsgrad=True),
+    ],
+    ids=["sgd", "adam", "adamw_amsgrad"],
+)
 def test_optimizer_state_is_sliced_with_the_parameters(make):
     model, x = model_and_input("tiny_resnet")
     model.train()
@@ -215,8 +231,12 @@ def test_optimizer_state_is_sliced_with_the_parameters(make):
         opt.step()
     # Make every parameter-shaped state a known function of its parameter: after slicing, the
     # state of every surviving element must still be that function of the surviving weights.
-    fns = {"momentum_buffer": lambda p: 3 * p + 1, "exp_avg": lambda p: 2 * p - 1,
-           "exp_avg_sq": lambda p: p * p + 1, "max_exp_avg_sq": lambda p: p * p + 2}
+    fns = {
+        "momentum_buffer": lambda p: 3 * p + 1,
+        "exp_avg": lambda p: 2 * p - 1,
+        "exp_avg_sq": lambda p: p * p + 1,
+        "max_exp_avg_sq": lambda p: p * p + 2,
+    }
     steps = {}
     with torch.no_grad():
         for p in model.parameters():
@@ -299,11 +319,12 @@ def test_families_never_mix_groups_and_consumers_only_when_asked():
         ps = frozenset(id(s.param) for s in t.producers)
         assert producers.setdefault(t.family, ps) == ps  # one family = one set of producer tensors
     fams = list(producers.values())
-    assert all(not (a & b) for i, a in enumerate(fams) for b in fams[i + 1:])
+    assert all(not (a & b) for i, a in enumerate(fams) for b in fams[i + 1 :])
     # A depthwise conv's channel is one of its rows, in the producer part.
     dw = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
-    assert dw and all(any(s.param is m.weight and not s.consumer and s.dim == 0
-                          for t in full.values() for s in t.slices) for m in dw)
+    assert dw and all(
+        any(s.param is m.weight and not s.consumer and s.dim == 0 for t in full.values() for s in t.slices) for m in dw
+    )
     DecayController(model, N=1).register(full.values())  # the controller accepts the families
 
 

@@ -1,4 +1,5 @@
 """DepGraph + DPM through the runner: N = 1 is the base method, rounds, SR, real CIFAR-10 end to end."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,16 @@ RUN_SPECIFIC = {"wall_time_s", "run_dir", "pretrain_source", "history", "variant
 
 def digits(*overrides: str):
     """A seconds-long DepGraph run on digits, deterministic on CPU."""
-    return compose(["experiment=quickstart", "trainer.deterministic=true", "trainer.progress=false",
-                    "trainer.pretrain.epochs=3", "trainer.finetune.epochs=2", *overrides])
+    return compose(
+        [
+            "experiment=quickstart",
+            "trainer.deterministic=true",
+            "trainer.progress=false",
+            "trainer.pretrain.epochs=3",
+            "trainer.finetune.epochs=2",
+            *overrides,
+        ]
+    )
 
 
 def final_weights(run_dir):
@@ -29,8 +38,9 @@ def test_sp_with_N_1_is_bitwise_the_base_method(tmp_path):
     sp = run(digits("dpm=sp", "dpm.N=1"), tmp_path / "sp")
     assert base["status"] == sp["status"] == "complete"
     assert base["N"] == sp["N"] == 1 and base["admitted"] > 0
-    assert {k: v for k, v in sp.items() if k not in RUN_SPECIFIC} == \
-        {k: v for k, v in base.items() if k not in RUN_SPECIFIC}
+    assert {k: v for k, v in sp.items() if k not in RUN_SPECIFIC} == {
+        k: v for k, v in base.items() if k not in RUN_SPECIFIC
+    }
     wb, ws = final_weights(tmp_path / "base"), final_weights(tmp_path / "sp")
     assert wb.keys() == ws.keys() and all(torch.equal(wb[k], ws[k]) for k in wb)
 
@@ -69,8 +79,19 @@ def test_rounds_split_the_speedup_and_never_reselect(tmp_path, monkeypatch):
         calls.append((excluded_before, admitted_now))
 
     monkeypatch.setattr(PruningRounds, "_start_round", spy)
-    m = run(digits("dpm=sr", "trainer.finetune.epochs=4", "dpm.N=5", "pruner.rounds=3", "pruner.round_interval=10",
-                   "dpm.release_cooldown=2", "dpm.T_rate=0.002", "dpm.T_len=1.2"), tmp_path / "run")
+    m = run(
+        digits(
+            "dpm=sr",
+            "trainer.finetune.epochs=4",
+            "dpm.N=5",
+            "pruner.rounds=3",
+            "pruner.round_interval=10",
+            "dpm.release_cooldown=2",
+            "dpm.T_rate=0.002",
+            "dpm.T_len=1.2",
+        ),
+        tmp_path / "run",
+    )
     assert m["rounds_done"] >= 3 and m["target_met"] and m["released"] >= 1
     assert any(excluded for excluded, _ in calls)  # cooling-down released channels were offered as exclusions
     for excluded, admitted in calls:
@@ -82,15 +103,30 @@ def test_rounds_split_the_speedup_and_never_reselect(tmp_path, monkeypatch):
 @pytest.mark.usefixtures("cifar10")  # skips without the data, fails under DPM_REQUIRE_DATA=1
 @pytest.mark.slow
 def test_real_cifar10_base_sp_sr_end_to_end(tmp_path, decode_cache):
-    common = ["dataset=cifar10", f"dataset.root={CIFAR10}", "model=resnet20", "dataset.train_subset=1000",
-              "dataset.test_subset=500", "trainer.pretrain.epochs=4", "trainer.finetune.epochs=3",
-              "trainer.pretrain.batch_size=50", "trainer.finetune.batch_size=50", "trainer.pretrain.lr=0.05",
-              "pruner.speedup=1.6", "pruner.round_interval=12", f"cache_dir={decode_cache}", "dpm.N=10",
-              # smoke thresholds: about the 90th percentile of this setting's C_rate, C_len above the
-              # family mean; released channels stay out of later rounds (SR's extra rounds meet the target)
-              "dpm.T_rate=0.0003", "dpm.T_len=1.2", "dpm.release_cooldown=100"]
-    results = {v: run(compose(["experiment=quickstart", *common, f"dpm={v}"]), tmp_path / v)
-               for v in ("base", "sp", "sr")}
+    common = [
+        "dataset=cifar10",
+        f"dataset.root={CIFAR10}",
+        "model=resnet20",
+        "dataset.train_subset=1000",
+        "dataset.test_subset=500",
+        "trainer.pretrain.epochs=4",
+        "trainer.finetune.epochs=3",
+        "trainer.pretrain.batch_size=50",
+        "trainer.finetune.batch_size=50",
+        "trainer.pretrain.lr=0.05",
+        "pruner.speedup=1.6",
+        "pruner.round_interval=12",
+        f"cache_dir={decode_cache}",
+        "dpm.N=10",
+        # smoke thresholds: about the 90th percentile of this setting's C_rate, C_len above the
+        # family mean; released channels stay out of later rounds (SR's extra rounds meet the target)
+        "dpm.T_rate=0.0003",
+        "dpm.T_len=1.2",
+        "dpm.release_cooldown=100",
+    ]
+    results = {
+        v: run(compose(["experiment=quickstart", *common, f"dpm={v}"]), tmp_path / v) for v in ("base", "sp", "sr")
+    }
     for v, m in results.items():
         assert m["status"] == "complete" and m["target_met"], v
         assert m["top1_final"] > 15.0, (v, m["top1_final"])  # chance is 10%
@@ -110,9 +146,19 @@ def test_killed_pruning_run_resumes_to_the_same_metrics(tmp_path):
     removals, restores the decay controller and ends where an uninterrupted run ends."""
     from conftest import run_cli
 
-    args = ["experiment=quickstart", "dpm=sr", "trainer.deterministic=true", "trainer.pretrain.epochs=3",
-            "trainer.finetune.epochs=4", "dpm.N=5", "pruner.rounds=3", "pruner.round_interval=10",
-            "dpm.release_cooldown=2", "dpm.T_rate=0.002", "dpm.T_len=1.2"]
+    args = [
+        "experiment=quickstart",
+        "dpm=sr",
+        "trainer.deterministic=true",
+        "trainer.pretrain.epochs=3",
+        "trainer.finetune.epochs=4",
+        "dpm.N=5",
+        "pruner.rounds=3",
+        "pruner.round_interval=10",
+        "dpm.release_cooldown=2",
+        "dpm.T_rate=0.002",
+        "dpm.T_len=1.2",
+    ]
     ref = run_cli([*args, f"hydra.run.dir={tmp_path / 'ref'}"], env={"DPM_CACHE_DIR": str(tmp_path / "c1")})
     assert ref.returncode == 0, ref.stderr
     env = {"DPM_CACHE_DIR": str(tmp_path / "c2")}
@@ -132,8 +178,19 @@ def test_killed_pruning_run_resumes_to_the_same_metrics(tmp_path):
 def test_sr_releases_in_the_last_round_are_made_up_so_the_target_is_met(tmp_path):
     """Thresholds of 0 release nearly every decaying channel: make-up rounds follow at once, and
     when no N-step decay fits any more the channels still missing go at once (invariant 6)."""
-    m = run(digits("dpm=sr", "trainer.finetune.epochs=2", "dpm.N=8", "pruner.rounds=2", "pruner.round_interval=10",
-                   "dpm.T_rate=0", "dpm.T_len=0", "pruner.max_extra_rounds=3"), tmp_path / "run")
+    m = run(
+        digits(
+            "dpm=sr",
+            "trainer.finetune.epochs=2",
+            "dpm.N=8",
+            "pruner.rounds=2",
+            "pruner.round_interval=10",
+            "dpm.T_rate=0",
+            "dpm.T_len=0",
+            "pruner.max_extra_rounds=3",
+        ),
+        tmp_path / "run",
+    )
     assert m["released"] >= 10 and m["target_met"] and m["native_speedup"] >= 2.0
     assert m["rounds_done"] > 2  # make-up rounds ran
     immediate = [r for r in m["removals"] if r.get("immediate")]
@@ -147,9 +204,19 @@ def test_run_killed_inside_epochs_resumes_from_mid_epoch_checkpoints_to_the_same
     last checkpoint and end where a run without mid-epoch checkpoints ends."""
     from conftest import run_cli
 
-    args = ["experiment=quickstart", "dpm=sr", "trainer.deterministic=true", "trainer.pretrain.epochs=3",
-            "trainer.finetune.epochs=2", "dpm.N=5", "pruner.rounds=3", "pruner.round_interval=10",
-            "dpm.release_cooldown=2", "dpm.T_rate=0.002", "dpm.T_len=1.2"]
+    args = [
+        "experiment=quickstart",
+        "dpm=sr",
+        "trainer.deterministic=true",
+        "trainer.pretrain.epochs=3",
+        "trainer.finetune.epochs=2",
+        "dpm.N=5",
+        "pruner.rounds=3",
+        "pruner.round_interval=10",
+        "dpm.release_cooldown=2",
+        "dpm.T_rate=0.002",
+        "dpm.T_len=1.2",
+    ]
     ref = run_cli([*args, f"hydra.run.dir={tmp_path / 'ref'}"], env={"DPM_CACHE_DIR": str(tmp_path / "c1")})
     assert ref.returncode == 0, ref.stderr
     run_args = [*args, "trainer.checkpoint_every_steps=4", f"hydra.run.dir={tmp_path / 'run'}"]
@@ -185,8 +252,10 @@ def test_sparse_learning_stage_is_shared_between_variants(tmp_path):
     assert not plain["sparse_learning"] and "sparse_source" not in plain
     # the regularised weights differ from the plain pretrained ones, so the pruned models differ too
     assert final_weights(tmp_path / "plain").keys() == final_weights(tmp_path / "base").keys()
-    assert any(not torch.equal(a, b) for a, b in zip(final_weights(tmp_path / "plain").values(),
-                                                      final_weights(tmp_path / "base").values()))
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(final_weights(tmp_path / "plain").values(), final_weights(tmp_path / "base").values())
+    )
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Determinism is a contract: the same code, config, seed, torch version and thread count give the
 same metrics.json numbers and final weights, bit for bit, on CPU, in two separate processes."""
+
 from __future__ import annotations
 
 import json
@@ -19,17 +20,33 @@ RUN_SPECIFIC = {"wall_time_s", "run_dir", "git_sha", "pretrain_source", "pretrai
 
 
 def without_times(history: dict) -> dict:
-    return {phase: [{k: v for k, v in epoch.items() if k != "epoch_time_s"} for epoch in epochs]
-            for phase, epochs in history.items()}
+    return {
+        phase: [{k: v for k, v in epoch.items() if k != "epoch_time_s"} for epoch in epochs]
+        for phase, epochs in history.items()
+    }
 
 
 @pytest.mark.usefixtures("cifar10")  # skips without the data, fails under DPM_REQUIRE_DATA=1
 def test_the_same_real_cifar10_run_in_two_processes_is_bitwise_equal(tmp_path, decode_cache):
-    args = ["experiment=smoke", "dataset=cifar10", f"dataset.root={CIFAR10}", "model=resnet20", "pruner=depgraph",
-            "dpm=sr", "dataset.image_size=32", "dataset.train_subset=512", "dataset.test_subset=256",
-            "dataset.val_size=128",
-            "trainer.pretrain.epochs=1", "trainer.finetune.epochs=2", "dpm.N=3", "dpm.T_len=0.5",
-            "trainer.progress=false", f"cache_dir={decode_cache}", "pretrain.cache=false"]
+    args = [
+        "experiment=smoke",
+        "dataset=cifar10",
+        f"dataset.root={CIFAR10}",
+        "model=resnet20",
+        "pruner=depgraph",
+        "dpm=sr",
+        "dataset.image_size=32",
+        "dataset.train_subset=512",
+        "dataset.test_subset=256",
+        "dataset.val_size=128",
+        "trainer.pretrain.epochs=1",
+        "trainer.finetune.epochs=2",
+        "dpm.N=3",
+        "dpm.T_len=0.5",
+        "trainer.progress=false",
+        f"cache_dir={decode_cache}",
+        "pretrain.cache=false",
+    ]
     env = {"OMP_NUM_THREADS": "1", "DPM_OUTPUT_ROOT": str(tmp_path / "out")}
     runs = []
     for name in ("first", "second"):

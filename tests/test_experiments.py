@@ -3,6 +3,7 @@ pretrain sweep fills exactly the cache entries its prune runs read, every entry'
 end to end (three of them through the real SLURM cluster of .ci/slurm-up.sh, with the prune sweep
 submitted with a dependency on the pretrain sweep), and the ablation sweeps end in their plots, the
 N sweep's N = 1 point being the base method exactly."""
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_slurm import _cancel, _sacct_states, _slurm_problem, slurm  # noqa: F401  (slurm: the fixture)
 
 from conftest import ROOT, run_cli
-from test_slurm import _cancel, _sacct_states, _slurm_problem, slurm  # noqa: F401  (slurm: the fixture)
 
 sys.path.insert(0, str(ROOT / "experiments"))
 import run_table  # noqa: E402
@@ -26,12 +27,21 @@ PAPER = sorted(p.stem for p in (ROOT / "experiments" / "paper").glob("*.sh"))
 ABLATIONS = sorted(p.stem for p in (ROOT / "experiments" / "ablation").glob("*.sh"))
 # Smoke tables that go through SLURM (one per warm-up kind: sparse learning, pretrain, none); the
 # others run with the basic launcher.
-SLURM_ENTRIES = {"depgraph_resnet56_cifar10": "sparse", "gate_decorator_vgg16_cifar10": "pretrain",
-                 "otov2_vgg16bn_cifar10": "none"}
-WARMUP_KIND = {"depgraph_resnet56_cifar10": "sparse", "depgraph_vgg19_cifar100": "sparse",
-               "depgraph_resnet56_cifar10_nosl": "pretrain", "gate_decorator_vgg16_cifar10": "pretrain",
-               "gate_decorator_resnet56_cifar10": "pretrain", "otov2_vgg16bn_cifar10": "none",
-               "otov2_resnet50_cifar10": "none", "otov2_resnet50_imagenet": "none"}
+SLURM_ENTRIES = {
+    "depgraph_resnet56_cifar10": "sparse",
+    "gate_decorator_vgg16_cifar10": "pretrain",
+    "otov2_vgg16bn_cifar10": "none",
+}
+WARMUP_KIND = {
+    "depgraph_resnet56_cifar10": "sparse",
+    "depgraph_vgg19_cifar100": "sparse",
+    "depgraph_resnet56_cifar10_nosl": "pretrain",
+    "gate_decorator_vgg16_cifar10": "pretrain",
+    "gate_decorator_resnet56_cifar10": "pretrain",
+    "otov2_vgg16bn_cifar10": "none",
+    "otov2_resnet50_cifar10": "none",
+    "otov2_resnet50_imagenet": "none",
+}
 # Fields that differ between two runs of the same computation (where, when, and under which name).
 RUN_SPECIFIC = {"wall_time_s", "run_dir", "git_sha", "pretrain_source", "pretrain_checkpoint", "history"}
 
@@ -47,8 +57,14 @@ def _metrics(folder: Path) -> list[dict]:
 def _entry(kind: str, name: str, tmp_path: Path, timeout: int = 240, **env: str) -> subprocess.CompletedProcess:
     """experiments/<kind>/<name>.sh with SMOKE=1 and OUT=tmp_path/table (plus `env`)."""
     full = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path / "table"), "OMP_NUM_THREADS": "1", **env}
-    return subprocess.run(["bash", str(ROOT / "experiments" / kind / f"{name}.sh")], cwd=ROOT, env=full,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(ROOT / "experiments" / kind / f"{name}.sh")],
+        cwd=ROOT,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -194,9 +210,14 @@ def _array_of(sweep: Path) -> tuple[str, list[str]]:
 
 
 def _sacct_times(job: str) -> tuple[str, str]:
-    out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job, "-o", "JobID,Start,End"], capture_output=True,
-                         text=True, timeout=30, check=True).stdout
-    (start, end), = [(s, e) for jid, s, e in (line.split("|") for line in out.splitlines()) if jid == job]
+    out = subprocess.run(
+        ["sacct", "-n", "-P", "-X", "-j", job, "-o", "JobID,Start,End"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    ((start, end),) = [(s, e) for jid, s, e in (line.split("|") for line in out.splitlines()) if jid == job]
     return start, end
 
 
@@ -209,8 +230,9 @@ def test_smoke_table_runs_through_slurm_after_its_pretrain_sweep(slurm, name, tm
     seeds = [0, 1] if SLURM_ENTRIES[name] != "none" else [0]
     out = tmp_path / "table"
     try:
-        done = _entry("paper", name, tmp_path, timeout=280, SEEDS=",".join(map(str, seeds)),
-                      LAUNCHER="hydra/launcher=slurm_cpu")
+        done = _entry(
+            "paper", name, tmp_path, timeout=280, SEEDS=",".join(map(str, seeds)), LAUNCHER="hydra/launcher=slurm_cpu"
+        )
     finally:
         for sweep in (out / "pretrain", out / "prune"):
             if sweep.exists():
@@ -244,8 +266,11 @@ def test_smoke_table_runs_through_slurm_after_its_pretrain_sweep(slurm, name, tm
 def test_ablation_smoke_sweep_ends_in_its_plot(facet, tmp_path, shared_cache, monkeypatch):
     monkeypatch.setenv("DPM_CACHE_DIR", str(shared_cache))
     sweep = tmp_path / "sweep"
-    done = run_cli([f"experiment=ablation/smoke/depgraph_{facet}", f"hydra.sweep.dir={sweep}"],
-                   env={"OMP_NUM_THREADS": "1"}, timeout=120)
+    done = run_cli(
+        [f"experiment=ablation/smoke/depgraph_{facet}", f"hydra.sweep.dir={sweep}"],
+        env={"OMP_NUM_THREADS": "1"},
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     cfg = run_table.compose([f"experiment=ablation/smoke/depgraph_{facet}"])
     values = str(cfg.hydra.sweeper.params[f"dpm.{facet}"]).split(",")
@@ -276,8 +301,11 @@ def test_N_ablation_runs_as_two_sweeps_and_its_N1_point_is_the_base_method(tmp_p
     assert (out / "prune" / "report" / "plots" / "ablation_N.png").stat().st_size > 5000
 
     base_dir = tmp_path / "base"
-    base = run_cli(["-m", "experiment=ablation/smoke/depgraph_N", "dpm=base", "dpm.N=1", f"hydra.sweep.dir={base_dir}"],
-                   env={"OMP_NUM_THREADS": "1", "DPM_CACHE_DIR": str(shared_cache)}, timeout=120)
+    base = run_cli(
+        ["-m", "experiment=ablation/smoke/depgraph_N", "dpm=base", "dpm.N=1", f"hydra.sweep.dir={base_dir}"],
+        env={"OMP_NUM_THREADS": "1", "DPM_CACHE_DIR": str(shared_cache)},
+        timeout=120,
+    )
     assert base.returncode == 0, base.stderr[-3000:]
     (ref,) = _metrics(base_dir)
     n1 = points[1]
@@ -285,8 +313,10 @@ def test_N_ablation_runs_as_two_sweeps_and_its_N1_point_is_the_base_method(tmp_p
 
     def comparable(m: dict) -> dict:
         out = {k: v for k, v in m.items() if k not in RUN_SPECIFIC | {"variant"}}
-        out["history"] = {phase: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in records]
-                          for phase, records in m["history"].items()}
+        out["history"] = {
+            phase: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in records]
+            for phase, records in m["history"].items()
+        }
         return out
 
     assert comparable(n1) == comparable(ref)

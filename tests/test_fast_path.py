@@ -1,5 +1,6 @@
 """The fast data path: on-device crop/flip against torchvision's transforms, reproducibility, DDP
 shards of the global batch, speed settings per device, and the decoded-dataset disk cache."""
+
 from __future__ import annotations
 
 import os
@@ -26,13 +27,13 @@ def coded_images(b: int, size: int = 32) -> torch.Tensor:
 def read_offsets(out: torch.Tensor, padding: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dy, dx, flip) of crops of `coded_images`, from a pixel that is inside the image for any offset."""
     mid = out.shape[-1] // 2
-    row = out[:, 0, mid, :]                      # one output row: the source row is constant along it
+    row = out[:, 0, mid, :]  # one output row: the source row is constant along it
     cols = out[:, 1, mid, :]
     dy = (out[:, 0, mid, mid] - 1 - mid + padding).long()
     flip = cols[:, mid + 1] < cols[:, mid]
     src_col = torch.where(flip, cols[:, out.shape[-1] - 1 - mid], cols[:, mid])
     dx = (src_col - 1 - mid + padding).long()
-    assert ((row == row[:, mid:mid + 1]) | (row == 0)).all()  # zero only in the padding
+    assert ((row == row[:, mid : mid + 1]) | (row == 0)).all()  # zero only in the padding
     return dy, dx, flip
 
 
@@ -64,12 +65,12 @@ def test_crop_flip_distribution_matches_torchvision_transforms():
     for out in (ours, theirs):
         dy, dx, flip = read_offsets(out)
         assert dy.min() == 0 and dy.max() == 8 and dx.min() == 0 and dx.max() == 8  # offsets in range, all used
-        assert abs(flip.float().mean().item() - 0.5) < 0.04                            # ~0.5 (4 sigma: 0.032)
+        assert abs(flip.float().mean().item() - 0.5) < 0.04  # ~0.5 (4 sigma: 0.032)
         for offsets in (dy, dx):
             freq = torch.bincount(offsets, minlength=9).float() / n
-            assert (freq - 1 / 9).abs().max() < 0.03                                     # uniform over 0..8
+            assert (freq - 1 / 9).abs().max() < 0.03  # uniform over 0..8
         # Padding is black: the zero rows/columns appear exactly where the offset says.
-        zero_top = (out[:, 0, 0, 16] == 0)
+        zero_top = out[:, 0, 0, 16] == 0
         assert torch.equal(zero_top, dy < 4)
 
 
@@ -102,7 +103,7 @@ def test_batches_equal_the_per_step_draws_of_the_plain_loader():
     got = list(loader)
     assert len(got) == 5  # 4 full batches and the last 6 images
     for step, (x, y) in enumerate(got):
-        index = order[step * 16:(step + 1) * 16]
+        index = order[step * 16 : (step + 1) * 16]
         expected = (random_crop_flip(split.images[index].float() / 255, 4, g) - mean) / std
         assert torch.equal(y, split.labels[index]) and torch.allclose(x, expected, atol=1e-6)
 
@@ -110,8 +111,10 @@ def test_batches_equal_the_per_step_draws_of_the_plain_loader():
 def test_ddp_ranks_take_disjoint_slices_of_the_same_global_batch():
     split = ImageSplit(torch.randint(0, 256, (90, 3, 32, 32), dtype=torch.uint8), torch.arange(90) % 10)
     one = list(SplitLoader(split, 32, MEAN, STD, train=True, augment=True, seed=1, phase="finetune"))
-    ranks = [SplitLoader(split, 32, MEAN, STD, train=True, augment=True, seed=1, phase="finetune", rank=r,
-                         world_size=2) for r in range(2)]
+    ranks = [
+        SplitLoader(split, 32, MEAN, STD, train=True, augment=True, seed=1, phase="finetune", rank=r, world_size=2)
+        for r in range(2)
+    ]
     assert len(ranks[0]) == len(ranks[1]) == len(one) == 3
     shards = [r.shard_indices(0) for r in ranks]
     assert not set(shards[0].tolist()) & set(shards[1].tolist())
@@ -127,15 +130,24 @@ def test_speed_settings_per_device(monkeypatch):
     # A CPU without native bf16: the plain fp32 NCHW loop.
     monkeypatch.setattr(dpm.train, "cpu_bf16_native", lambda: (False, "cpu capability: no avx512_bf16 or amx"))
     cpu = resolve_speed({}, torch.device("cpu"))
-    assert (cpu.fast, cpu.bf16, cpu.channels_last, cpu.compile, cpu.eval_batch_size) == (False, False, False, False, 256)
+    assert (cpu.fast, cpu.bf16, cpu.channels_last, cpu.compile, cpu.eval_batch_size) == (
+        False,
+        False,
+        False,
+        False,
+        256,
+    )
     assert cpu.basis == "cpu capability: no avx512_bf16 or amx"
     # A CPU with native bf16: the fast path, unless a key says otherwise (explicit values win).
     monkeypatch.setattr(dpm.train, "cpu_bf16_native", lambda: (True, "cpu capability: avx512_bf16"))
     cpu = resolve_speed({}, torch.device("cpu"))
     assert (cpu.fast, cpu.bf16, cpu.channels_last, cpu.eval_batch_size) == (True, True, True, 256)
     assert cpu.basis == "cpu capability: avx512_bf16"
-    for keys, expected in (({"bf16": False}, (True, False, True)), ({"fast": False}, (False, False, False)),
-                           ({"fast": False, "channels_last": True}, (False, False, True))):
+    for keys, expected in (
+        ({"bf16": False}, (True, False, True)),
+        ({"fast": False}, (False, False, False)),
+        ({"fast": False, "channels_last": True}, (False, False, True)),
+    ):
         got = resolve_speed(keys, torch.device("cpu"))
         assert (got.fast, got.bf16, got.channels_last) == expected, keys
     cuda = resolve_speed({}, torch.device("cuda"))
@@ -143,7 +155,13 @@ def test_speed_settings_per_device(monkeypatch):
     slow = resolve_speed({"fast": False}, torch.device("cuda"))
     assert (slow.bf16, slow.channels_last) == (False, False)
     mixed = resolve_speed({"bf16": False, "eval_batch_size": 64, "compile": True}, torch.device("cuda"))
-    assert (mixed.fast, mixed.bf16, mixed.channels_last, mixed.eval_batch_size, mixed.compile) == (True, False, True, 64, True)
+    assert (mixed.fast, mixed.bf16, mixed.channels_last, mixed.eval_batch_size, mixed.compile) == (
+        True,
+        False,
+        True,
+        64,
+        True,
+    )
 
 
 def test_cpu_bf16_capability_is_read_from_torch():
@@ -162,8 +180,14 @@ def test_cpu_autocast_runs_the_forward_in_bf16_and_keeps_everything_else_fp32():
     from dpm.train import autocast, train_phase
 
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 10),
+    )
     net = net.to(memory_format=torch.channels_last)
     x = torch.randn(4, 3, 8, 8).to(memory_format=torch.channels_last)
     with autocast(torch.device("cpu"), True):
@@ -171,12 +195,21 @@ def test_cpu_autocast_runs_the_forward_in_bf16_and_keeps_everything_else_fp32():
     with autocast(torch.device("cpu"), False):
         assert net[0](x).dtype == torch.float32
     split = ImageSplit(torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8), torch.arange(32) % 10)
-    loader = SplitLoader(split, 16, MEAN, STD, train=True, augment=False, seed=0, phase="pretrain",
-                         channels_last=True)
+    loader = SplitLoader(split, 16, MEAN, STD, train=True, augment=False, seed=0, phase="pretrain", channels_last=True)
     seen = []
     net[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-    phase_cfg = SimpleNamespace(epochs=1, lr=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4,
-                                schedule="constant", milestones=[], gamma=0.1, batch_size=16, mixup=0.0)
+    phase_cfg = SimpleNamespace(
+        epochs=1,
+        lr=0.1,
+        momentum=0.9,
+        nesterov=False,
+        weight_decay=5e-4,
+        schedule="constant",
+        milestones=[],
+        gamma=0.1,
+        batch_size=16,
+        mixup=0.0,
+    )
     train_phase(net, "pretrain", phase_cfg, loader, {}, torch.device("cpu"), progress=False, bf16=True)
     assert seen and set(seen) == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in net.parameters())
@@ -197,9 +230,13 @@ def test_cpu_fast_run_records_its_path_and_is_bitwise_reproducible(tmp_path):
     a, b = runs
     assert a["status"] == b["status"] == "complete"
     assert (a["fast"], a["bf16"], a["channels_last"], a["fast_basis"]) == (True, True, True, "trainer.fast=True")
+
     def numbers(m: dict) -> list:  # every loss and accuracy of both phases, wall times left out
-        return [{k: v for k, v in r.items() if k != "epoch_time_s"} for ph in ("pretrain", "finetune")
-                for r in m["history"][ph]]
+        return [
+            {k: v for k, v in r.items() if k != "epoch_time_s"}
+            for ph in ("pretrain", "finetune")
+            for r in m["history"][ph]
+        ]
 
     assert numbers(a) == numbers(b) and numbers(a) and a["top1_final"] == b["top1_final"]
     wa, wb = (load_checkpoint(m["pretrain_checkpoint"])["model"] for m in runs)
@@ -211,9 +248,13 @@ def test_pretrain_cache_key_separates_fp32_nchw_from_the_fast_path():
     from conftest import compose
     from dpm.run import pretrain_key_fields
 
-    keys = {(bf16, cl): pretrain_key_fields(compose(["experiment=smoke", f"trainer.bf16={bf16}",
-                                                     f"trainer.channels_last={cl}"]))
-            for bf16 in ("true", "false") for cl in ("true", "false")}
+    keys = {
+        (bf16, cl): pretrain_key_fields(
+            compose(["experiment=smoke", f"trainer.bf16={bf16}", f"trainer.channels_last={cl}"])
+        )
+        for bf16 in ("true", "false")
+        for cl in ("true", "false")
+    }
     assert len({json_key(k) for k in keys.values()}) == 4
     fast = pretrain_key_fields(compose(["experiment=smoke", "trainer.fast=true"]))
     assert json_key(fast) == json_key(keys[("true", "true")])
@@ -232,20 +273,44 @@ def test_resuming_a_checkpoint_of_other_numerics_is_refused(tmp_path):
     from dpm.train import train_phase
 
     split = ImageSplit(torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8), torch.arange(32) % 10)
-    phase_cfg = SimpleNamespace(epochs=1, lr=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4,
-                                schedule="constant", milestones=[], gamma=0.1, batch_size=16, mixup=0.0)
+    phase_cfg = SimpleNamespace(
+        epochs=1,
+        lr=0.1,
+        momentum=0.9,
+        nesterov=False,
+        weight_decay=5e-4,
+        schedule="constant",
+        milestones=[],
+        gamma=0.1,
+        batch_size=16,
+        mixup=0.0,
+    )
 
     def net(channels_last: bool):
         torch.manual_seed(0)
-        m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                                torch.nn.Flatten(), torch.nn.Linear(8, 10))
+        m = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(8, 10),
+        )
         return m.to(memory_format=torch.channels_last) if channels_last else m
 
     def phase(epochs: int, bf16: bool, channels_last: bool):
         loader = SplitLoader(split, 16, MEAN, STD, train=True, seed=0, phase="pretrain", channels_last=channels_last)
         cfg = SimpleNamespace(**{**vars(phase_cfg), "epochs": epochs})
-        return train_phase(net(channels_last), "pretrain", cfg, loader, {}, torch.device("cpu"),
-                           checkpoint_path=tmp_path / "last.pt", progress=False, bf16=bf16)
+        return train_phase(
+            net(channels_last),
+            "pretrain",
+            cfg,
+            loader,
+            {},
+            torch.device("cpu"),
+            checkpoint_path=tmp_path / "last.pt",
+            progress=False,
+            bf16=bf16,
+        )
 
     phase(1, bf16=False, channels_last=False)  # fp32 NCHW, one epoch checkpointed
     for bf16, cl in ((True, True), (True, False), (False, True)):
@@ -302,9 +367,22 @@ def test_cuda_fast_path_defaults_and_compile(tmp_path):
     from conftest import compose
     from dpm.run import run
 
-    m = run(compose(["experiment=smoke", "pruner=depgraph", "dpm=sp", "dpm.N=2", "trainer.device=cuda",
-                     "trainer.deterministic=false"]), tmp_path / "fast")
+    m = run(
+        compose(
+            [
+                "experiment=smoke",
+                "pruner=depgraph",
+                "dpm=sp",
+                "dpm.N=2",
+                "trainer.device=cuda",
+                "trainer.deterministic=false",
+            ]
+        ),
+        tmp_path / "fast",
+    )
     assert m["status"] == "complete" and m["fast"] and m["bf16"] and m["channels_last"]
-    m = run(compose(["experiment=smoke", "trainer.device=cuda", "trainer.compile=true",
-                     "trainer.deterministic=false"]), tmp_path / "compiled")
+    m = run(
+        compose(["experiment=smoke", "trainer.device=cuda", "trainer.compile=true", "trainer.deterministic=false"]),
+        tmp_path / "compiled",
+    )
     assert m["status"] == "complete" and m["compile"]

@@ -1,6 +1,7 @@
 """Fault injection: kills at every stage, corrupt checkpoints, bad configs, NaNs, full or read-only
 disks, bad images, and two processes on one run dir. Every case runs for real (SIGKILL, real
 files); the session ends with a summary line (tests/conftest.py) that the README quotes."""
+
 from __future__ import annotations
 
 import errno
@@ -22,11 +23,28 @@ pytestmark = pytest.mark.fault
 
 # A DepGraph +SR run on digits that has every stage: pretrain, sparse learning, two rounds whose
 # +SR decay (N = 30 > the 23 iterations of an epoch) crosses an epoch boundary, fine-tune.
-CAMPAIGN = ["experiment=quickstart", "dpm=sr", "trainer.deterministic=true", "trainer.progress=false",
-            "trainer.pretrain.epochs=2", "trainer.sparse.epochs=2", "trainer.finetune.epochs=4", "dpm.N=30",
-            "pruner.rounds=2", "pruner.round_interval=40"]
+CAMPAIGN = [
+    "experiment=quickstart",
+    "dpm=sr",
+    "trainer.deterministic=true",
+    "trainer.progress=false",
+    "trainer.pretrain.epochs=2",
+    "trainer.sparse.epochs=2",
+    "trainer.finetune.epochs=4",
+    "dpm.N=30",
+    "pruner.rounds=2",
+    "pruner.round_interval=40",
+]
 # What legitimately differs between a resumed run and an uninterrupted one.
-VOLATILE = {"wall_time_s", "run_dir", "git_sha", "pretrain_source", "sparse_source", "pretrain_checkpoint", "epoch_time_s"}
+VOLATILE = {
+    "wall_time_s",
+    "run_dir",
+    "git_sha",
+    "pretrain_source",
+    "sparse_source",
+    "pretrain_checkpoint",
+    "epoch_time_s",
+}
 
 
 def comparable(metrics: dict) -> dict:
@@ -36,6 +54,7 @@ def comparable(metrics: dict) -> dict:
         if isinstance(obj, list):
             return [strip(v) for v in obj]
         return obj
+
     return strip(metrics)
 
 
@@ -66,8 +85,10 @@ class DataLost(AssertionError):
 def reference(tmp_path_factory):
     """The uninterrupted run every kill case must reproduce."""
     root = tmp_path_factory.mktemp("reference")
-    proc = run_cli([*CAMPAIGN, f"hydra.run.dir={root / 'run'}"], env={"DPM_CACHE_DIR": str(root / "cache"),
-                                                                    "DPM_OUTPUT_ROOT": str(root / "out")})
+    proc = run_cli(
+        [*CAMPAIGN, f"hydra.run.dir={root / 'run'}"],
+        env={"DPM_CACHE_DIR": str(root / "cache"), "DPM_OUTPUT_ROOT": str(root / "out")},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return read_metrics(root / "run")
 
@@ -153,8 +174,9 @@ def run_cli_report(args: list[str], fault: str | None = None):
     from conftest import ROOT
 
     env = {**os.environ, **({"DPM_FAULT_AT": fault} if fault else {})}
-    return subprocess.run([sys.executable, "-m", "dpm.report", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "dpm.report", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 # ------------------------------------------------------------------------------------ bad configs
@@ -174,12 +196,19 @@ BAD_CONFIGS = [
     (["dpm.variant=fast"], "dpm.variant='fast': valid: base, sp, sr"),
     (["dpm.Nx=3"], "dpm.Nx: no such key"),
     (["trainer.finetune.lr=0"], "trainer.finetune.lr=0.0: must be > 0"),
-    (["dataset=cifar10", "model=resnet20", "dataset.root=/nonexistent/cifar10"],
-     "dataset.root=/nonexistent/cifar10 holds neither train/ and test/ image folders"),
+    (
+        ["dataset=cifar10", "model=resnet20", "dataset.root=/nonexistent/cifar10"],
+        "dataset.root=/nonexistent/cifar10 holds neither train/ and test/ image folders",
+    ),
     (["pretrain.checkpoint=/nonexistent.pt"], "pretrain.checkpoint=/nonexistent.pt does not exist"),
-    (["experiment=gate_decorator_smoke", "pruner.flops_target=0.001"],
-     "pruner.flops_target=0.001: with every layer kept at pruner.min_channel_ratio=0.1 at least about"),
-    (["experiment=otov2_smoke", "pruner.target_group_sparsity=1.2"], "pruner.target_group_sparsity=1.2: must be in (0, 1)"),
+    (
+        ["experiment=gate_decorator_smoke", "pruner.flops_target=0.001"],
+        "pruner.flops_target=0.001: with every layer kept at pruner.min_channel_ratio=0.1 at least about",
+    ),
+    (
+        ["experiment=otov2_smoke", "pruner.target_group_sparsity=1.2"],
+        "pruner.target_group_sparsity=1.2: must be in (0, 1)",
+    ),
 ]
 
 
@@ -201,23 +230,41 @@ def test_bad_config_is_one_line_before_any_work(tmp_path, args, expected):
 
 
 def test_sweep_with_run_dir_names_too_long_is_one_line(tmp_path):
-    many = [f"trainer.{phase}.{key}={value}" for phase in ("pretrain", "finetune")
-            for key, value in (("lr", 0.05), ("weight_decay", 0.0005), ("momentum", 0.9), ("batch_size", 32))]
-    proc = run_cli(["-m", "experiment=smoke", "seed=0,1", *many, "trainer.eval_batch_size=64", "dataset.val_size=0",
-                    f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    many = [
+        f"trainer.{phase}.{key}={value}"
+        for phase in ("pretrain", "finetune")
+        for key, value in (("lr", 0.05), ("weight_decay", 0.0005), ("momentum", 0.9), ("batch_size", 32))
+    ]
+    proc = run_cli(
+        [
+            "-m",
+            "experiment=smoke",
+            "seed=0,1",
+            *many,
+            "trainer.eval_batch_size=64",
+            "dataset.val_size=0",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ]
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].endswith("add 'hydra.sweep.subdir=${hydra.job.num}' (numbered run dirs)")
+    assert (
+        proc.stderr.strip().splitlines()[-1].endswith("add 'hydra.sweep.subdir=${hydra.job.num}' (numbered run dirs)")
+    )
     assert not (tmp_path / "sweep").exists()
 
 
 @pytest.mark.slow
 def test_checkpoint_of_another_model_is_one_line(tmp_path):
     torch.save(torch.nn.Linear(3, 3).state_dict(), tmp_path / "other.pt")
-    proc = run_cli(["experiment=quickstart", f"pretrain.checkpoint={tmp_path / 'other.pt'}",
-                    f"hydra.run.dir={tmp_path / 'run'}"])
+    proc = run_cli(
+        ["experiment=quickstart", f"pretrain.checkpoint={tmp_path / 'other.pt'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: pretrain.checkpoint={tmp_path / 'other.pt'} "
-                                                           f"does not match the model")
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: pretrain.checkpoint={tmp_path / 'other.pt'} does not match the model")
+    )
 
 
 # ------------------------------------------------------------------------------------ resume safety
@@ -269,8 +316,9 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     proc = run_cli(args, env={"DPM_FAULT_AT": "pretrain:nan_step30"})  # step 7 of epoch 2
     assert proc.returncode == 2, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: pretrain: the loss became NaN/inf at step 30 (epoch 2); the last good "
-                           "checkpoint is kept")
+    assert line.startswith(
+        "error: pretrain: the loss became NaN/inf at step 30 (epoch 2); the last good checkpoint is kept"
+    )
     assert load_checkpoint(run_dir / PRETRAIN_PROGRESS)["epoch"] == 1
     failed = read_metrics(run_dir)
     assert failed["status"] == "failed" and "step 30" in failed["error"]
@@ -279,11 +327,18 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 
 def test_on_nan_skip_step_skips_and_counts(tmp_path):
     os.environ["DPM_FAULT_AT"] = "pretrain:nan_step10"  # isolated_env removes it afterwards
-    metrics = run(compose(["experiment=smoke", "trainer.on_nan=skip_step", "trainer.pretrain.epochs=3",
-                           "dataset.synthetic_train=512"]), tmp_path / "run")
+    metrics = run(
+        compose(
+            ["experiment=smoke", "trainer.on_nan=skip_step", "trainer.pretrain.epochs=3", "dataset.synthetic_train=512"]
+        ),
+        tmp_path / "run",
+    )
     assert metrics["status"] == "complete" and metrics["nonfinite_steps_skipped"] == 1
-    assert all(torch.isfinite(p).all() for p in load_checkpoint(tmp_path / "run" / CHECKPOINT)["model"].values()
-               if p.is_floating_point())
+    assert all(
+        torch.isfinite(p).all()
+        for p in load_checkpoint(tmp_path / "run" / CHECKPOINT)["model"].values()
+        if p.is_floating_point()
+    )
 
 
 def test_diverging_run_stops_before_checkpointing_nan_weights(tmp_path):
@@ -335,8 +390,11 @@ def test_disk_full_mid_run_fails_clearly_and_resumes_after_space_is_freed(tmp_pa
     ckpt_size = (tmp_path / "ref" / CHECKPOINT).stat().st_size
     with monkeypatch.context() as patch:
         FillingDisk(patch, budget=4 * ckpt_size)
-        with pytest.raises(UserError, match=r"cannot write .*: No space left on device: free space there or point "
-                                            r"output_root / cache_dir at a writable location"):
+        with pytest.raises(
+            UserError,
+            match=r"cannot write .*: No space left on device: free space there or point "
+            r"output_root / cache_dir at a writable location",
+        ):
             run(compose(args), run_dir)
     assert_no_data_lost(run_dir)
     assert not (run_dir / "metrics.json").exists() or read_metrics(run_dir)["status"] == "failed"
@@ -393,8 +451,15 @@ def test_corrupt_jpeg_through_the_cli_is_one_line(tmp_path):
     root = image_folder(tmp_path / "cifar10")
     bad = root / "test" / "class0" / "0.jpg"
     bad.write_bytes(b"not a jpeg")
-    proc = run_cli(["experiment=smoke", "dataset=cifar10", f"dataset.root={root}", "dataset.image_size=32",
-                    f"hydra.run.dir={tmp_path / 'run'}"])
+    proc = run_cli(
+        [
+            "experiment=smoke",
+            "dataset=cifar10",
+            f"dataset.root={root}",
+            "dataset.image_size=32",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: cannot decode image {bad}")
 

@@ -1,5 +1,6 @@
 """Gate Decorator + DPM: gated BN, Taylor scores, tick selection, residual coupling, melt, smooth
 decay of the gates, N = 1 as the base method, and base / +SP / +SR smoke runs through the runner."""
+
 from __future__ import annotations
 
 import copy
@@ -83,8 +84,11 @@ def test_taylor_score_is_the_sum_over_steps_of_abs_gate_times_its_gradient():
         xs, ys = torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,))
         # By hand: y = BN(h) * g, so dL/dg_c = sum over batch and pixels of dL/dy * BN(h).
         captured = {}
-        handle = bn.register_forward_hook(lambda m, i, o: captured.update(
-            normed=nn.functional.batch_norm(i[0], None, None, m.weight, m.bias, True, 0.0, m.eps).detach(), out=o))
+        handle = bn.register_forward_hook(
+            lambda m, i, o: captured.update(
+                normed=nn.functional.batch_norm(i[0], None, None, m.weight, m.bias, True, 0.0, m.eps).detach(), out=o
+            )
+        )
         out = model(xs)
         handle.remove()
         captured["out"].retain_grad()
@@ -107,8 +111,9 @@ def test_units_rule_masks_exactly_the_lowest_scored_channels_above_the_floor():
     with the lowest scores, exactly that many, counted now."""
     model = randomised(tiny_net())
     x = torch.randn(2, 3, 8, 8)
-    gd = gated(model, x, prune_ratio=0.5, min_channel_ratio=0.5, tick_rule="units",
-               floor_rounding="ceil")  # 11 units: 5 per tick; floors 3 and 3
+    gd = gated(
+        model, x, prune_ratio=0.5, min_channel_ratio=0.5, tick_rule="units", floor_rounding="ceil"
+    )  # 11 units: 5 per tick; floors 3 and 3
     gd.begin_phase("tick", 1, steps=1)
     # Layer "1" (6 channels) holds the 4 lowest scores, but may lose only 3; then the lowest of "4".
     set_scores(gd, {"1": [0.1, 0.2, 0.3, 0.4, 5.0, 6.0], "4": [0.9, 0.7, 3.0, 0.8, 4.0]})
@@ -155,8 +160,13 @@ def test_residual_coupled_channels_are_scored_and_masked_together():
 # scores never prunable, the rest entered once per coupled BN, threshold = sorted(entries)[num],
 # prune score <= threshold (ties too) unless among the layer's top `minimal`; rule 3, minimal =
 # max(1, int(0.1 C)).
-def original_ticks(layers: list[tuple[str, ...]], widths: dict[str, int], ticks: list[dict[str, list[float]]],
-                   p: float, ratio: float = 0.1) -> list[dict]:
+def original_ticks(
+    layers: list[tuple[str, ...]],
+    widths: dict[str, int],
+    ticks: list[dict[str, list[float]]],
+    p: float,
+    ratio: float = 0.1,
+) -> list[dict]:
     """Each tick's num, left and newly masked (bn, channel) pairs under the original's rules.
 
     ``layers``: the gated BN layers, coupled ones (one residual stage) together in one tuple.
@@ -192,8 +202,12 @@ def original_ticks(layers: list[tuple[str, ...]], widths: dict[str, int], ticks:
 
 ORIGINAL_NETS = {
     # a small ResNet with a projection shortcut: each stage's residual-add BNs are one coupled layer
-    "tiny_resnet": [("bn1", "layer1.0.bn2"), ("layer1.0.bn1",), ("layer2.0.bn1",),
-                    ("layer2.0.bn2", "layer2.0.downsample.1")],
+    "tiny_resnet": [
+        ("bn1", "layer1.0.bn2"),
+        ("layer1.0.bn1",),
+        ("layer2.0.bn1",),
+        ("layer2.0.bn2", "layer2.0.downsample.1"),
+    ],
     # VGG-like: conv-BN-ReLU x 3, every BN its own layer
     "tiny_cnn": [("features.1",), ("features.4",), ("features.7",)],
 }
@@ -212,8 +226,9 @@ def test_tick_counts_selects_and_lags_as_the_original(net):
     assert {bn for layer in ORIGINAL_NETS[net] for bn in layer} == set(widths)
     # Small integer scores: ties at the threshold, at the per-layer floor and across layers.
     g = torch.Generator().manual_seed(1)
-    ticks = [{bn: torch.randint(1, 7, (w,), generator=g).double().tolist() for bn, w in widths.items()}
-             for _ in range(4)]
+    ticks = [
+        {bn: torch.randint(1, 7, (w,), generator=g).double().tolist() for bn, w in widths.items()} for _ in range(4)
+    ]
     expected = original_ticks(ORIGINAL_NETS[net], widths, ticks, p)
     assert expected[0]["left"] == expected[1]["left"] == sum(widths.values())  # the lag: ticks 1, 2 alike
     assert expected[2]["left"] < expected[1]["left"]
@@ -251,7 +266,11 @@ def test_first_tick_counts_bn_channel_entries_of_coupled_layers():
     gd.ticks = 1
     record = gd.select()
     assert record["requested"] == 3 and record["count_basis"] == 72
-    assert {tuple(k) for k in record["selected"]} == {("layer2.0.conv2", 3), ("layer2.0.conv1", 7), ("layer1.0.conv1", 2)}
+    assert {tuple(k) for k in record["selected"]} == {
+        ("layer2.0.conv2", 3),
+        ("layer2.0.conv1", 7),
+        ("layer1.0.conv1", 2),
+    }
     assert record["selected_entries"] == 4
 
 
@@ -261,8 +280,11 @@ def test_floor_is_max_1_int_tenth_of_the_layer_or_rounded_up_on_request():
     model = build_model("tiny_cnn", 10, widths=(9, 16, 64))
     x = torch.randn(2, 3, 8, 8)
     assert gated(copy.deepcopy(model), x).floor == {"features.0": 1, "features.3": 1, "features.6": 6}
-    assert gated(copy.deepcopy(model), x, floor_rounding="ceil").floor == \
-        {"features.0": 1, "features.3": 2, "features.6": 7}
+    assert gated(copy.deepcopy(model), x, floor_rounding="ceil").floor == {
+        "features.0": 1,
+        "features.3": 2,
+        "features.6": 7,
+    }
 
 
 def test_tick_trains_bn_bias_with_weight_decay_and_carries_momentum_to_the_next_phase():
@@ -388,8 +410,9 @@ def test_sp_with_N_1_is_bitwise_the_base_method(tmp_path):
     base = run(smoke("dpm=base"), tmp_path / "base")
     sp = run(smoke("dpm=sp", "dpm.N=1"), tmp_path / "sp")
     assert base["status"] == sp["status"] == "complete" and base["N"] == sp["N"] == 1 and base["pruned"] > 0
-    assert {k: v for k, v in sp.items() if k not in RUN_SPECIFIC} == \
-        {k: v for k, v in base.items() if k not in RUN_SPECIFIC}
+    assert {k: v for k, v in sp.items() if k not in RUN_SPECIFIC} == {
+        k: v for k, v in base.items() if k not in RUN_SPECIFIC
+    }
     wb = load_checkpoint(tmp_path / "base" / CHECKPOINT)["model"]
     ws = load_checkpoint(tmp_path / "sp" / CHECKPOINT)["model"]
     assert wb.keys() == ws.keys() and all(torch.equal(wb[k], ws[k]) for k in wb)
@@ -405,8 +428,13 @@ def test_smoke_runs_of_base_sp_sr_reach_the_flops_target_without_reselecting_dec
         assert m["native_counter"] == "thop_default" and m["native_pruned_macs"] < m["native_base_macs"], v
         assert m["melt_max_abs_diff"] <= 1e-5 and m["epochs"]["finetune"] == 1, v
         # the tick rules that ran are recorded (defaults: the original's)
-        assert (m["tick_rule"], m["floor_rounding"], m["tick_bn_bias"], m["carry_momentum"],
-                m["tick_weight_decay"]) == ("original", "floor", True, True, 5e-4), v
+        assert (
+            m["tick_rule"],
+            m["floor_rounding"],
+            m["tick_bn_bias"],
+            m["carry_momentum"],
+            m["tick_weight_decay"],
+        ) == ("original", "floor", True, True, 5e-4), v
         ticks = json.loads((tmp_path / v / "gate_decorator_ticks.json").read_text())
         pruned: set = set()
         for record in ticks:
@@ -420,8 +448,10 @@ def test_smoke_runs_of_base_sp_sr_reach_the_flops_target_without_reselecting_dec
     assert results["base"]["N"] == 1 and results["sp"]["N"] == results["sr"]["N"] == 6
     # N = 6 spans ticks of 4 steps: the next tick selects while the previous selection still decays
     sp_ticks = json.loads((tmp_path / "sp" / "gate_decorator_ticks.json").read_text())
-    assert any({tuple(k) for k in a["selected"]} & {tuple(k) for k in b["decaying_before"]}
-               for a, b in zip(sp_ticks, sp_ticks[1:]))
+    assert any(
+        {tuple(k) for k in a["selected"]} & {tuple(k) for k in b["decaying_before"]}
+        for a, b in zip(sp_ticks, sp_ticks[1:])
+    )
     assert results["sp"]["drain_steps"] > 0 and results["sp"]["released"] == 0
     assert results["sr"]["released"] >= 1
     assert results["sp"]["pruned"] == results["sp"]["admitted"]
@@ -473,8 +503,9 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, monkeypatch, caplog, p
     skip = RUN_SPECIFIC | {"pretrain_checkpoint"}
     assert ref["released"] >= 1 and ref["ticks"] >= 3
     assert {k: v for k, v in resumed.items() if k not in skip} == {k: v for k, v in ref.items() if k not in skip}
-    assert (tmp_path / "run" / "gate_decorator_ticks.json").read_text() == \
-        (tmp_path / "ref" / "gate_decorator_ticks.json").read_text()
+    assert (tmp_path / "run" / "gate_decorator_ticks.json").read_text() == (
+        tmp_path / "ref" / "gate_decorator_ticks.json"
+    ).read_text()
     wr = load_checkpoint(tmp_path / "ref" / CHECKPOINT)["model"]
     wk = load_checkpoint(tmp_path / "run" / CHECKPOINT)["model"]
     assert wr.keys() == wk.keys() and all(torch.equal(wr[k], wk[k]) for k in wr)

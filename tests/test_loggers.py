@@ -1,4 +1,5 @@
 """W&B logging in offline mode (tests never reach the network)."""
+
 from __future__ import annotations
 
 import json
@@ -55,15 +56,33 @@ def offline_records(run_dir: Path, timeout: float = 20.0) -> bytes:
 
 
 def test_wandb_pruning_run_logs_steps_dpm_counters_group_and_job_type(tmp_path):
-    cfg = compose(["experiment=smoke", "pruner=depgraph", "dpm=sr", "dpm.N=3", "table=smoke_table",
-                   "ablation=N", "logger=wandb", "logger.log_every=2"])
+    cfg = compose(
+        [
+            "experiment=smoke",
+            "pruner=depgraph",
+            "dpm=sr",
+            "dpm.N=3",
+            "table=smoke_table",
+            "ablation=N",
+            "logger=wandb",
+            "logger.log_every=2",
+        ]
+    )
     assert cfg.logger.mode == "offline"  # from WANDB_MODE (conftest), via conf/logger/wandb.yaml
     metrics = run(cfg, tmp_path / "run")
     assert metrics["status"] == "complete"
     records = offline_records(tmp_path / "run")
-    for key in ("pretrain/loss", "pretrain/lr", "pretrain/step", "finetune/loss", "finetune/dpm_decaying",
-                "finetune/dpm_pruned", "finetune/dpm_released", "finetune/dpm_releases_total",
-                "finetune/test_top1"):
+    for key in (
+        "pretrain/loss",
+        "pretrain/lr",
+        "pretrain/step",
+        "finetune/loss",
+        "finetune/dpm_decaying",
+        "finetune/dpm_pruned",
+        "finetune/dpm_released",
+        "finetune/dpm_releases_total",
+        "finetune/test_top1",
+    ):
         assert key.encode() in records, key
     assert field_bytes(run_group="tiny_cnn-synthetic-depgraph-sr") in records
     assert field_bytes(job_type="run") in records  # stages are metric prefixes, see dpm/loggers.py

@@ -1,4 +1,5 @@
 """MACs/params counters (docs/method.md section 8): pinned headline numbers, native units, hygiene."""
+
 import copy
 import math
 
@@ -108,7 +109,10 @@ def test_macs_are_per_sample_and_inputs_may_be_a_shape_or_tensor():
     one = count_macs_params(model, input_shape=(1, 1, 8, 8))
     assert count_macs_params(model, torch.randn(5, 1, 8, 8)) == one
     assert count_macs_params(model, (1, 1, 8, 8)) == one
-    assert torch_pruning_macs_params(model, torch.randn(5, 1, 8, 8))[0] == torch_pruning_macs_params(model, (1, 1, 8, 8))[0]
+    assert (
+        torch_pruning_macs_params(model, torch.randn(5, 1, 8, 8))[0]
+        == torch_pruning_macs_params(model, (1, 1, 8, 8))[0]
+    )
     with pytest.raises(TypeError, match="example_inputs must be"):
         count_macs_params(model, "1x1x8x8")
 

@@ -1,4 +1,5 @@
 """Model zoo: every name builds and runs, parameter counts pinned to the base methods' own models."""
+
 import copy
 
 import pytest

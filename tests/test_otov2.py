@@ -3,12 +3,12 @@
 Independent re-computations follow docs/otov2-dhspg.md section 4; the parity with the
 original package is tests/test_otov2_parity.py.
 """
-from __future__ import annotations
 
-import math
+from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -16,11 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpm.checkpoint import load_checkpoint, load_pruned_model
+from dpm.config import compose
 from dpm.core import DecayController, RectifyConfig
 from dpm.errors import UserError
 from dpm.pruners.otov2 import DHSPG, remove_zero_groups, zero_invariant_groups
-from dpm.config import compose
-
 from helpers import one_thread  # noqa: F401  (autouse fixture)
 
 
@@ -28,9 +27,18 @@ def small_net(seed: int = 0) -> nn.Sequential:
     """conv(8)-BN, conv(12)-BN, a hidden Linear(10) and the classifier: three ZIGs, two types."""
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 4))
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 12, 3, padding=1),
+        nn.BatchNorm2d(12),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(12, 10),
+        nn.ReLU(),
+        nn.Linear(10, 4),
+    )
 
 
 def build(seed: int = 0, controller_N: int | None = None, rectify: RectifyConfig | None = None, **kw):
@@ -40,9 +48,15 @@ def build(seed: int = 0, controller_N: int | None = None, rectify: RectifyConfig
     holder = {}
     ctl = None
     if controller_N is not None:
-        ctl = DecayController(model, controller_N, rectify=rectify, track=100,
-                              replacement=(lambda r, e: holder["opt"].promote(r, e))
-                              if rectify is not None and rectify.budget == "strict" else None)
+        ctl = DecayController(
+            model,
+            controller_N,
+            rectify=rectify,
+            track=100,
+            replacement=(lambda r, e: holder["opt"].promote(r, e))
+            if rectify is not None and rectify.budget == "strict"
+            else None,
+        )
         ctl.register(t for z in zigs for t in z.targets)
     opt = DHSPG(zigs, model.parameters(), controller=ctl, **kw)
     holder["opt"] = opt
@@ -79,8 +93,9 @@ def test_zigs_are_the_producer_rows_of_each_dependency_group():
 
 @pytest.mark.parametrize("q", [1, 2, 3, 5])
 def test_partition_sizes_follow_K_and_group_divisible(q):
-    model, zigs, _, opt, _ = build(lr=0.1, lmbda=0.0, target_group_sparsity=0.4, tolerance_group_sparsity=0.15,
-                                   group_divisible=q)
+    model, zigs, _, opt, _ = build(
+        lr=0.1, lmbda=0.0, target_group_sparsity=0.4, tolerance_group_sparsity=0.15, group_divisible=q
+    )
     backward(model, batches(1)[0])
     xs, ds = matrices(zigs), matrices(zigs, grads=True)
     opt.step()  # start_pruning_steps=0: the first step partitions
@@ -102,7 +117,7 @@ def test_partition_sizes_follow_K_and_group_divisible(q):
             expected_np = min(max(round(m / q), 1) * q, C)
         assert int((~gp).sum()) == expected_np
         # G_np holds the lowest scores of the ZIG.
-        zs = score[start:start + C]
+        zs = score[start : start + C]
         if 0 < expected_np < C:
             assert float(zs[~gp].max()) <= float(zs[gp].min())
         start += C
@@ -125,8 +140,15 @@ def _expected_lambdas(x, d, gp, lam, amp, hat):
 
 def test_lambda_adaptation_stays_within_its_clip_bounds_and_projection_zeroes_exactly_the_half_space_groups():
     lam, amp, hat, lr, eps = 1.0, 20.0, 10.0, 0.1, 0.9
-    model, zigs, _, opt, _ = build(lr=lr, lmbda=lam, lmbda_amplify=amp, hat_lmbda_coeff=hat, epsilon=eps,
-                                   target_group_sparsity=0.6, tolerance_group_sparsity=0.3)
+    model, zigs, _, opt, _ = build(
+        lr=lr,
+        lmbda=lam,
+        lmbda_amplify=amp,
+        hat_lmbda_coeff=hat,
+        epsilon=eps,
+        target_group_sparsity=0.6,
+        tolerance_group_sparsity=0.3,
+    )
     projected = adapted = 0
     for step, batch in enumerate(batches(6)):
         backward(model, batch)
@@ -147,7 +169,7 @@ def test_lambda_adaptation_stays_within_its_clip_bounds_and_projection_zeroes_ex
             xn = x.norm(dim=1)
             hat_x = x - lr * d
             hat_x[gp] -= lr * want[gp].unsqueeze(1) * x[gp] / (xn[gp] + 1e-8).unsqueeze(1)
-            cond = gp & ((hat_x * x).sum(1) < eps * xn ** 2) & (xn > 0)
+            cond = gp & ((hat_x * x).sum(1) < eps * xn**2) & (xn > 0)
             zero_after = z.gather(z.params).norm(dim=1) == 0
             assert torch.equal(zero_after, cond | zero_before[i]), f"step {step + 1}, ZIG {z.name}"
             projected += int(cond.sum())
@@ -157,9 +179,14 @@ def test_lambda_adaptation_stays_within_its_clip_bounds_and_projection_zeroes_ex
 
 @pytest.mark.parametrize("variant,momentum", [("sgd", 0.9), ("adam", None), ("adamw", None)])
 def test_fixed_zeros_stay_zero_under_momentum_and_weight_decay(variant, momentum):
-    model, zigs, _, opt, _ = build(lr=0.05 if variant == "sgd" else 1e-3, variant=variant, first_momentum=momentum,
-                                   weight_decay=5e-4 if variant == "sgd" else None, lmbda=0.0,
-                                   start_pruning_steps=1000)
+    model, zigs, _, opt, _ = build(
+        lr=0.05 if variant == "sgd" else 1e-3,
+        variant=variant,
+        first_momentum=momentum,
+        weight_decay=5e-4 if variant == "sgd" else None,
+        lmbda=0.0,
+        start_pruning_steps=1000,
+    )
     data = batches(8)
     for b in data[:3]:  # momentum buffers fill up first
         backward(model, b)
@@ -201,8 +228,16 @@ def run_steps(opt, model, data):
 
 
 def test_sp_with_N_1_is_the_base_method_bit_for_bit():
-    kw = dict(lr=0.1, lmbda=0.5, epsilon=0.9, first_momentum=0.9, weight_decay=5e-4, target_group_sparsity=0.5,
-              tolerance_group_sparsity=0.3, start_pruning_steps=2)
+    kw = dict(
+        lr=0.1,
+        lmbda=0.5,
+        epsilon=0.9,
+        first_momentum=0.9,
+        weight_decay=5e-4,
+        target_group_sparsity=0.5,
+        tolerance_group_sparsity=0.3,
+        start_pruning_steps=2,
+    )
     base_model, _, _, base, _ = build(**kw)
     sp_model, _, _, sp, _ = build(controller_N=1, **kw)
     for b in batches(10):
@@ -215,8 +250,15 @@ def test_sp_with_N_1_is_the_base_method_bit_for_bit():
 
 def test_sp_never_zeroes_abruptly_and_each_group_follows_the_linear_schedule():
     N = 4
-    model, zigs, _, opt, ctl = build(controller_N=N, lr=0.1, lmbda=0.5, epsilon=0.9, target_group_sparsity=0.5,
-                                     tolerance_group_sparsity=0.3, start_pruning_steps=1)
+    model, zigs, _, opt, ctl = build(
+        controller_N=N,
+        lr=0.1,
+        lmbda=0.5,
+        epsilon=0.9,
+        target_group_sparsity=0.5,
+        tolerance_group_sparsity=0.3,
+        start_pruning_steps=1,
+    )
     admitted_at: dict = {}
     first_norm: dict = {}
     for step, b in enumerate(batches(14)):
@@ -248,8 +290,16 @@ def test_sp_never_zeroes_abruptly_and_each_group_follows_the_linear_schedule():
 
 def test_sr_release_leaves_G_p_for_good_and_strict_promotes_the_best_scoring_group():
     rectify = RectifyConfig(t_rate=0.0, t_len=0.0, budget="strict")
-    model, zigs, _, opt, ctl = build(controller_N=6, rectify=rectify, lr=0.1, lmbda=0.5, epsilon=0.9,
-                                     target_group_sparsity=0.5, tolerance_group_sparsity=0.3, start_pruning_steps=1)
+    model, zigs, _, opt, ctl = build(
+        controller_N=6,
+        rectify=rectify,
+        lr=0.1,
+        lmbda=0.5,
+        epsilon=0.9,
+        target_group_sparsity=0.5,
+        tolerance_group_sparsity=0.3,
+        start_pruning_steps=1,
+    )
     run_steps(opt, model, batches(12))
     released = [r["key"] for r in ctl.log.releases]
     assert released, "no release happened: the test exercises nothing"
@@ -262,10 +312,16 @@ def test_sr_release_leaves_G_p_for_good_and_strict_promotes_the_best_scoring_gro
     assert ctl.log.readmissions == []  # a release is final: never projected / admitted again
     # promote() picks the best-scoring eligible G_np row (ZIGs keep >= q = 1 G_np rows).
     norms = opt.group_norms()
-    best = max(((float(opt.scores[i][r]), i, r) for i, z in enumerate(zigs)
-                if int((~opt.penalized[i]).sum()) > 1
-                for r in range(z.num_groups)
-                if not opt.penalized[i][r] and not opt.admitted[i][r] and norms[i][r] > 0), default=None)
+    best = max(
+        (
+            (float(opt.scores[i][r]), i, r)
+            for i, z in enumerate(zigs)
+            if int((~opt.penalized[i]).sum()) > 1
+            for r in range(z.num_groups)
+            if not opt.penalized[i][r] and not opt.admitted[i][r] and norms[i][r] > 0
+        ),
+        default=None,
+    )
     assert best is not None
     opt.promote([None])
     assert bool(opt.penalized[best[1]][best[2]])
@@ -276,9 +332,16 @@ def test_base_budget_refills_G_p_only_as_far_as_the_target_needs():
     (invariant 6); releases within the tolerance are not replaced."""
     rectify = RectifyConfig(t_rate=0.0, t_len=0.0, budget="base")
     for tolerance, refill in ((0.0, True), (0.3, False)):
-        model, zigs, _, opt, ctl = build(controller_N=6, rectify=rectify, lr=0.1, lmbda=0.5, epsilon=0.9,
-                                         target_group_sparsity=0.5, tolerance_group_sparsity=tolerance,
-                                         start_pruning_steps=1)
+        model, zigs, _, opt, ctl = build(
+            controller_N=6,
+            rectify=rectify,
+            lr=0.1,
+            lmbda=0.5,
+            epsilon=0.9,
+            target_group_sparsity=0.5,
+            tolerance_group_sparsity=tolerance,
+            start_pruning_steps=1,
+        )
         need = math.ceil(0.5 * sum(z.num_groups for z in zigs))
         sizes = []
         original = opt._take_releases
@@ -299,9 +362,15 @@ def test_base_budget_refills_G_p_only_as_far_as_the_target_needs():
 
 def test_removal_keeps_the_outputs_and_the_final_sparsity_meets_the_target():
     target = 0.4
-    model, zigs, pruner, opt, _ = build(lr=0.1, lmbda=1.0, epsilon=0.9, first_momentum=0.9,
-                                        target_group_sparsity=target, tolerance_group_sparsity=0.3,
-                                        start_pruning_steps=1)
+    model, zigs, pruner, opt, _ = build(
+        lr=0.1,
+        lmbda=1.0,
+        epsilon=0.9,
+        first_momentum=0.9,
+        target_group_sparsity=target,
+        tolerance_group_sparsity=0.3,
+        start_pruning_steps=1,
+    )
     run_steps(opt, model, batches(10))
     assert opt.group_sparsity >= target
     summary = opt.summary()
@@ -323,8 +392,16 @@ def test_removal_keeps_the_outputs_and_the_final_sparsity_meets_the_target():
 
 
 def test_state_dict_resumes_to_the_same_trajectory():
-    kw = dict(lr=0.1, lmbda=0.5, epsilon=0.9, first_momentum=0.9, weight_decay=5e-4, target_group_sparsity=0.5,
-              tolerance_group_sparsity=0.3, start_pruning_steps=2)
+    kw = dict(
+        lr=0.1,
+        lmbda=0.5,
+        epsilon=0.9,
+        first_momentum=0.9,
+        weight_decay=5e-4,
+        target_group_sparsity=0.5,
+        tolerance_group_sparsity=0.3,
+        start_pruning_steps=2,
+    )
     data = batches(10)
     model, _, _, opt, ctl = build(controller_N=3, **kw)
     run_steps(opt, model, data[:5])
@@ -381,8 +458,13 @@ def test_paper_config_composes_with_the_otov2_recipe():
     cfg = compose(["experiment=paper/otov2_vgg16bn_cifar10", "dpm=sp"])
     p = cfg.pruner
     assert (cfg.model.name, cfg.model.classifier, cfg.dataset.name) == ("vgg16_bn", "mlp", "cifar10")
-    assert (p.variant, p.lmbda, p.epsilon, p.target_group_sparsity, p.tolerance_group_sparsity) == \
-        ("sgd", 5e-4, 0.9, 0.79, 0.21)
+    assert (p.variant, p.lmbda, p.epsilon, p.target_group_sparsity, p.tolerance_group_sparsity) == (
+        "sgd",
+        5e-4,
+        0.9,
+        0.79,
+        0.21,
+    )
     assert (p.weight_decay, p.start_pruning_epochs) == (5e-4, 50)
     assert (p.train.epochs, p.train.milestones, p.train.batch_size, p.train.mixup) == (300, [75, 150, 225], 64, 0.2)
     assert cfg.trainer.pretrain.epochs == 0 and cfg.trainer.finetune.epochs == 0
@@ -391,12 +473,15 @@ def test_paper_config_composes_with_the_otov2_recipe():
     validate(cfg)
 
 
-@pytest.mark.parametrize("override,key", [
-    ("pruner.train.momentum=0.9", "pruner.train.momentum"),
-    ("pruner.variant=rmsprop", "pruner.variant"),
-    ("pruner.epsilon=1.5", "pruner.epsilon"),
-    ("pruner.target_group_sparsity=1.0", "pruner.target_group_sparsity"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("pruner.train.momentum=0.9", "pruner.train.momentum"),
+        ("pruner.variant=rmsprop", "pruner.variant"),
+        ("pruner.epsilon=1.5", "pruner.epsilon"),
+        ("pruner.target_group_sparsity=1.0", "pruner.target_group_sparsity"),
+    ],
+)
 def test_bad_otov2_settings_fail_with_the_key(override, key):
     from dpm.config import validate
 
@@ -425,19 +510,23 @@ def test_killed_sr_run_resumes_to_the_same_result(tmp_path):
     a = json.loads((tmp_path / "ref" / "metrics.json").read_text())
     b = json.loads((killed / "metrics.json").read_text())
     assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
-    assert json.loads((tmp_path / "ref" / "dpm_log.json").read_text()) == \
-        json.loads((killed / "dpm_log.json").read_text())
+    assert json.loads((tmp_path / "ref" / "dpm_log.json").read_text()) == json.loads(
+        (killed / "dpm_log.json").read_text()
+    )
     wa = load_pruned_model(tmp_path / "ref" / "pruned_model.pt").state_dict()
     wb = load_pruned_model(killed / "pruned_model.pt").state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.parametrize("name,options,widths", [
-    # Spec section 5: OTOv2's per-channel group sizes (producers only: conv I*9 + bias + BN weight and bias).
-    ("vgg16_bn", {"classifier": "mlp"}, {30, 579, 1155, 2307, 4611, 513}),
-    # Block-internal 146 / 290 / 578; residual stages (stem/shortcut + 9 conv2 + 10 BN) 1343 / 2628 / 5236.
-    ("resnet56", {"shortcut": "projection"}, {146, 290, 578, 1343, 2628, 5236}),
-])
+@pytest.mark.parametrize(
+    "name,options,widths",
+    [
+        # Spec section 5: OTOv2's per-channel group sizes (producers only: conv I*9 + bias + BN weight and bias).
+        ("vgg16_bn", {"classifier": "mlp"}, {30, 579, 1155, 2307, 4611, 513}),
+        # Block-internal 146 / 290 / 578; residual stages (stem/shortcut + 9 conv2 + 10 BN) 1343 / 2628 / 5236.
+        ("resnet56", {"shortcut": "projection"}, {146, 290, 578, 1343, 2628, 5236}),
+    ],
+)
 def test_group_vectors_of_the_paper_models_are_otov2s(name, options, widths):
     from dpm.models import build_model
 

@@ -14,6 +14,7 @@ match trivially.
 The original needs `pip install -e ".[parity]"` (only_train_once==2.0.16, onnx). Without it the
 test is skipped, unless DPM_REQUIRE_PARITY=1 (CI), where the skip becomes a failure.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,7 +27,6 @@ import torch
 
 from dpm.models import build_model
 from dpm.pruners.otov2 import DHSPG, zero_invariant_groups
-
 from helpers import one_thread  # noqa: F401  (autouse fixture)
 
 # Run-level: minutes on 2 cores (`pytest -m "not slow"` leaves it out).
@@ -61,12 +61,13 @@ def _import_original(monkeypatch):
     monkeypatch.setattr(torch.onnx, "export", export)
     if not torch.cuda.is_available():
         monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)  # 2.0.16 hard-codes .cuda()
-    from only_train_once import OTO
     import operation.operator as oo  # 2.0.16 appends its own folder to sys.path
+    from only_train_once import OTO
 
     # Without it, flatten is not zero-invariant and the last conv's ZIG is never pruned (spec, shim 4).
-    oo.OP_DICT["flatten"] = oo.Operator("flatten", op_dict={"Zero-Invariant": "TRUE", "Type": "Others",
-                                                            "Shape-Dependent": "FALSE"})
+    oo.OP_DICT["flatten"] = oo.Operator(
+        "flatten", op_dict={"Zero-Invariant": "TRUE", "Type": "Others", "Shape-Dependent": "FALSE"}
+    )
     return OTO
 
 
@@ -82,10 +83,12 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,options,variant,lr,momentum,epsilon,lmbda,steps", CASES,
-                         ids=[f"{c[0]}-{c[2]}-m{c[4]}-eps{c[5]}-lam{c[6]}" for c in CASES])
-def test_dhspg_matches_only_train_once_2_0_16(name, options, variant, lr, momentum, epsilon, lmbda, steps,
-                                              monkeypatch):
+@pytest.mark.parametrize(
+    "name,options,variant,lr,momentum,epsilon,lmbda,steps",
+    CASES,
+    ids=[f"{c[0]}-{c[2]}-m{c[4]}-eps{c[5]}-lam{c[6]}" for c in CASES],
+)
+def test_dhspg_matches_only_train_once_2_0_16(name, options, variant, lr, momentum, epsilon, lmbda, steps, monkeypatch):
     OTO = _import_original(monkeypatch)
     variant, _, wd_type = variant.partition("-")
     torch.manual_seed(0)
@@ -93,8 +96,17 @@ def test_dhspg_matches_only_train_once_2_0_16(name, options, variant, lr, moment
     ours = build_model(name, 10, 3, **options).double()
     ours.load_state_dict(theirs.state_dict())
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    kw = dict(lr=lr, weight_decay_type=wd_type or "l2_norm", lmbda=lmbda, epsilon=epsilon, first_momentum=momentum, weight_decay=5e-4,
-              target_group_sparsity=0.7, tolerance_group_sparsity=0.2, start_pruning_steps=2)
+    kw = dict(
+        lr=lr,
+        weight_decay_type=wd_type or "l2_norm",
+        lmbda=lmbda,
+        epsilon=epsilon,
+        first_momentum=momentum,
+        weight_decay=5e-4,
+        target_group_sparsity=0.7,
+        tolerance_group_sparsity=0.2,
+        start_pruning_steps=2,
+    )
     with contextlib.redirect_stdout(io.StringIO()):  # 2.0.16 prints its progress
         oto = OTO(theirs, x[:1])
         ref = oto.dhspg(variant=variant, **kw)
@@ -125,7 +137,9 @@ def test_dhspg_matches_only_train_once_2_0_16(name, options, variant, lr, moment
             for n, p in named_ours.items():
                 p, q = p.detach(), named_theirs[n].detach()
                 worst = max(worst, float((p - q).abs().max()))
-                assert torch.allclose(p, q, atol=1e-12, rtol=0), f"step {step + 1}: {n} differs by {(p - q).abs().max()}"
+                assert torch.allclose(p, q, atol=1e-12, rtol=0), (
+                    f"step {step + 1}: {n} differs by {(p - q).abs().max()}"
+                )
                 if n in group_rows:
                     zp = p.reshape(p.shape[0], -1).abs().sum(1) == 0
                     zq = q.reshape(q.shape[0], -1).abs().sum(1) == 0

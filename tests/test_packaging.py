@@ -1,4 +1,5 @@
 """pyproject.toml and environment.yml describe the same environment; the package ships its configs."""
+
 from __future__ import annotations
 
 import re

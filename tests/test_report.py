@@ -1,8 +1,8 @@
 """dpm.report: run dirs -> paper table, paired seed statistics, Markdown / CSV / LaTeX, plots, CLI,
 the quickstart's report and the multirun callback."""
+
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -15,35 +15,67 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from test_loggers import offline_records
 
 from conftest import ROOT, run_cli
-from test_loggers import offline_records
 from dpm import report as rp
 
 TABLE = "depgraph_resnet56_cifar10"
 # (variant, seed) -> top1_final; best = final + 0.2, FLOPs 47 %, params 50 + seed.
-TOP1 = {("base", 0): 93.0, ("base", 1): 93.5, ("base", 2): 94.0,
-        ("sp", 0): 93.2, ("sp", 1): 93.6, ("sp", 2): 94.4,
-        ("sr", 0): 93.5, ("sr", 1): 93.9}
+TOP1 = {
+    ("base", 0): 93.0,
+    ("base", 1): 93.5,
+    ("base", 2): 94.0,
+    ("sp", 0): 93.2,
+    ("sp", 1): 93.6,
+    ("sp", 2): 94.4,
+    ("sr", 0): 93.5,
+    ("sr", 1): 93.9,
+}
 
 
-def write_run(run_dir: Path, variant: str, seed: int, top1: float | None, status: str = "complete",
-              metrics: bool = True, run_id: str = "r", hydra_only: bool = False) -> Path:
+def write_run(
+    run_dir: Path,
+    variant: str,
+    seed: int,
+    top1: float | None,
+    status: str = "complete",
+    metrics: bool = True,
+    run_id: str = "r",
+    hydra_only: bool = False,
+) -> Path:
     """A run dir as the runner leaves it: config.yaml (or only .hydra/config.yaml) and metrics.json."""
     run_dir.mkdir(parents=True)
-    cfg = {"name": TABLE, "table": TABLE, "seed": seed, "run_id": run_id, "output_root": "outputs",
-           "model": {"name": "resnet56"}, "dataset": {"name": "cifar10"}, "pruner": {"name": "depgraph"},
-           "dpm": {"variant": variant, "N": 1 if variant == "base" else 195},
-           "trainer": {"device": "auto", "sparse": {"epochs": 100}}}
+    cfg = {
+        "name": TABLE,
+        "table": TABLE,
+        "seed": seed,
+        "run_id": run_id,
+        "output_root": "outputs",
+        "model": {"name": "resnet56"},
+        "dataset": {"name": "cifar10"},
+        "pruner": {"name": "depgraph"},
+        "dpm": {"variant": variant, "N": 1 if variant == "base" else 195},
+        "trainer": {"device": "auto", "sparse": {"epochs": 100}},
+    }
     cfg_path = run_dir / (".hydra/config.yaml" if hydra_only else "config.yaml")
     cfg_path.parent.mkdir(exist_ok=True)
     cfg_path.write_text(yaml.safe_dump(cfg))
     if metrics:
-        m = {"name": TABLE, "table": TABLE, "model": "resnet56", "dataset": "cifar10", "pruner": "depgraph",
-             "variant": variant, "seed": seed, "status": status, "sparse_learning": True, "history": {"x": []}}
+        m = {
+            "name": TABLE,
+            "table": TABLE,
+            "model": "resnet56",
+            "dataset": "cifar10",
+            "pruner": "depgraph",
+            "variant": variant,
+            "seed": seed,
+            "status": status,
+            "sparse_learning": True,
+            "history": {"x": []},
+        }
         if status == "complete":
-            m.update(top1_final=top1, top1_best=top1 + 0.2, flops_remaining_pct=47.0,
-                     params_remaining_pct=50.0 + seed)
+            m.update(top1_final=top1, top1_best=top1 + 0.2, flops_remaining_pct=47.0, params_remaining_pct=50.0 + seed)
         else:
             m["error"] = "RuntimeError: boom"
         (run_dir / "metrics.json").write_text(json.dumps(m))
@@ -66,11 +98,19 @@ def runs_dir(tmp_path) -> Path:
     (root / "0_base_0" / "wandb" / "files").mkdir(parents=True)
     (root / "0_base_0" / "wandb" / "files" / "config.yaml").write_text("wandb_version: 1\n")
     # one run with a decay log, for the trajectory plot
-    (root / "5_sp_2" / "dpm_log.json").write_text(json.dumps({
-        "trajectories": [[["conv", 0], [[0, 1, 1.0], [1, 2, 0.5], [2, 3, 0.0]]],
-                         [["conv", 1], [[0, 1, 2.0], [1, 2, 1.5]]]],
-        "releases": [{"step": 1, "round": 1, "key": ["conv", 1], "c_rate": 0.1, "c_len": 2.0}],
-        "history": [], "readmissions": []}))
+    (root / "5_sp_2" / "dpm_log.json").write_text(
+        json.dumps(
+            {
+                "trajectories": [
+                    [["conv", 0], [[0, 1, 1.0], [1, 2, 0.5], [2, 3, 0.0]]],
+                    [["conv", 1], [[0, 1, 2.0], [1, 2, 1.5]]],
+                ],
+                "releases": [{"step": 1, "round": 1, "key": ["conv", 1], "c_rate": 0.1, "c_len": 2.0}],
+                "history": [],
+                "readmissions": [],
+            }
+        )
+    )
     return root
 
 
@@ -116,8 +156,10 @@ def test_reference_match_without_table_and_without_sparse_learning_column():
     key = {"pruner": "depgraph", "model": "resnet56", "dataset": "cifar10", "variant": "base"}
     # table null: the paper's own row comes first, not Torch-Pruning's reproduction
     assert rp.match_reference(ref, {**key, "table": None, "sparse_learning": False})["top1"] == 93.32
-    assert rp.match_reference(ref, {**key, "table": "depgraph_resnet56_cifar10_tp",
-                                     "sparse_learning": True})["top1"] == 93.77
+    assert (
+        rp.match_reference(ref, {**key, "table": "depgraph_resnet56_cifar10_tp", "sparse_learning": True})["top1"]
+        == 93.77
+    )
     otov2 = {"pruner": "otov2", "model": "vgg16_bn", "dataset": "cifar10", "variant": "sr", "table": None}
     assert rp.match_reference(ref, {**otov2, "sparse_learning": False})["top1"] == 93.8  # CSV leaves SL empty
     assert rp.match_reference(ref, {**key, "model": "tiny_cnn", "table": None, "sparse_learning": False}) is None
@@ -132,7 +174,9 @@ def test_seed_statistics_pair_by_seed_and_flag_intervals_with_zero(runs_dir):
     d = np.array([0.2, 0.1, 0.4])
     half = st.t.ppf(0.975, 2) * d.std(ddof=1) / math.sqrt(3)
     assert sp["n"] == 3 and sp["unpaired_seeds"] == ""
-    np.testing.assert_allclose([sp["mean_diff"], sp["ci_low"], sp["ci_high"]], [d.mean(), d.mean() - half, d.mean() + half])
+    np.testing.assert_allclose(
+        [sp["mean_diff"], sp["ci_low"], sp["ci_high"]], [d.mean(), d.mean() - half, d.mean() + half]
+    )
     assert bool(sp["includes_zero"]) and math.isnan(sp["boot_low"])
     sr = final.loc["+SR - base"]
     assert sr["n"] == 2 and sr["unpaired_seeds"] == "2"  # seed 2 failed for +SR
@@ -203,15 +247,21 @@ def test_plots_are_written_and_non_empty(runs_dir, tmp_path):
 @pytest.mark.slow
 def test_cli_prints_the_report_and_refuses_a_dir_without_runs(runs_dir, tmp_path):
     out = tmp_path / "cli_report"
-    done = subprocess.run([sys.executable, "-m", "dpm.report", str(runs_dir), "--out", str(out), "--no-plots"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "dpm.report", str(runs_dir), "--out", str(out), "--no-plots"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert "## Paper table" in done.stdout and "93.50 ± 0.50" in done.stdout
     assert (out / "report.md").is_file() and not (out / "plots").exists()
     (tmp_path / "empty").mkdir()
     for bad in (tmp_path / "empty", tmp_path / "nowhere"):
-        done = subprocess.run([sys.executable, "-m", "dpm.report", str(bad)], cwd=ROOT, capture_output=True,
-                              text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-m", "dpm.report", str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 2
         assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1
 
@@ -232,8 +282,18 @@ def test_quickstart_ends_with_a_report_of_its_three_runs(capsys):
 @pytest.mark.slow
 def test_multirun_callback_writes_the_sweep_report(tmp_path):
     sweep = tmp_path / "sweep"
-    done = run_cli(["-m", "experiment=quickstart", "dpm=base,sp,sr", "trainer.pretrain.epochs=2",
-                    "trainer.finetune.epochs=2", "logger=wandb", "logger.mode=offline", f"hydra.sweep.dir={sweep}"])
+    done = run_cli(
+        [
+            "-m",
+            "experiment=quickstart",
+            "dpm=base,sp,sr",
+            "trainer.pretrain.epochs=2",
+            "trainer.finetune.epochs=2",
+            "logger=wandb",
+            "logger.mode=offline",
+            f"hydra.sweep.dir={sweep}",
+        ]
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     table = pd.read_csv(sweep / "report" / "paper_table.csv")
     assert list(table["variant"]) == ["base", "sp", "sr"]
@@ -252,18 +312,29 @@ def ablation_dir(tmp_path) -> Path:
     for N in (10, 20, 40):
         for t_rate in (0.0, 0.5):
             for seed in (0, 1):
-                run_dir = write_run(root / f"{i}_sr_N{N}_T{t_rate}_s{seed}", "sr", seed, 90.0 + N / 10 + seed,
-                                    run_id=f"N{N}_T{t_rate}")
+                run_dir = write_run(
+                    root / f"{i}_sr_N{N}_T{t_rate}_s{seed}", "sr", seed, 90.0 + N / 10 + seed, run_id=f"N{N}_T{t_rate}"
+                )
                 metrics = json.loads((run_dir / "metrics.json").read_text())
                 metrics.update(N=N, T_rate=t_rate, T_len=1.0, flops_remaining_pct=40.0 + N / 4)
                 (run_dir / "metrics.json").write_text(json.dumps(metrics))
                 cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
                 cfg["dpm"].update(N=N, T_rate=t_rate, T_len=1.0)  # distinct configs, not duplicates
                 (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
-                history = [{"step": s, "decaying": max(N - s, 0), "pruned": 0, "released": s // 3,
-                            "releases_total": s // 3, "released_now": int(s % 3 == 0)} for s in range(N)]
-                (run_dir / "dpm_log.json").write_text(json.dumps(
-                    {"history": history, "releases": [], "readmissions": [], "trajectories": []}))
+                history = [
+                    {
+                        "step": s,
+                        "decaying": max(N - s, 0),
+                        "pruned": 0,
+                        "released": s // 3,
+                        "releases_total": s // 3,
+                        "released_now": int(s % 3 == 0),
+                    }
+                    for s in range(N)
+                ]
+                (run_dir / "dpm_log.json").write_text(
+                    json.dumps({"history": history, "releases": [], "readmissions": [], "trajectories": []})
+                )
                 i += 1
     base = write_run(root / "base_0", "base", 0, 91.0)
     metrics = json.loads((base / "metrics.json").read_text())
@@ -319,8 +390,13 @@ def test_a_table_whose_variants_differ_in_N_is_no_N_ablation(tmp_path):
 @pytest.mark.slow
 def test_report_logs_its_tables_and_plots_to_an_offline_wandb_run(runs_dir, tmp_path):
     out = tmp_path / "rep"
-    done = subprocess.run([sys.executable, "-m", "dpm.report", str(runs_dir), "--out", str(out), "--wandb",
-                           "--wandb-mode", "offline"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "dpm.report", str(runs_dir), "--out", str(out), "--wandb", "--wandb-mode", "offline"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     (wandb_run,) = (out / "wandb").glob("offline-run-*")
     records = offline_records(out)  # waits for wandb-core to finish writing
@@ -340,14 +416,17 @@ def test_report_logs_its_tables_and_plots_to_an_offline_wandb_run(runs_dir, tmp_
 
 
 def test_report_of_only_failed_runs_has_the_header_and_lists_them(tmp_path):
-    from dpm.errors import UserError
     from dpm.config import compose
+    from dpm.errors import UserError
     from dpm.run import run
 
     with pytest.raises(UserError):
         run(compose(["experiment=smoke", "trainer.pretrain.lr=1e30", "pretrain.cache=false"]), tmp_path / "runs" / "a")
     report = rp.write_report([tmp_path / "runs"], tmp_path / "report", plots=False)
-    assert "0 complete, 0 short of their pruning target, 1 failed or incomplete" in report.markdown and "(no complete runs)" in report.markdown
+    assert (
+        "0 complete, 0 short of their pruning target, 1 failed or incomplete" in report.markdown
+        and "(no complete runs)" in report.markdown
+    )
     assert (tmp_path / "report" / "tables.tex").exists()
 
 
@@ -357,26 +436,39 @@ def test_base_gate_withholds_variants_without_base_and_checks_the_base_row(tmp_p
 
     for variant in ("base", "sp"):
         run(compose(["experiment=smoke", "pruner=depgraph", f"dpm={variant}", "dpm.N=2"]), tmp_path / "both" / variant)
-    run(compose(["experiment=smoke", "pruner=depgraph", "dpm=sp", "dpm.N=2", "table=orphan"]),
-        tmp_path / "orphan" / "sp")
+    run(
+        compose(["experiment=smoke", "pruner=depgraph", "dpm=sp", "dpm.N=2", "table=orphan"]),
+        tmp_path / "orphan" / "sp",
+    )
     table = rp.paper_table(rp.load_runs([tmp_path]))
     notes = dict(zip(zip(table["table"], table["variant"]), table["base_check"]))
     assert notes[("", "base")] == "base = Torch-Pruning's selection, target met"
     assert notes[("", "sp")] == ""
     assert notes[("orphan", "sp")] == "no base row: deltas withheld"
     ref = rp.load_reference()
-    ref.loc[len(ref)] = {"table": "", "base_pruner": "depgraph", "model": "tiny_cnn", "dataset": "synthetic",
-                         "variant": "base", "top1": 150.0, "flops_remaining_pct": 50.0}
+    ref.loc[len(ref)] = {
+        "table": "",
+        "base_pruner": "depgraph",
+        "model": "tiny_cnn",
+        "dataset": "synthetic",
+        "variant": "base",
+        "top1": 150.0,
+        "flops_remaining_pct": 50.0,
+    }
     gated = rp.paper_table(rp.load_runs([tmp_path / "both"]), ref)
-    assert gated.loc[gated["variant"] == "base", "base_check"].item().startswith("base deviates from the paper's (top1 ")
+    assert (
+        gated.loc[gated["variant"] == "base", "base_check"].item().startswith("base deviates from the paper's (top1 ")
+    )
 
 
 def test_trajectory_plots_draw_released_targets_first(tmp_path):
     from dpm.report import plot_trajectories, trajectories_to_draw
 
     points = [(0, 1, 1.0), (1, 2, 0.5)]
-    dpm_log = {"trajectories": [[["conv", i], points] for i in range(20)] + [[["conv", 99], []]],
-               "releases": [{"step": 1, "key": ["conv", i]} for i in (12, 15, 17)]}
+    dpm_log = {
+        "trajectories": [[["conv", i], points] for i in range(20)] + [[["conv", 99], []]],
+        "releases": [{"step": 1, "key": ["conv", i]} for i in (12, 15, 17)],
+    }
     drawn = [key[1] for key, _ in trajectories_to_draw(dpm_log, limit=8)]
     assert drawn == [12, 15, 17, 0, 1, 2, 3, 4]  # released first, then the first admitted
     many = {**dpm_log, "releases": [{"step": 1, "key": ["conv", i]} for i in range(10, 20)]}

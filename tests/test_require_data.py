@@ -1,13 +1,15 @@
 """DPM_REQUIRE_DATA=1 (set by .ci/run) turns every real-CIFAR-10 skip into a failure, so CI cannot
 pass on a machine where the data went missing without running the tests that need it."""
+
 from __future__ import annotations
 
 import os
 import re
 import subprocess
 import sys
-import pytest
 from pathlib import Path
+
+import pytest
 
 from conftest import ROOT
 
@@ -21,8 +23,14 @@ REAL_DATA_TESTS = [
 
 
 def _pytest(env: dict[str, str]) -> tuple[dict[str, int], str]:
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider",
-                           *REAL_DATA_TESTS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *REAL_DATA_TESTS],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr
     counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?)", tail)}
     return counts, proc.stdout + proc.stderr
@@ -44,6 +52,9 @@ def test_missing_cifar10_skips_with_the_reason_or_fails_under_dpm_require_data(t
 
 def test_no_test_skips_on_missing_cifar10_by_itself():
     """Every real-data skip goes through conftest.require_cifar10, which honours DPM_REQUIRE_DATA."""
-    bare = [p.name for p in (ROOT / "tests").glob("test_*.py")
-            if p.name != Path(__file__).name and "CIFAR10.is_dir()" in p.read_text()]
+    bare = [
+        p.name
+        for p in (ROOT / "tests").glob("test_*.py")
+        if p.name != Path(__file__).name and "CIFAR10.is_dir()" in p.read_text()
+    ]
     assert bare == []

@@ -1,4 +1,5 @@
 """The runner end to end: metrics.json contract, CLI, pretrain cache, resume after a kill, bad input."""
+
 from __future__ import annotations
 
 import json
@@ -12,14 +13,36 @@ import pytest
 import torch
 
 from conftest import ROOT, compose, run_cli
-from dpm.errors import UserError
 from dpm.checkpoint import StageCache
+from dpm.errors import UserError
 from dpm.run import pretrain_key_fields, run
 
-CONTRACT = ["model", "dataset", "pruner", "variant", "seed", "N", "T_rate", "T_len", "top1_final", "top1_best",
-            "top1_best_epoch", "top1_before_prune", "base_macs", "pruned_macs", "base_params", "pruned_params",
-            "flops_remaining_pct", "params_remaining_pct", "speedup", "counter", "epochs", "wall_time_s",
-            "git_sha", "status"]
+CONTRACT = [
+    "model",
+    "dataset",
+    "pruner",
+    "variant",
+    "seed",
+    "N",
+    "T_rate",
+    "T_len",
+    "top1_final",
+    "top1_best",
+    "top1_best_epoch",
+    "top1_before_prune",
+    "base_macs",
+    "pruned_macs",
+    "base_params",
+    "pruned_params",
+    "flops_remaining_pct",
+    "params_remaining_pct",
+    "speedup",
+    "counter",
+    "epochs",
+    "wall_time_s",
+    "git_sha",
+    "status",
+]
 # Fields that legitimately differ between an interrupted-and-resumed run and an uninterrupted one.
 RUN_SPECIFIC = {"wall_time_s", "run_dir", "pretrain_source", "pretrain_checkpoint", "history"}
 
@@ -75,9 +98,16 @@ def test_racing_runs_pretrain_once(tmp_path):
     cache = StageCache(os.environ["DPM_CACHE_DIR"], pretrain_key_fields(compose(args)))
     dirs = [tmp_path / f"r{i}" for i in range(2)]
     with cache.lock():
-        procs = [subprocess.Popen([sys.executable, "-m", "dpm", *args, f"hydra.run.dir={d}"], cwd=ROOT,
-                                  env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                 for d in dirs]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "dpm", *args, f"hydra.run.dir={d}"],
+                cwd=ROOT,
+                env=os.environ.copy(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            for d in dirs
+        ]
         deadline = time.time() + 120
         while not all((d / "run.log").exists() and "waiting for" in (d / "run.log").read_text() for d in dirs):
             assert time.time() < deadline and all(p.poll() is None for p in procs), "runs did not wait"
@@ -92,25 +122,30 @@ def test_racing_runs_pretrain_once(tmp_path):
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     args = ["experiment=smoke", "trainer.pretrain.epochs=3", "trainer.finetune.epochs=3"]
-    reference = run_cli([*args, f"hydra.run.dir={tmp_path / 'ref'}"],
-                        env={"DPM_CACHE_DIR": str(tmp_path / "cache_ref")})
+    reference = run_cli(
+        [*args, f"hydra.run.dir={tmp_path / 'ref'}"], env={"DPM_CACHE_DIR": str(tmp_path / "cache_ref")}
+    )
     assert reference.returncode == 0, reference.stderr
     env = {"DPM_CACHE_DIR": str(tmp_path / "cache_killed")}
     killed_dir = tmp_path / "killed"
     for fault in ("pretrain:epoch2", "finetune:epoch1"):
         proc = run_cli([*args, f"hydra.run.dir={killed_dir}"], env={**env, "DPM_FAULT_AT": fault})
         assert proc.returncode == -9, (fault, proc.returncode, proc.stderr[-2000:])
-        assert not (killed_dir / "metrics.json").exists() or \
-            json.loads((killed_dir / "metrics.json").read_text())["status"] != "complete"
+        assert (
+            not (killed_dir / "metrics.json").exists()
+            or json.loads((killed_dir / "metrics.json").read_text())["status"] != "complete"
+        )
     resumed = run_cli([*args, f"hydra.run.dir={killed_dir}"], env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming after epoch 1" in resumed.stdout + resumed.stderr
     ref = json.loads((tmp_path / "ref" / "metrics.json").read_text())
     got = json.loads((killed_dir / "metrics.json").read_text())
-    assert {k: v for k, v in got.items() if k not in RUN_SPECIFIC} == \
-        {k: v for k, v in ref.items() if k not in RUN_SPECIFIC}
-    assert got["history"]["finetune"] == [{**r, "epoch_time_s": g["epoch_time_s"]} for r, g in
-                                          zip(ref["history"]["finetune"], got["history"]["finetune"])]
+    assert {k: v for k, v in got.items() if k not in RUN_SPECIFIC} == {
+        k: v for k, v in ref.items() if k not in RUN_SPECIFIC
+    }
+    assert got["history"]["finetune"] == [
+        {**r, "epoch_time_s": g["epoch_time_s"]} for r, g in zip(ref["history"]["finetune"], got["history"]["finetune"])
+    ]
 
 
 @pytest.mark.slow
@@ -132,12 +167,17 @@ def test_completed_run_dir_is_not_rerun(tmp_path):
     assert again == json.loads(json.dumps(first, default=str))
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["model=tiny_cnn", "model.name=resnet57"], "error: model.name='resnet57': unknown model; valid:"),
-    (["dataset=cifar10", "dataset.root=/nonexistent/cifar10", "model=resnet20"],
-     "error: dataset.root=/nonexistent/cifar10 holds neither"),
-    (["pretrain.checkpoint=/nonexistent.pt"], "error: pretrain.checkpoint=/nonexistent.pt does not exist"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["model=tiny_cnn", "model.name=resnet57"], "error: model.name='resnet57': unknown model; valid:"),
+        (
+            ["dataset=cifar10", "dataset.root=/nonexistent/cifar10", "model=resnet20"],
+            "error: dataset.root=/nonexistent/cifar10 holds neither",
+        ),
+        (["pretrain.checkpoint=/nonexistent.pt"], "error: pretrain.checkpoint=/nonexistent.pt does not exist"),
+    ],
+)
 @pytest.mark.slow
 def test_bad_input_is_one_clear_line(tmp_path, args, expected):
     proc = run_cli(["experiment=smoke", *args, f"hydra.run.dir={tmp_path / 'bad'}"])
@@ -157,8 +197,9 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
 
 def test_given_checkpoint_replaces_pretraining(tmp_path):
     first = run(smoke(), tmp_path / "a")
-    loaded = run(smoke(f"pretrain.checkpoint={first['pretrain_checkpoint']}", "trainer.finetune.epochs=0"),
-                 tmp_path / "b")
+    loaded = run(
+        smoke(f"pretrain.checkpoint={first['pretrain_checkpoint']}", "trainer.finetune.epochs=0"), tmp_path / "b"
+    )
     assert loaded["pretrain_source"] == "checkpoint"
     assert loaded["top1_before_prune"] == first["top1_before_prune"]
 
@@ -167,8 +208,9 @@ def test_given_checkpoint_replaces_pretraining(tmp_path):
 def test_cli_multirun_writes_one_run_dir_per_job(tmp_path):
     proc = run_cli(["-m", "experiment=smoke", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
     assert proc.returncode == 0, proc.stderr
-    found = sorted((json.loads(p.read_text())["seed"], p.parent.name)
-                   for p in (tmp_path / "sweep").glob("*/metrics.json"))
+    found = sorted(
+        (json.loads(p.read_text())["seed"], p.parent.name) for p in (tmp_path / "sweep").glob("*/metrics.json")
+    )
     assert found == [(0, "0_seed=0"), (1, "1_seed=1")]  # the experiment is the sweep dir's name, not a subdir
 
 
@@ -231,8 +273,12 @@ def test_checkpoint_written_before_weights_only_loading_is_one_line_on_resume(tm
     from dpm.checkpoint import atomic_torch_save, load_checkpoint
     from dpm.run import CHECKPOINT
 
-    args = ["experiment=smoke", "trainer.finetune.epochs=2", "pretrain.cache=false",
-            f"hydra.run.dir={tmp_path / 'run'}"]
+    args = [
+        "experiment=smoke",
+        "trainer.finetune.epochs=2",
+        "pretrain.cache=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     assert run_cli(args, env={"DPM_FAULT_AT": "finetune:epoch1"}).returncode == -9
     state = load_checkpoint(tmp_path / "run" / CHECKPOINT)
     state["rng"]["numpy"] = np.random.get_state()  # how RNG states were stored before: a numpy array inside
@@ -257,8 +303,9 @@ def test_pruned_model_is_saved_as_weights_and_structure(tmp_path):
     dg.get_pruning_group(convs[0], tp.prune_conv_out_channels, idxs=[0, 3, 5]).prune()
     dg.get_pruning_group(convs[1], tp.prune_conv_out_channels, idxs=[1]).prune()
     path = tmp_path / "pruned_model.pt"
-    save_pruned_model(path, model, {"name": "tiny_cnn", "num_classes": 10, "in_channels": 1,
-                                    "widths": [8, 8, 8]}, removed=4)
+    save_pruned_model(
+        path, model, {"name": "tiny_cnn", "num_classes": 10, "in_channels": 1, "widths": [8, 8, 8]}, removed=4
+    )
     # Plain data only: tensors and containers, nothing that unpickling would have to construct.
     assert load_checkpoint(path)["removed"] == 4
     loaded = load_pruned_model(path)

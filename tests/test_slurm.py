@@ -6,6 +6,7 @@ Skipped, with the reason, where no such cluster answers; with DPM_REQUIRE_SLURM=
 fail instead. Each test uses its own sweep dir and so its own submitit folder (job ids restart at 1
 on a fresh cluster, and an old `<id>_result.pkl` would be taken for the new job's result).
 """
+
 from __future__ import annotations
 
 import json
@@ -77,9 +78,16 @@ def _cancel(sweep: Path) -> None:
 
 def _sacct_states(job_id: str) -> list[tuple[str, str]]:
     """(state, partition) of every record of a job, requeued ones included (sacct -D), oldest first."""
-    out = subprocess.run(["sacct", "-n", "-P", "-D", "-X", "-j", job_id, "-o", "JobID,State,Partition"],
-                         capture_output=True, text=True, timeout=30, check=True).stdout
-    return [(state.split()[0], part) for jid, state, part in (line.split("|") for line in out.splitlines()) if jid == job_id]
+    out = subprocess.run(
+        ["sacct", "-n", "-P", "-D", "-X", "-j", job_id, "-o", "JobID,State,Partition"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    return [
+        (state.split()[0], part) for jid, state, part in (line.split("|") for line in out.splitlines()) if jid == job_id
+    ]
 
 
 def _report_rows(sweep: Path) -> pd.DataFrame:
@@ -89,8 +97,10 @@ def _report_rows(sweep: Path) -> pd.DataFrame:
 def _comparable(metrics: dict) -> dict:
     """A run's metrics without run-specific fields, with its per-epoch history minus timings."""
     out = {k: v for k, v in metrics.items() if k not in RUN_SPECIFIC}
-    out["history"] = {phase: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in records]
-                      for phase, records in metrics["history"].items()}
+    out["history"] = {
+        phase: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in records]
+        for phase, records in metrics["history"].items()
+    }
     return out
 
 
@@ -108,8 +118,9 @@ def test_two_point_smoke_multirun_runs_as_slurm_jobs_and_reports_both_rows(slurm
         assert _sacct_states(job)[-1] == ("COMPLETED", "debug"), (job, _sacct_states(job))
     run_dirs = sorted(p.parent for p in sweep.glob("*/metrics.json"))
     assert [json.loads((d / "metrics.json").read_text())["variant"] for d in run_dirs] == ["base", "sp"]
-    hydra_job_ids = sorted(re.search(r"^    id: '?([0-9_]+)'?$", (d / ".hydra" / "hydra.yaml").read_text(), re.M)[1]
-                           for d in run_dirs)
+    hydra_job_ids = sorted(
+        re.search(r"^    id: '?([0-9_]+)'?$", (d / ".hydra" / "hydra.yaml").read_text(), re.M)[1] for d in run_dirs
+    )
     assert hydra_job_ids == jobs  # each run dir was written by its SLURM task
     # The report callback ran in the submitting process after both jobs ended: both rows are in.
     runs = _report_rows(sweep)
@@ -131,13 +142,30 @@ def _preempted_sweep(tmp_path: Path, *overrides: str) -> tuple[subprocess.Comple
     the first start) to tmp_path/restarts.txt. Returns the sweep's outcome, its dir and the id of
     the `high` job."""
     sweep, restarts = tmp_path / "sweep", tmp_path / "restarts.txt"
-    setup = (f'hydra.launcher.setup=["export OMP_NUM_THREADS=1",'
-             f'"echo $SLURM_JOB_ID restart=$SLURM_RESTART_COUNT >> {restarts}"]')
+    setup = (
+        f'hydra.launcher.setup=["export OMP_NUM_THREADS=1",'
+        f'"echo $SLURM_JOB_ID restart=$SLURM_RESTART_COUNT >> {restarts}"]'
+    )
     out = (tmp_path / "sweep.out").open("w")
-    sweeping = subprocess.Popen([sys.executable, "-m", "dpm", "-m", *PREEMPTED, *overrides, *LAUNCHER,
-                                 "hydra.launcher.partition=debug", setup, f"hydra.sweep.dir={sweep}"], cwd=ROOT,
-                                env={**os.environ, "DPM_FAULT_SLEEP_S": "2"}, stdout=out, stderr=subprocess.STDOUT,
-                                text=True)
+    sweeping = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dpm",
+            "-m",
+            *PREEMPTED,
+            *overrides,
+            *LAUNCHER,
+            "hydra.launcher.partition=debug",
+            setup,
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "DPM_FAULT_SLEEP_S": "2"},
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 150
         while "finetune epoch 2/" not in _run_logs(sweep):
@@ -145,11 +173,28 @@ def _preempted_sweep(tmp_path: Path, *overrides: str) -> tuple[subprocess.Comple
             assert time.time() < deadline, "fine-tune epoch 2 never logged:\n" + _run_logs(sweep)[-3000:]
             time.sleep(0.3)
         # A `high` job asking for every CPU of the node pre-empts the `debug` job.
-        ncpu = subprocess.run(["sinfo", "-h", "-p", "high", "-o", "%c"], capture_output=True, text=True,
-                              timeout=30).stdout.split()[0].rstrip("+")
-        high = subprocess.run(["sbatch", "--parsable", "-p", "high", f"--cpus-per-task={ncpu}", "--mem=100M",
-                               "-o", str(tmp_path / "high.out"), "--wrap", "sleep 3"],
-                              capture_output=True, text=True, timeout=30)
+        ncpu = (
+            subprocess.run(["sinfo", "-h", "-p", "high", "-o", "%c"], capture_output=True, text=True, timeout=30)
+            .stdout.split()[0]
+            .rstrip("+")
+        )
+        high = subprocess.run(
+            [
+                "sbatch",
+                "--parsable",
+                "-p",
+                "high",
+                f"--cpus-per-task={ncpu}",
+                "--mem=100M",
+                "-o",
+                str(tmp_path / "high.out"),
+                "--wrap",
+                "sleep 3",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert high.returncode == 0, high.stderr
         sweeping.wait(timeout=240)
     finally:
@@ -169,9 +214,14 @@ def test_preempted_job_requeues_and_resumes_from_its_checkpoint_to_the_same_metr
     # The uninterrupted reference, meanwhile: the same run with the basic launcher, its own pretrain
     # cache, one thread like the SLURM job (the launcher's setup exports OMP_NUM_THREADS=1).
     ref_dir = tmp_path / "reference"
-    reference = subprocess.Popen([sys.executable, "-m", "dpm", *PREEMPTED, f"hydra.run.dir={ref_dir}"], cwd=ROOT,
-                                 env={**os.environ, "OMP_NUM_THREADS": "1", "DPM_CACHE_DIR": str(tmp_path / "ref-cache")},
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    reference = subprocess.Popen(
+        [sys.executable, "-m", "dpm", *PREEMPTED, f"hydra.run.dir={ref_dir}"],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "DPM_CACHE_DIR": str(tmp_path / "ref-cache")},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         done, sweep, high = _preempted_sweep(tmp_path)
         _, ref_err = reference.communicate(timeout=120)
@@ -217,8 +267,11 @@ def test_a_preempted_wandb_run_resumes_under_the_same_id(slurm, tmp_path):
     done, sweep, _ = _preempted_sweep(tmp_path, "logger=wandb", "logger.mode=offline")
     (metrics_path,) = sweep.glob("*/metrics.json")
     # The sweep's report is a W&B run of its own (job_type report): count the training run's only.
-    ids = {p.name.rsplit("-", 1)[-1] for p in tmp_path.rglob("offline-run-*")
-           if p.is_dir() and "report" not in p.relative_to(tmp_path).parts}
+    ids = {
+        p.name.rsplit("-", 1)[-1]
+        for p in tmp_path.rglob("offline-run-*")
+        if p.is_dir() and "report" not in p.relative_to(tmp_path).parts
+    }
     assert len(ids) == 1, f"W&B runs of one dpm run: {sorted(ids)}"
     assert done.returncode == 0, done.stdout[-4000:]
     assert json.loads(metrics_path.read_text())["status"] == "complete"
@@ -231,8 +284,11 @@ def test_a_crashed_job_is_reported_as_failed_not_lost(slurm, tmp_path):
     failed or incomplete."""
     sweep = tmp_path / "sweep"
     try:
-        done = run_cli(["-m", "experiment=smoke", "trainer.pretrain.epochs=1,2", *LAUNCHER, f"hydra.sweep.dir={sweep}"],
-                       env={"DPM_FAULT_AT": "pretrain:epoch2"}, timeout=240)
+        done = run_cli(
+            ["-m", "experiment=smoke", "trainer.pretrain.epochs=1,2", *LAUNCHER, f"hydra.sweep.dir={sweep}"],
+            env={"DPM_FAULT_AT": "pretrain:epoch2"},
+            timeout=240,
+        )
     finally:
         _cancel(sweep)
     assert done.returncode != 0, done.stdout[-2000:]

@@ -1,6 +1,7 @@
 """A run is `complete` only when it met its pruning target: one that ended short has status
 `target_missed`, says what it reached, is listed with the failed runs and never averaged, and a
 sweep holding one exits non-zero. One unreachable target per base pruner."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,11 @@ SHORT = {
     "otov2": ["experiment=otov2_smoke", "pruner.train.epochs=1"],
     "gate_decorator": ["experiment=gate_decorator_smoke", "pruner.max_ticks=1"],
 }
-REACHED = {"depgraph": "speed-up target 2.00x, reached 1.00x", "otov2": "group sparsity target 0.50, reached",
-           "gate_decorator": "FLOPs target <= 50.0% left, reached"}
+REACHED = {
+    "depgraph": "speed-up target 2.00x, reached 1.00x",
+    "otov2": "group sparsity target 0.50, reached",
+    "gate_decorator": "FLOPs target <= 50.0% left, reached",
+}
 
 
 @pytest.mark.parametrize("base", sorted(SHORT))
@@ -47,25 +51,40 @@ def test_a_run_short_of_its_target_is_target_missed_not_complete(base, tmp_path,
 
 def test_every_base_records_whether_it_met_its_target(tmp_path):
     """The three bases' smoke runs meet their targets and say so (the key the status is read from)."""
-    for overrides in (["experiment=smoke", "pruner=depgraph"], ["experiment=otov2_smoke"],
-                      ["experiment=gate_decorator_smoke"]):
+    for overrides in (
+        ["experiment=smoke", "pruner=depgraph"],
+        ["experiment=otov2_smoke"],
+        ["experiment=gate_decorator_smoke"],
+    ):
         cfg = compose([*overrides, "dpm=base", "trainer.progress=false"])
         metrics = run(cfg, tmp_path / cfg.name)
         assert metrics["status"] == "complete" and metrics["target_met"] is True, overrides
 
 
 def cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DPM_OUTPUT_ROOT": str(tmp_path / "out"),
-           "DPM_CACHE_DIR": str(tmp_path / "cache"), "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "dpm", *args, "trainer.progress=false"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DPM_OUTPUT_ROOT": str(tmp_path / "out"),
+        "DPM_CACHE_DIR": str(tmp_path / "cache"),
+        "WANDB_MODE": "disabled",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "dpm", *args, "trainer.progress=false"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.slow
 def test_a_sweep_with_a_missed_target_exits_non_zero_and_says_so(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = cli(["-m", *SHORT["depgraph"], "dpm=base", "pruner.iterative_steps=1,400", f"hydra.sweep.dir={sweep}"],
-               tmp_path)
+    proc = cli(
+        ["-m", *SHORT["depgraph"], "dpm=base", "pruner.iterative_steps=1,400", f"hydra.sweep.dir={sweep}"], tmp_path
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     last = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]

@@ -1,4 +1,5 @@
 """The training loop: exact resume, schedules, NaN guard, BN recalibration, real CIFAR-10."""
+
 from __future__ import annotations
 
 import pytest
@@ -41,19 +42,28 @@ def test_resume_from_a_checkpoint_is_bitwise(tmp_path):
     torch.use_deterministic_algorithms(True)
     try:
         model, loader, evals = setup()
-        full = train_phase(model, "pretrain", phase_cfg(epochs=4), loader, evals, torch.device("cpu"),
-                           progress=False)
+        full = train_phase(model, "pretrain", phase_cfg(epochs=4), loader, evals, torch.device("cpu"), progress=False)
         reference = {k: v.clone() for k, v in model.state_dict().items()}
 
         model, loader, evals = setup()
         ckpt = tmp_path / "ckpt.pt"
         with pytest.raises(KeyboardInterrupt):  # killed in the middle of epoch 3
-            train_phase(model, "pretrain", phase_cfg(epochs=4), loader, evals, torch.device("cpu"), ckpt,
-                        hooks=[InterruptAt(len(loader) * 2 + 3)], progress=False)
+            train_phase(
+                model,
+                "pretrain",
+                phase_cfg(epochs=4),
+                loader,
+                evals,
+                torch.device("cpu"),
+                ckpt,
+                hooks=[InterruptAt(len(loader) * 2 + 3)],
+                progress=False,
+            )
         torch.manual_seed(999)  # a restarted process has other RNG state: the checkpoint must restore it
         model, loader, evals = setup(seed=0)
-        resumed = train_phase(model, "pretrain", phase_cfg(epochs=4), loader, evals, torch.device("cpu"), ckpt,
-                              progress=False)
+        resumed = train_phase(
+            model, "pretrain", phase_cfg(epochs=4), loader, evals, torch.device("cpu"), ckpt, progress=False
+        )
     finally:
         torch.use_deterministic_algorithms(False)
     assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3, 4]
@@ -84,9 +94,10 @@ def test_step_and_cosine_schedules():
 
 def test_nan_loss_is_one_clear_error():
     model, loader, evals = setup()
-    with pytest.raises(UserError, match=r"pretrain: the loss became NaN/inf at step 1 \(epoch 1\).*lower trainer.pretrain.lr"):
-        train_phase(model, "pretrain", phase_cfg(epochs=1, lr=1e30), loader, evals, torch.device("cpu"),
-                    progress=False)
+    with pytest.raises(
+        UserError, match=r"pretrain: the loss became NaN/inf at step 1 \(epoch 1\).*lower trainer.pretrain.lr"
+    ):
+        train_phase(model, "pretrain", phase_cfg(epochs=1, lr=1e30), loader, evals, torch.device("cpu"), progress=False)
 
 
 def test_recalibrate_bn_restores_running_statistics():
@@ -110,10 +121,24 @@ def test_recalibrate_bn_restores_running_statistics():
 @pytest.mark.usefixtures("cifar10")  # skips without the data, fails under DPM_REQUIRE_DATA=1
 @pytest.mark.slow
 def test_short_real_cifar10_run_is_above_chance(tmp_path, decode_cache):
-    cfg = compose(["pruner=none", "dataset=cifar10", f"dataset.root={CIFAR10}", "model=resnet20", "trainer=cpu_debug",
-                   "trainer.max_steps_per_epoch=0", "dataset.train_subset=800", "dataset.test_subset=500",
-                   "trainer.pretrain.epochs=6", "trainer.pretrain.batch_size=32", "trainer.pretrain.lr=0.05",
-                   "trainer.finetune.epochs=0", f"cache_dir={decode_cache}", "pretrain.cache=false"])
+    cfg = compose(
+        [
+            "pruner=none",
+            "dataset=cifar10",
+            f"dataset.root={CIFAR10}",
+            "model=resnet20",
+            "trainer=cpu_debug",
+            "trainer.max_steps_per_epoch=0",
+            "dataset.train_subset=800",
+            "dataset.test_subset=500",
+            "trainer.pretrain.epochs=6",
+            "trainer.pretrain.batch_size=32",
+            "trainer.pretrain.lr=0.05",
+            "trainer.finetune.epochs=0",
+            f"cache_dir={decode_cache}",
+            "pretrain.cache=false",
+        ]
+    )
     metrics = run(cfg, tmp_path / "run")
     assert metrics["status"] == "complete"
     assert metrics["top1_final"] > 20.0, metrics["top1_final"]  # chance is 10%

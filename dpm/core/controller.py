@@ -310,8 +310,7 @@ class DecayController:
         targets = [self._targets[t.key] for t in targets]
 
         plan = build_plan(targets, self._position, self._device)
-        L0 = segment_sum(plan, lambda pos: (get(pos), get(pos)), torch.float64,
-                         self._device).sqrt()
+        L0 = segment_sum(plan, lambda pos: (get(pos), get(pos)), torch.float64, self._device).sqrt()
         s1 = float(_schedules.schedule(self.schedule, 1.0, float(N)))
         # x~ = x at admission, so the projection s(1) L0 / ||x~|| is the plain factor s(1).
         factor = torch.where(L0 > 0, torch.full_like(L0, s1), torch.zeros_like(L0))
@@ -343,9 +342,9 @@ class DecayController:
                 self._prune_at.setdefault(first + (N - 2) * self.interval, []).append(key)
         if now_pruned:
             self._mark_pruned(now_pruned)
-            self._apply_masks(get, positions={self._position(s.param)
-                                              for k in now_pruned
-                                              for s in self._targets[k].slices})
+            self._apply_masks(
+                get, positions={self._position(s.param) for k in now_pruned for s in self._targets[k].slices}
+            )
         self._rebuild_decay_table(now_decaying)
         self._decaying_mask_cache.clear()
 
@@ -398,9 +397,14 @@ class DecayController:
         dev = self._device
         params = self._params
         radial = self.rectify.c_rate_form == "radial"
-        fused = pre_step_sums(self._R_plan, self._D_plan, [params[pos] for pos, _ in self._R_plan.entries],
-                              [self._grad(pos, grads) for pos, _ in self._R_plan.entries], torch.float64,
-                              self._learning_rates(lr) if radial else None)
+        fused = pre_step_sums(
+            self._R_plan,
+            self._D_plan,
+            [params[pos] for pos, _ in self._R_plan.entries],
+            [self._grad(pos, grads) for pos, _ in self._R_plan.entries],
+            torch.float64,
+            self._learning_rates(lr) if radial else None,
+        )
         if fused is not None:  # CPU: one concatenation of x and one of g serve all three sums
             xx, gx, gg = fused
             self._pre = {"xx": xx, "gx": gx, "grads": grads, "gg": gg}
@@ -408,12 +412,12 @@ class DecayController:
         xx = segment_sum(self._D_plan, lambda pos: (params[pos], params[pos]), torch.float64, dev)
         gx = None
         if self.rectify.c_rate_form == "radial":
+
             def g_x(pos: int) -> tuple[torch.Tensor, torch.Tensor] | None:
                 g = self._grad(pos, grads)
                 return None if g is None else (g, params[pos])
 
-            gx = segment_sum(self._D_plan, g_x, torch.float64, dev,
-                             weights=self._learning_rates(lr))
+            gx = segment_sum(self._D_plan, g_x, torch.float64, dev, weights=self._learning_rates(lr))
         self._pre = {"xx": xx, "gx": gx, "grads": grads}
         self._pre["gg"] = self._grad_sq(grads)
 
@@ -441,8 +445,7 @@ class DecayController:
             self._optimizer = optimizer
         if self.rectify is not None and not self._in_step and self._num[DECAYING] > 0:
             raise RuntimeError(
-                "self-rectifying needs before_step() before optimizer.step() "
-                "(or use controller.step(optimizer))"
+                "self-rectifying needs before_step() before optimizer.step() (or use controller.step(optimizer))"
             )
         self._in_step = True  # replacements admitted below start their decay at the next step
         k = self._step
@@ -471,11 +474,8 @@ class DecayController:
         self._step += 1
         self._in_step = False
 
-    def _decay_step(
-        self, k: int, get: Callable[[int], torch.Tensor]
-    ) -> tuple[dict[str, Any], list[Hashable]]:
-        norm_after = segment_sum(self._D_plan, lambda pos: (get(pos), get(pos)), torch.float64,
-                                 self._device).sqrt()
+    def _decay_step(self, k: int, get: Callable[[int], torch.Tensor]) -> tuple[dict[str, Any], list[Hashable]]:
+        norm_after = segment_sum(self._D_plan, lambda pos: (get(pos), get(pos)), torch.float64, self._device).sqrt()
         since = k - self._D_first
         due = self._D_active & (since >= 0) & (since.remainder(self.interval) == 0)
         n = (2 + torch.div(since, self.interval, rounding_mode="floor")).to(torch.float64)
@@ -495,8 +495,9 @@ class DecayController:
                 step_length=self._D_L0 / self._D_N,
                 lr_grad_dot_x=self._pre["gx"],
             )
-            lens = c_len(self._pre["gg"].sqrt(), self._R_family, self._R_counted,
-                         self._num_families).index_select(0, self._D_to_R)
+            lens = c_len(self._pre["gg"].sqrt(), self._R_family, self._R_counted, self._num_families).index_select(
+                0, self._D_to_R
+            )
             release = check & release_rule(rate, lens, cfg)
             # A released target skips this step's projection: it keeps x~.
             factor = torch.where(release, 1.0, factor)
@@ -526,17 +527,18 @@ class DecayController:
         released: list[Hashable] = []
         if check is not None:
             q = len(QUANTILES)
-            rq, lq = host[n_track:n_track + q], host[n_track + q:n_track + 2 * q]
-            rest = host[n_track + 2 * q:]
+            rq, lq = host[n_track : n_track + q], host[n_track + q : n_track + 2 * q]
+            rest = host[n_track + 2 * q :]
             m = len(rest) // 3
             if not math.isnan(rq[0]):
                 record["c_rate"] = dict(zip(QUANTILES, rq))
                 record["c_len"] = dict(zip(QUANTILES, lq))
-            for rate_v, len_v, row in zip(rest[:m], rest[m:2 * m], rest[2 * m:]):
+            for rate_v, len_v, row in zip(rest[:m], rest[m : 2 * m], rest[2 * m :]):
                 key = self._D_keys[int(row)]
                 released.append(key)
-                self.log.releases.append({"step": k, "round": self._round, "key": key,
-                                          "c_rate": rate_v, "c_len": len_v})
+                self.log.releases.append(
+                    {"step": k, "round": self._round, "key": key, "c_rate": rate_v, "c_len": len_v}
+                )
             if released:
                 self._mark_released(released)
         return record, released
@@ -593,8 +595,7 @@ class DecayController:
             return self._params.__getitem__
         for p, t in tensors.items():
             if t.shape != p.shape:
-                raise ValueError(f"tensors[param] has shape {tuple(t.shape)}, the parameter "
-                                 f"{tuple(p.shape)}")
+                raise ValueError(f"tensors[param] has shape {tuple(t.shape)}, the parameter {tuple(p.shape)}")
 
         def get(pos: int) -> torch.Tensor:
             p = self._params[pos]
@@ -630,16 +631,13 @@ class DecayController:
             try:
                 return float(groups[pos]["lr"])
             except KeyError:
-                raise ValueError(
-                    f"parameter {self._names[pos]!r} is decaying but not in the optimizer"
-                ) from None
+                raise ValueError(f"parameter {self._names[pos]!r} is decaying but not in the optimizer") from None
 
         return lr_of
 
     # ------------------------------------------------------------------ tables
     def _rebuild_all(self) -> None:
-        self._quantiles = torch.tensor(list(QUANTILES.values()), dtype=torch.float64,
-                                       device=self._device)
+        self._quantiles = torch.tensor(list(QUANTILES.values()), dtype=torch.float64, device=self._device)
         self._family_params: dict[Hashable, frozenset[int]] = {}
         self._masks: dict[int, torch.Tensor] = {}
         touched: dict[int, list[tuple[int, tuple[int, ...]]]] = {}
@@ -658,12 +656,10 @@ class DecayController:
         """The table of every known target (C_len families), rebuilt when the set changes."""
         self._family_params = {}
         for t in self._targets.values():
-            self._family_params.setdefault(
-                t.family, frozenset(self._position(s.param) for s in t.producers))
+            self._family_params.setdefault(t.family, frozenset(self._position(s.param) for s in t.producers))
         # Rows in status order, the order a checkpoint restores: after bind() + register() the
         # descriptions' own order can differ from it, and C_len's family sums follow the rows.
-        rows = ([self._targets[k] for k in self._status if k in self._targets]
-                if self.rectify is not None else [])
+        rows = [self._targets[k] for k in self._status if k in self._targets] if self.rectify is not None else []
         self._R_keys = [t.key for t in rows]
         self._R_row = {k: i for i, k in enumerate(self._R_keys)}
         fam_ids: dict[Hashable, int] = {}
@@ -671,15 +667,13 @@ class DecayController:
         self._num_families = len(fam_ids)
         dev = self._device
         self._R_family = torch.tensor(fam, dtype=torch.long, device=dev)
-        self._R_counted = torch.tensor([self._status[k] != PRUNED for k in self._R_keys],
-                                       dtype=torch.bool, device=dev)
+        self._R_counted = torch.tensor([self._status[k] != PRUNED for k in self._R_keys], dtype=torch.bool, device=dev)
         self._R_plan: Plan = build_plan(rows, self._position, dev)
         if self._pre is not None and self.rectify is not None:
             # Registered mid-step (inside a custom optimizer): their gradients are still at hand.
             self._pre["gg"] = self._grad_sq(self._pre["grads"])
         if getattr(self, "_D_keys", None):
-            self._D_to_R = torch.tensor([self._R_row.get(k, 0) for k in self._D_keys],
-                                        dtype=torch.long, device=dev)
+            self._D_to_R = torch.tensor([self._R_row.get(k, 0) for k in self._D_keys], dtype=torch.long, device=dev)
 
     def _rebuild_decay_table(self, new: list[Hashable], keep: list[Hashable] | None = None) -> None:
         """Compact the decay table to the decaying targets and append ``new`` ones."""
@@ -702,13 +696,12 @@ class DecayController:
         self._D_first = torch.tensor([i[2] for i in info], dtype=torch.long, device=dev)
         self._D_active = torch.ones(len(keys), dtype=torch.bool, device=dev)
         self._D_plan = build_plan(rows, self._position, dev)
-        self._D_full_plan = (build_plan(rows, self._position, dev, consumers=True)
-                             if self.include_consumers else self._D_plan)
-        self._D_to_R = torch.tensor([self._R_row.get(k, 0) for k in keys], dtype=torch.long,
-                                    device=dev)
+        self._D_full_plan = (
+            build_plan(rows, self._position, dev, consumers=True) if self.include_consumers else self._D_plan
+        )
+        self._D_to_R = torch.tensor([self._R_row.get(k, 0) for k in keys], dtype=torch.long, device=dev)
         self._D_track_keys = [k for k in keys if k in self._tracked]
-        self._D_track_rows = torch.tensor([self._D_row[k] for k in self._D_track_keys],
-                                          dtype=torch.long, device=dev)
+        self._D_track_rows = torch.tensor([self._D_row[k] for k in self._D_track_keys], dtype=torch.long, device=dev)
         if self._pre is not None and all(k in old_row for k in keep):
             # Admitted mid-step: carry the kept rows' pre-update stats; new rows are not checked
             # this step (their first decay step is the next one), so zeros are placeholders.
@@ -742,8 +735,7 @@ class DecayController:
     def candidates_excluded(self) -> frozenset:
         """Keys the base method must not select: decaying, pruned and cooling-down released."""
         return frozenset(
-            k for k, st in self._status.items()
-            if st in (DECAYING, PRUNED) or (st == RELEASED and self._cooling(k))
+            k for k, st in self._status.items() if st in (DECAYING, PRUNED) or (st == RELEASED and self._cooling(k))
         )
 
     def status(self, key: Hashable) -> str | None:
@@ -802,8 +794,13 @@ class DecayController:
         pos = self._position(param)
         mask = self._decaying_mask_cache.get(pos)
         if mask is None:
-            slices = [(s.dim, s.indices) for k in self._D_keys if self._status[k] == DECAYING
-                      for s in self._masked_slices(self._targets[k]) if s.param is param]
+            slices = [
+                (s.dim, s.indices)
+                for k in self._D_keys
+                if self._status[k] == DECAYING
+                for s in self._masked_slices(self._targets[k])
+                if s.param is param
+            ]
             mask = element_mask(param, slices)
             self._decaying_mask_cache[pos] = mask
         return mask
@@ -812,8 +809,7 @@ class DecayController:
         """Boolean mask (param's shape): elements held at zero for pruned targets."""
         pos = self._position(param)
         mask = self._masks.get(pos)
-        return mask.clone() if mask is not None else torch.zeros(
-            param.shape, dtype=torch.bool, device=param.device)
+        return mask.clone() if mask is not None else torch.zeros(param.shape, dtype=torch.bool, device=param.device)
 
     def forget(self, keys: Iterable[Hashable] | None = None) -> None:
         """Drop targets from the controller (default: every pruned one).
@@ -851,16 +847,18 @@ class DecayController:
         targets = []
         for key, st in self._status.items():
             t = self._targets.get(key)
-            targets.append({
-                "key": key,
-                "status": st,
-                "family": None if t is None else t.family,
-                "slices": None if t is None else [
-                    (self._names[self._position(s.param)], s.dim, list(s.indices), s.consumer)
-                    for s in t.slices],
-                "decay": self._decay.get(key),
-                "released_round": self._released_round.get(key),
-            })
+            targets.append(
+                {
+                    "key": key,
+                    "status": st,
+                    "family": None if t is None else t.family,
+                    "slices": None
+                    if t is None
+                    else [(self._names[self._position(s.param)], s.dim, list(s.indices), s.consumer) for s in t.slices],
+                    "decay": self._decay.get(key),
+                    "released_round": self._released_round.get(key),
+                }
+            )
         return {
             "version": _STATE_VERSION,
             "config": self._config(),
@@ -880,8 +878,7 @@ class DecayController:
             raise ValueError(f"unsupported DecayController state version {state.get('version')}")
         if state["config"] != self._config():
             raise ValueError(
-                f"DecayController settings differ from the checkpoint's: {state['config']} "
-                f"vs {self._config()}"
+                f"DecayController settings differ from the checkpoint's: {state['config']} vs {self._config()}"
             )
         targets: dict[Hashable, Target] = {}
         status: dict[Hashable, str] = {}

@@ -14,9 +14,7 @@ import torch
 __all__ = ["zero_state_slices"]
 
 
-def zero_state_slices(
-    optimizer: torch.optim.Optimizer | None, param: torch.Tensor, mask: torch.Tensor
-) -> None:
+def zero_state_slices(optimizer: torch.optim.Optimizer | None, param: torch.Tensor, mask: torch.Tensor) -> None:
     """Set ``optimizer.state[param]``'s element-wise tensors to 0 where ``mask`` is True."""
     if optimizer is None:
         return

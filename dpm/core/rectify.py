@@ -57,8 +57,7 @@ class RectifyConfig:
             raise ValueError(f"budget must be one of {_BUDGETS}, got {self.budget!r}")
         if int(self.release_cooldown) != self.release_cooldown or self.release_cooldown < 1:
             raise ValueError(
-                f"release_cooldown must be an integer >= 1 (1 = rest of the round), "
-                f"got {self.release_cooldown}"
+                f"release_cooldown must be an integer >= 1 (1 = rest of the round), got {self.release_cooldown}"
             )
         object.__setattr__(self, "release_cooldown", int(self.release_cooldown))
 
@@ -124,9 +123,7 @@ def c_len(
     return _safe_div(grad_norm, mean.index_select(0, family))
 
 
-def release_rule(
-    rate: torch.Tensor, length: torch.Tensor, config: RectifyConfig
-) -> torch.Tensor:
+def release_rule(rate: torch.Tensor, length: torch.Tensor, config: RectifyConfig) -> torch.Tensor:
     """Boolean release decision per target (strict ``>``: an infinite threshold never fires)."""
     hit_rate = rate > config.t_rate
     hit_len = length > config.t_len

@@ -82,7 +82,5 @@ def resolve_decay_steps(
         raise ValueError(f"N must be an integer >= 1, got {N}")
     N = int(N)
     if iters_left is not None and N > iters_left:
-        raise ValueError(
-            f"N={N} exceeds the {iters_left} iterations left in this phase: lower N or N_epochs"
-        )
+        raise ValueError(f"N={N} exceeds the {iters_left} iterations left in this phase: lower N or N_epochs")
     return N

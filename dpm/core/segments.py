@@ -25,8 +25,17 @@ import torch
 
 from .targets import Target
 
-__all__ = ["Plan", "build_plan", "rowdot", "segment_sum", "pre_step_sums", "apply_factors", "element_mask",
-           "STACK_ON_CPU", "ROW_GROUPS_ON_CPU"]
+__all__ = [
+    "Plan",
+    "build_plan",
+    "rowdot",
+    "segment_sum",
+    "pre_step_sums",
+    "apply_factors",
+    "element_mask",
+    "STACK_ON_CPU",
+    "ROW_GROUPS_ON_CPU",
+]
 
 #: Stack same-shaped tensors into one op per group on CPU too. Off by default: on CPU the stacked
 #: copies are fresh multi-MB allocations (page faults every step) and cost more than the per-tensor
@@ -159,10 +168,10 @@ class _RowLayout:
     are unchanged too."""
 
     groups: list[list[int]]  # entry indices per group, in concatenation order
-    perm: torch.Tensor       # for each element of plan.sel: its row in the cat of the groups' sums
+    perm: torch.Tensor  # for each element of plan.sel: its row in the cat of the groups' sums
     weight_entry: torch.Tensor  # for each element of plan.sel: its entry (to look up a weight)
-    nhwc: list[bool]         # per entry: a channels_last 4-d tensor, its rows read in memory order
-    cat_start: list[int]     # per entry: its first row in the groups' concatenation
+    nhwc: list[bool]  # per entry: a channels_last 4-d tensor, its rows read in memory order
+    cat_start: list[int]  # per entry: its first row in the groups' concatenation
     buffers: dict = field(default_factory=dict)  # (group, operand) -> reused concatenation buffer
 
 
@@ -201,8 +210,8 @@ def _row_layout(plan: Plan, tensors: list[torch.Tensor]) -> "_RowLayout | None":
     flat_to_cat = torch.empty(offset, dtype=torch.long)
     entry_of = torch.empty(offset, dtype=torch.long)
     for e, size in enumerate(plan.sizes):
-        flat_to_cat[flat_start[e]:flat_start[e] + size] = torch.arange(cat_start[e], cat_start[e] + size)
-        entry_of[flat_start[e]:flat_start[e] + size] = e
+        flat_to_cat[flat_start[e] : flat_start[e] + size] = torch.arange(cat_start[e], cat_start[e] + size)
+        entry_of[flat_start[e] : flat_start[e] + size] = e
     sel = plan.sel.cpu()
     layout = _RowLayout(groups, flat_to_cat.index_select(0, sel), entry_of.index_select(0, sel), nhwc, cat_start)
     plan._rows = layout
@@ -418,9 +427,7 @@ def apply_factors(
         plan._scales = (tensors, full, targets, scale_list)
 
 
-def element_mask(
-    param: torch.Tensor, slices: Sequence[tuple[int, Sequence[int]]]
-) -> torch.Tensor:
+def element_mask(param: torch.Tensor, slices: Sequence[tuple[int, Sequence[int]]]) -> torch.Tensor:
     """Boolean mask of ``param``'s shape, True on the union of (dim, indices) slices."""
     mask = torch.zeros(param.shape, dtype=torch.bool, device=param.device)
     by_dim: dict[int, list[int]] = {}

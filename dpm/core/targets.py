@@ -13,8 +13,8 @@ live with the DepGraph pruner.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import operator
+from dataclasses import dataclass, field
 from typing import Any, Hashable, Iterable, Sequence
 
 import torch
@@ -25,8 +25,11 @@ __all__ = ["Slice", "Target", "channel_targets"]
 def _is_bool(v: Any) -> bool:
     # numpy's bool scalar is ``numpy.bool`` (2.x) or ``numpy.bool_`` (1.x); dpm.core imports only
     # torch, so it is recognised by name.
-    return isinstance(v, bool) or type(v).__name__ in ("bool", "bool_") or (
-        isinstance(v, torch.Tensor) and v.dtype == torch.bool)
+    return (
+        isinstance(v, bool)
+        or type(v).__name__ in ("bool", "bool_")
+        or (isinstance(v, torch.Tensor) and v.dtype == torch.bool)
+    )
 
 
 def _integer(v: Any, what: str, fix: str) -> int:
@@ -53,12 +56,13 @@ def _as_index_tuple(indices: Any, size: int) -> tuple[int, ...]:
             # A mask over the dimension: only a 1-D one of exactly its length, so that a short
             # bool tensor is never mistaken for indices 0/1.
             if indices.dim() != 1 or indices.numel() != size:
-                raise ValueError(f"{what} is a bool mask of shape {tuple(indices.shape)}: a mask must "
-                                 f"be 1-D of length {size} (the dimension's size), or pass integer indices")
+                raise ValueError(
+                    f"{what} is a bool mask of shape {tuple(indices.shape)}: a mask must "
+                    f"be 1-D of length {size} (the dimension's size), or pass integer indices"
+                )
             idx = tuple(int(i) for i in indices.nonzero().flatten().tolist())
             if not idx:
-                raise ValueError(f"{what} is a bool mask that selects nothing: a slice must name at "
-                                 "least one index")
+                raise ValueError(f"{what} is a bool mask that selects nothing: a slice must name at least one index")
             return idx
         if indices.is_floating_point() or indices.is_complex():
             raise TypeError(f"{what} must be integer indices, got a {indices.dtype} tensor: {_FIX}")
@@ -67,8 +71,10 @@ def _as_index_tuple(indices: Any, size: int) -> tuple[int, ...]:
         return (_integer(indices, "a Slice index", _FIX),)
     items = list(indices)
     if items and all(_is_bool(i) for i in items):
-        raise TypeError(f"{what} is a list of bools: pass integer indices, or a 1-D bool tensor "
-                        "(torch.tensor(mask)) to select by mask")
+        raise TypeError(
+            f"{what} is a list of bools: pass integer indices, or a 1-D bool tensor "
+            "(torch.tensor(mask)) to select by mask"
+        )
     return tuple(_integer(i, "a Slice index", _FIX) for i in items)
 
 

@@ -1,5 +1,6 @@
 """Data sets and loaders: CIFAR-10/100 (torchvision format or ImageFolder), ImageNet folders,
 scikit-learn digits (embedded, real) and synthetic images (smoke tests only)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,9 +9,16 @@ from typing import Any, Sequence
 
 import torch
 
-from dpm.data.loaders import FolderLoader, SplitLoader, apply_crop_flip, draw_crop_flip, epoch_generator, random_crop_flip
-from dpm.data.sources import ImageSplit, imagenet_folders, stratified_pick
 from dpm.data import sources
+from dpm.data.loaders import (
+    FolderLoader,
+    SplitLoader,
+    apply_crop_flip,
+    draw_crop_flip,
+    epoch_generator,
+    random_crop_flip,
+)
+from dpm.data.sources import ImageSplit, imagenet_folders, stratified_pick
 from dpm.errors import UserError
 
 DATASET_NAMES = ("digits", "cifar10", "cifar100", "imagenet", "synthetic")
@@ -51,24 +59,40 @@ def build_data(cfg: Any, cache_dir: str | None = None) -> DataBundle:
             raise UserError("dataset.val_size is not supported for imagenet folders: set dataset.val_size=0")
         found = sum(1 for d in train_dir.iterdir() if d.is_dir())
         if found != cfg.num_classes:
-            raise UserError(f"dataset.num_classes={cfg.num_classes} but {train_dir} has {found} class folders: "
-                            f"fix dataset.num_classes")
-        return DataBundle(name, train_dir, None, val_dir, cfg.num_classes, cfg.in_channels, cfg.image_size,
-                          cfg.mean, cfg.std, cfg.augment)
+            raise UserError(
+                f"dataset.num_classes={cfg.num_classes} but {train_dir} has {found} class folders: "
+                f"fix dataset.num_classes"
+            )
+        return DataBundle(
+            name,
+            train_dir,
+            None,
+            val_dir,
+            cfg.num_classes,
+            cfg.in_channels,
+            cfg.image_size,
+            cfg.mean,
+            cfg.std,
+            cfg.augment,
+        )
     if name == "digits":
         train, test = sources.load_digits()
     elif name == "synthetic":
-        train, test = sources.load_synthetic(cfg.num_classes, cfg.in_channels, cfg.image_size,
-                                             cfg.synthetic_train, cfg.synthetic_test)
+        train, test = sources.load_synthetic(
+            cfg.num_classes, cfg.in_channels, cfg.image_size, cfg.synthetic_train, cfg.synthetic_test
+        )
     else:
         train, test = sources.load_cifar(name, cfg.root, cfg.download, cache_dir, cfg.bad_images)
     found_classes = int(train.labels.max()) + 1
     if found_classes != cfg.num_classes:
-        raise UserError(f"dataset.num_classes={cfg.num_classes} but {name} has {found_classes} classes: "
-                        f"fix dataset.num_classes")
+        raise UserError(
+            f"dataset.num_classes={cfg.num_classes} but {name} has {found_classes} classes: fix dataset.num_classes"
+        )
     if tuple(train.images.shape[1:]) != (cfg.in_channels, cfg.image_size, cfg.image_size):
-        raise UserError(f"{name} images are {tuple(train.images.shape[1:])} but the config says "
-                        f"in_channels={cfg.in_channels}, image_size={cfg.image_size}: fix dataset.*")
+        raise UserError(
+            f"{name} images are {tuple(train.images.shape[1:])} but the config says "
+            f"in_channels={cfg.in_channels}, image_size={cfg.image_size}: fix dataset.*"
+        )
     val = None
     if cfg.val_size:
         if cfg.val_size >= len(train):
@@ -81,31 +105,97 @@ def build_data(cfg: Any, cache_dir: str | None = None) -> DataBundle:
         train = train.subset(stratified_pick(train.labels, cfg.train_subset, SPLIT_SEED))
     if cfg.test_subset:
         test = test.subset(stratified_pick(test.labels, cfg.test_subset, SPLIT_SEED))
-    return DataBundle(name, train, val, test, cfg.num_classes, cfg.in_channels, cfg.image_size,
-                      list(cfg.mean), list(cfg.std), cfg.augment)
+    return DataBundle(
+        name,
+        train,
+        val,
+        test,
+        cfg.num_classes,
+        cfg.in_channels,
+        cfg.image_size,
+        list(cfg.mean),
+        list(cfg.std),
+        cfg.augment,
+    )
 
 
-def train_loader(data: DataBundle, batch_size: int, device: torch.device, seed: int, phase: str,
-                 max_steps: int = 0, channels_last: bool = False, num_workers: int = 0):
+def train_loader(
+    data: DataBundle,
+    batch_size: int,
+    device: torch.device,
+    seed: int,
+    phase: str,
+    max_steps: int = 0,
+    channels_last: bool = False,
+    num_workers: int = 0,
+):
     """Shuffled, augmented batches of the training split for one phase."""
     if isinstance(data.train, Path):
-        return FolderLoader(data.train, batch_size, data.mean, data.std, data.image_size, device, train=True,
-                            seed=seed, phase=phase, num_workers=num_workers, max_steps=max_steps,
-                            channels_last=channels_last)
-    return SplitLoader(data.train, batch_size, data.mean, data.std, device, train=True, augment=data.augment,
-                       seed=seed, phase=phase, max_steps=max_steps, channels_last=channels_last)
+        return FolderLoader(
+            data.train,
+            batch_size,
+            data.mean,
+            data.std,
+            data.image_size,
+            device,
+            train=True,
+            seed=seed,
+            phase=phase,
+            num_workers=num_workers,
+            max_steps=max_steps,
+            channels_last=channels_last,
+        )
+    return SplitLoader(
+        data.train,
+        batch_size,
+        data.mean,
+        data.std,
+        device,
+        train=True,
+        augment=data.augment,
+        seed=seed,
+        phase=phase,
+        max_steps=max_steps,
+        channels_last=channels_last,
+    )
 
 
-def eval_loader(data: DataBundle, split: str, batch_size: int, device: torch.device,
-                channels_last: bool = False, num_workers: int = 0):
+def eval_loader(
+    data: DataBundle,
+    split: str,
+    batch_size: int,
+    device: torch.device,
+    channels_last: bool = False,
+    num_workers: int = 0,
+):
     """Batches of the `val` or `test` split in a fixed order, without augmentation."""
     source = getattr(data, split)
     if isinstance(source, Path):
-        return FolderLoader(source, batch_size, data.mean, data.std, data.image_size, device,
-                            num_workers=num_workers, channels_last=channels_last)
+        return FolderLoader(
+            source,
+            batch_size,
+            data.mean,
+            data.std,
+            data.image_size,
+            device,
+            num_workers=num_workers,
+            channels_last=channels_last,
+        )
     return SplitLoader(source, batch_size, data.mean, data.std, device, channels_last=channels_last)
 
 
-__all__ = ["DATASET_NAMES", "DataBundle", "ImageSplit", "SplitLoader", "FolderLoader", "build_data",
-           "train_loader", "eval_loader", "epoch_generator", "random_crop_flip", "draw_crop_flip", "apply_crop_flip",
-           "stratified_pick"]
+__all__ = [
+    "DATASET_NAMES",
+    "DataBundle",
+    "ImageSplit",
+    "SplitLoader",
+    "FolderLoader",
+    "build_data",
+    "train_loader",
+    "eval_loader",
+    "epoch_generator",
+    "random_crop_flip",
+    "draw_crop_flip",
+    "apply_crop_flip",
+    "stratified_pick",
+]

@@ -5,6 +5,7 @@ an epoch's batches are the same whether the run started fresh or resumed from a 
 run resumed inside an epoch (`set_epoch(epoch, start_step)`) continues with that epoch's remaining
 batches.
 """
+
 from __future__ import annotations
 
 from typing import Iterator, Sequence
@@ -28,8 +29,9 @@ def draw_crop_flip(b: int, padding: int, g: torch.Generator) -> tuple[torch.Tens
     return dy, dx, flip
 
 
-def apply_crop_flip(images: torch.Tensor, padding: int, dy: torch.Tensor, dx: torch.Tensor,
-                    flip: torch.Tensor) -> torch.Tensor:
+def apply_crop_flip(
+    images: torch.Tensor, padding: int, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor
+) -> torch.Tensor:
     """Crop each image of the batch at offset (dy, dx) of its zero-padded copy, flipped where `flip`;
     one gather for the whole batch, on the images' device."""
     b, _, h, w = images.shape
@@ -73,10 +75,22 @@ class SplitLoader:
     split is cut into one contiguous share per rank.
     """
 
-    def __init__(self, split: ImageSplit, batch_size: int, mean: Sequence[float], std: Sequence[float],
-                 device: torch.device | str = "cpu", train: bool = False, augment: bool = False,
-                 seed: int = 0, phase: str = "eval", max_steps: int = 0, channels_last: bool = False,
-                 rank: int | None = None, world_size: int | None = None):
+    def __init__(
+        self,
+        split: ImageSplit,
+        batch_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device | str = "cpu",
+        train: bool = False,
+        augment: bool = False,
+        seed: int = 0,
+        phase: str = "eval",
+        max_steps: int = 0,
+        channels_last: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
         from dpm import distributed
 
         self.split, self.batch_size = split, batch_size
@@ -124,25 +138,32 @@ class SplitLoader:
         g = epoch_generator(self.seed, self.phase, epoch)
         n, steps = len(self.split), len(self)
         order = torch.randperm(n, generator=g)
-        plan = {"order": order[:min(n, steps * self.batch_size)]}
+        plan = {"order": order[: min(n, steps * self.batch_size)]}
         if self.augment:
-            draws = [draw_crop_flip(len(order[s * self.batch_size:(s + 1) * self.batch_size]), 4, g)
-                     for s in range(steps)]
-            plan.update({k: torch.cat([d[i] for d in draws]) if draws else torch.zeros(0, dtype=torch.long)
-                         for i, k in enumerate(("dy", "dx", "flip"))})
+            draws = [
+                draw_crop_flip(len(order[s * self.batch_size : (s + 1) * self.batch_size]), 4, g) for s in range(steps)
+            ]
+            plan.update(
+                {
+                    k: torch.cat([d[i] for d in draws]) if draws else torch.zeros(0, dtype=torch.long)
+                    for i, k in enumerate(("dy", "dx", "flip"))
+                }
+            )
         return plan
 
     def shard(self, step: int, global_len: int) -> tuple[int, int]:
         """This rank's [lo, hi) within step's global batch of `global_len` images."""
         start = step * self.batch_size
-        return start + self.rank * global_len // self.world_size, start + (self.rank + 1) * global_len // self.world_size
+        return start + self.rank * global_len // self.world_size, start + (
+            self.rank + 1
+        ) * global_len // self.world_size
 
     def shard_indices(self, epoch: int) -> torch.Tensor:
         """The image indices this rank trains on in `epoch`, in order."""
         order = self.epoch_plan(epoch)["order"]
         parts = []
         for step in range(len(self)):
-            lo, hi = self.shard(step, len(order[step * self.batch_size:(step + 1) * self.batch_size]))
+            lo, hi = self.shard(step, len(order[step * self.batch_size : (step + 1) * self.batch_size]))
             parts.append(order[lo:hi])
         return torch.cat(parts) if parts else order[:0]
 
@@ -155,7 +176,7 @@ class SplitLoader:
         plan = {k: _to_device(v, self.device) for k, v in self.epoch_plan(self.epoch).items()}
         order = plan["order"]
         for step in range(self.start_step, len(self)):
-            lo, hi = self.shard(step, len(order[step * self.batch_size:(step + 1) * self.batch_size]))
+            lo, hi = self.shard(step, len(order[step * self.batch_size : (step + 1) * self.batch_size]))
             index = order[lo:hi]
             x = self.images[index].float().div_(255)
             if self.augment:
@@ -172,14 +193,29 @@ class SplitLoader:
 class FolderLoader:
     """ImageNet-style streaming loader over an ImageFolder, with the same interface as SplitLoader."""
 
-    def __init__(self, folder, batch_size: int, mean: Sequence[float], std: Sequence[float], image_size: int,
-                 device: torch.device | str = "cpu", train: bool = False, seed: int = 0, phase: str = "eval",
-                 num_workers: int = 4, max_steps: int = 0, channels_last: bool = False):
+    def __init__(
+        self,
+        folder,
+        batch_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        image_size: int,
+        device: torch.device | str = "cpu",
+        train: bool = False,
+        seed: int = 0,
+        phase: str = "eval",
+        num_workers: int = 4,
+        max_steps: int = 0,
+        channels_last: bool = False,
+    ):
         import torchvision.transforms as T
         from torchvision.datasets import ImageFolder
 
-        tf = ([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()] if train
-              else [T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size)])
+        tf = (
+            [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
+            if train
+            else [T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size)]
+        )
         self.dataset = ImageFolder(str(folder), T.Compose(tf + [T.ToTensor(), T.Normalize(mean, std)]))
         self.batch_size, self.train, self.seed, self.phase = batch_size, train, seed, phase
         self.num_workers, self.max_steps = num_workers, max_steps
@@ -204,21 +240,30 @@ class FolderLoader:
         """This rank's images of the current epoch, in order, from `start_step` on."""
         batch = max(self.batch_size // self.world_size, 1)
         if self.world_size > 1:
-            sampler = torch.utils.data.DistributedSampler(self.dataset, self.world_size, self.rank, shuffle=self.train,
-                                                          seed=self.seed, drop_last=self.train)
+            sampler = torch.utils.data.DistributedSampler(
+                self.dataset, self.world_size, self.rank, shuffle=self.train, seed=self.seed, drop_last=self.train
+            )
             sampler.set_epoch(self.epoch)
             order = list(sampler)
         elif self.train:
-            order = torch.randperm(len(self.dataset), generator=epoch_generator(self.seed, self.phase, self.epoch)).tolist()
+            order = torch.randperm(
+                len(self.dataset), generator=epoch_generator(self.seed, self.phase, self.epoch)
+            ).tolist()
         else:
             order = list(range(len(self.dataset)))
-        return order[self.start_step * batch:]
+        return order[self.start_step * batch :]
 
     def __iter__(self):
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=max(self.batch_size // self.world_size, 1), sampler=self.indices(),
-            drop_last=self.train, num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
-            generator=epoch_generator(self.seed, self.phase, self.epoch), persistent_workers=False)
+            self.dataset,
+            batch_size=max(self.batch_size // self.world_size, 1),
+            sampler=self.indices(),
+            drop_last=self.train,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=epoch_generator(self.seed, self.phase, self.epoch),
+            persistent_workers=False,
+        )
         for step, (x, y) in enumerate(loader, start=self.start_step):
             if self.max_steps and step >= self.max_steps:
                 break

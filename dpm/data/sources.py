@@ -5,6 +5,7 @@ augmenting per image in DataLoader workers costs more than the model, and a resi
 the data order a pure function of (seed, epoch), which resume relies on. ImageNet is too large for
 that and goes through `imagenet_folders` instead.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,8 +53,9 @@ def load_digits() -> tuple[ImageSplit, ImageSplit]:
     return full.subset(train_mask.nonzero().squeeze(1)), full.subset(test_index)
 
 
-def load_synthetic(num_classes: int, in_channels: int, image_size: int, n_train: int,
-                   n_test: int) -> tuple[ImageSplit, ImageSplit]:
+def load_synthetic(
+    num_classes: int, in_channels: int, image_size: int, n_train: int, n_test: int
+) -> tuple[ImageSplit, ImageSplit]:
     """Learnable random images (one fixed noisy template per class); for smoke tests only."""
     g = torch.Generator().manual_seed(1234)
     templates = torch.rand(num_classes, in_channels, image_size, image_size, generator=g)
@@ -66,16 +68,21 @@ def load_synthetic(num_classes: int, in_channels: int, image_size: int, n_train:
     return draw(n_train), draw(n_test)
 
 
-def load_cifar(name: str, root: str | None, download: bool, cache_dir: str | None,
-               bad_images: str = "fail") -> tuple[ImageSplit, ImageSplit]:
+def load_cifar(
+    name: str, root: str | None, download: bool, cache_dir: str | None, bad_images: str = "fail"
+) -> tuple[ImageSplit, ImageSplit]:
     """CIFAR-10/100 from an ImageFolder layout (train/<class>/, test/<class>/) or torchvision's format."""
     if not root:
-        raise UserError(f"dataset.root is not set for {name}: set DPM_DATA_DIR to the folder holding "
-                        f"{name}/ or pass dataset.root=PATH")
+        raise UserError(
+            f"dataset.root is not set for {name}: set DPM_DATA_DIR to the folder holding "
+            f"{name}/ or pass dataset.root=PATH"
+        )
     root_path = Path(root).expanduser()
     if (root_path / "train").is_dir() and (root_path / "test").is_dir():
-        return (load_image_folder(root_path / "train", cache_dir, bad_images),
-                load_image_folder(root_path / "test", cache_dir, bad_images))
+        return (
+            load_image_folder(root_path / "train", cache_dir, bad_images),
+            load_image_folder(root_path / "test", cache_dir, bad_images),
+        )
     return load_torchvision_cifar(name, root_path, download)
 
 
@@ -87,14 +94,21 @@ def load_torchvision_cifar(name: str, root: Path, download: bool) -> tuple[Image
     if not (root / folder).is_dir() and not download:
         raise UserError(
             f"dataset.root={root} holds neither train/ and test/ image folders nor torchvision's {folder}/: "
-            f"point DPM_DATA_DIR (or dataset.root) at the data, or allow a download with dataset.download=true")
+            f"point DPM_DATA_DIR (or dataset.root) at the data, or allow a download with dataset.download=true"
+        )
     try:
         splits = [cls(str(root), train=train, download=download) for train in (True, False)]
     except Exception as err:  # torchvision raises URLError/RuntimeError: say what to do instead
-        raise UserError(f"could not load {name} from {root} ({type(err).__name__}: {err}); with no network, "
-                        f"point dataset.root at a local copy") from None
-    return tuple(ImageSplit(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(),
-                            torch.tensor(s.targets, dtype=torch.int64)) for s in splits)
+        raise UserError(
+            f"could not load {name} from {root} ({type(err).__name__}: {err}); with no network, "
+            f"point dataset.root at a local copy"
+        ) from None
+    return tuple(
+        ImageSplit(
+            torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets, dtype=torch.int64)
+        )
+        for s in splits
+    )
 
 
 def load_image_folder(folder: Path, cache_dir: str | None, bad_images: str = "fail") -> ImageSplit:
@@ -113,8 +127,10 @@ def load_image_folder(folder: Path, cache_dir: str | None, bad_images: str = "fa
     for label, c in enumerate(classes):
         found = [(f, label) for f in sorted((folder / c).iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
         if not found:
-            raise UserError(f"class folder {folder / c} holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
-                            f"remove it or add its images")
+            raise UserError(
+                f"class folder {folder / c} holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                f"remove it or add its images"
+            )
         files += found
     key = cache_key(folder, files, bad_images)
     cache_file = Path(cache_dir) / "datasets" / f"{folder.parent.name}-{folder.name}-{key}.npz" if cache_dir else None
@@ -127,18 +143,22 @@ def load_image_folder(folder: Path, cache_dir: str | None, bad_images: str = "fa
             decoded.append(decode_image(f))
         except (OSError, ValueError, SyntaxError) as err:  # what PIL raises for corrupt/truncated files
             if bad_images != "skip":
-                raise UserError(f"cannot decode image {f} ({err}): replace or delete it, or set "
-                                f"dataset.bad_images=skip to leave such images out") from None
+                raise UserError(
+                    f"cannot decode image {f} ({err}): replace or delete it, or set "
+                    f"dataset.bad_images=skip to leave such images out"
+                ) from None
             skipped.append(f)
             continue
         labels.append(label)
     if skipped:
-        log.warning("%d unreadable image(s) left out of %s (dataset.bad_images=skip), e.g. %s", len(skipped), folder,
-                    skipped[0])
+        log.warning(
+            "%d unreadable image(s) left out of %s (dataset.bad_images=skip), e.g. %s", len(skipped), folder, skipped[0]
+        )
     shapes = {a.shape for a in decoded}
     if len(shapes) > 1:
-        raise UserError(f"images under {folder} differ in size ({', '.join(map(str, sorted(shapes)))}): resize them to "
-                        f"one size")
+        raise UserError(
+            f"images under {folder} differ in size ({', '.join(map(str, sorted(shapes)))}): resize them to one size"
+        )
     images = np.stack(decoded).transpose(0, 3, 1, 2)
     labels = np.array(labels, dtype=np.int64)
     if cache_file is not None:
@@ -172,8 +192,10 @@ def imagenet_folders(root: str | None) -> tuple[Path, Path]:
     root_path = Path(root or "").expanduser()
     train, val = root_path / "train", root_path / "val"
     if not root or not train.is_dir() or not val.is_dir():
-        raise UserError(f"dataset.root={root} must hold ImageNet as train/<wnid>/ and val/<wnid>/ image "
-                        f"folders (ImageNet is never downloaded): set DPM_DATA_DIR or dataset.root")
+        raise UserError(
+            f"dataset.root={root} must hold ImageNet as train/<wnid>/ and val/<wnid>/ image "
+            f"folders (ImageNet is never downloaded): set DPM_DATA_DIR or dataset.root"
+        )
     return train, val
 
 

@@ -13,6 +13,7 @@
 | resnet18, resnet50, mobilenet_v2 | torchvision ImageNet nets, random init | - |
 | tiny_cnn, tiny_resnet | test-sized nets (8x8 digits or 32x32) | widths / width |
 """
+
 from __future__ import annotations
 
 import contextlib

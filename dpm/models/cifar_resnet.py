@@ -12,6 +12,7 @@ Shortcuts on the blocks that change shape:
   build its dependency graph, but pruning the residual-stream channels is not supported (the
   fixed zero block cannot follow them); the shortcut raises a clear error if that is attempted.
 """
+
 from __future__ import annotations
 
 from typing import Sequence

@@ -16,6 +16,7 @@ each base's own model:
 Every VGG takes ``classifier="linear" | "mlp"`` to swap the head; the defaults are the ones above.
 All of them expect 32x32 inputs (the feature map must be 1x1 before the classifier).
 """
+
 from __future__ import annotations
 
 from typing import Sequence, Union
@@ -25,11 +26,47 @@ from torch import nn
 
 # "M" is a 2x2 max-pool; integers are 3x3 conv-BN-ReLU output widths.
 CFG16: tuple[Union[int, str], ...] = (
-    64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    "M",
 )
 # Torch-Pruning's VGG-19 average-pools the last block instead of max-pooling it.
 CFG19: tuple[Union[int, str], ...] = (
-    64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512,
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    512,
 )
 CLASSIFIERS = ("linear", "mlp")
 

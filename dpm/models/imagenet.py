@@ -4,6 +4,7 @@ They are the ImageNet architectures unchanged (7x7 stride-2 stem and max-pool fo
 stride-2 stem for MobileNetV2): on 32x32 inputs they run, with a 1x1 map at the end, but they are
 not CIFAR-adapted variants. ``in_channels`` other than 3 replaces only the stem convolution.
 """
+
 from __future__ import annotations
 
 from torch import nn

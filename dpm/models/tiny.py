@@ -3,6 +3,7 @@
 Runs on 8x8 single-channel digits (``in_channels=1``) and 32x32 RGB alike. Its residual sibling,
 ``tiny_resnet``, lives with the other residual nets in :mod:`dpm.models.cifar_resnet`.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -24,7 +25,11 @@ class TinyCNN(nn.Module):
             # One downsampling step keeps an 8x8 input at 4x4: enough spatial extent left for the
             # 3x3 convs to matter while staying cheap.
             stride = 2 if i == 1 else 1
-            layers += [nn.Conv2d(channels, int(w), 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(int(w)), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(channels, int(w), 3, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(int(w)),
+                nn.ReLU(inplace=True),
+            ]
             channels = int(w)
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)

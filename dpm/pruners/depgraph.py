@@ -13,6 +13,7 @@ alphabetically first conv/linear layer whose output channels the dependency grou
 *anchor*), ``original_channel_id`` the channel's index in that layer of the model as built. Keys
 therefore survive removals of other channels, rounds and checkpoints.
 """
+
 from __future__ import annotations
 
 import copy
@@ -118,12 +119,14 @@ class DepGraphPruner:
 
         names = {m: n for n, m in model.named_modules()}
         if ignored_layers is None:
-            ignored_layers = [m for m in model.modules()
-                              if isinstance(m, nn.Linear) and m.out_features == self.num_classes]
+            ignored_layers = [
+                m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == self.num_classes
+            ]
             if not ignored_layers:
                 raise ValueError(
                     f"no Linear layer with out_features == num_classes ({self.num_classes}) to keep unpruned: "
-                    "pass ignored_layers=[<the classifier>] explicitly")
+                    "pass ignored_layers=[<the classifier>] explicitly"
+                )
         unknown = [type(m).__name__ for m in ignored_layers if m not in names]
         if unknown:
             raise ValueError(f"ignored_layers holds modules that are not in the model: {unknown}")
@@ -170,14 +173,17 @@ class DepGraphPruner:
             if n != root_n:
                 raise NotImplementedError(
                     f"dependency group {name!r} maps channels between layers of different widths "
-                    f"({n} vs {root_n}, e.g. concat/split); DepGraphPruner supports groups of equal width only")
-            yield name, DG.get_pruning_group(anchor, DG.get_pruner_of_module(anchor).prune_out_channels,
-                                             list(range(n)))
+                    f"({n} vs {root_n}, e.g. concat/split); DepGraphPruner supports groups of equal width only"
+                )
+            yield name, DG.get_pruning_group(anchor, DG.get_pruner_of_module(anchor).prune_out_channels, list(range(n)))
 
     @staticmethod
     def _group_name(DG: tp.DependencyGraph, group: Any) -> str:
-        names = [DG._module2name[dep.target.module] for dep, _ in group
-                 if isinstance(dep.target.module, _ROOT_TYPES) and DG.is_out_channel_pruning_fn(dep.handler)]
+        names = [
+            DG._module2name[dep.target.module]
+            for dep, _ in group
+            if isinstance(dep.target.module, _ROOT_TYPES) and DG.is_out_channel_pruning_fn(dep.handler)
+        ]
         return min(names)
 
     @staticmethod
@@ -198,8 +204,10 @@ class DepGraphPruner:
                 g, orig = key  # type: ignore[misc]
                 out[g].add(index[g][orig])
             except (KeyError, TypeError, ValueError):
-                raise KeyError(f"{key!r} is not a channel of the current model (removed already, or not a "
-                               "(group_name, original_channel_id) key from targets())") from None
+                raise KeyError(
+                    f"{key!r} is not a channel of the current model (removed already, or not a "
+                    "(group_name, original_channel_id) key from targets())"
+                ) from None
         return {g: sorted(p) for g, p in out.items()}
 
     # ------------------------------------------------------------------ targets
@@ -247,8 +255,9 @@ class DepGraphPruner:
             if _is_depthwise(m):
                 return [(m.weight, 0, False)] + ([(m.bias, 0, False)] if m.bias is not None else [])
             if fn == tpf.prune_conv_out_channels:
-                return [(m.weight, 1 if transposed else 0, False)] + \
-                       ([(m.bias, 0, False)] if m.bias is not None else [])
+                return [(m.weight, 1 if transposed else 0, False)] + (
+                    [(m.bias, 0, False)] if m.bias is not None else []
+                )
             if fn == tpf.prune_conv_in_channels:
                 if m.groups > 1:
                     raise NotImplementedError(f"grouped (non-depthwise) convolution {m} is not supported")
@@ -264,7 +273,8 @@ class DepGraphPruner:
             return [(p, 0, False) for _, p in params if p.dim() == 1 and p.numel() > 1]
         raise NotImplementedError(
             f"DepGraphPruner cannot describe {type(m).__name__} pruned by {getattr(fn, '__name__', fn)} as "
-            "producer/consumer slices")
+            "producer/consumer slices"
+        )
 
     # ------------------------------------------------------------------ selection
     def select(self, speedup: float, excluded: Collection[Hashable] = ()) -> list[Hashable]:
@@ -289,11 +299,20 @@ class DepGraphPruner:
         shadow = copy.deepcopy(self.model)  # its train/eval mode is of no consequence
         with torch.enable_grad():
             pruner = tp.pruner.MagnitudePruner(
-                shadow, self.example_inputs, importance=self._importance, global_pruning=self.global_pruning,
-                iterative_steps=self.iterative_steps, pruning_ratio=1.0, max_pruning_ratio=self.max_pruning_ratio,
+                shadow,
+                self.example_inputs,
+                importance=self._importance,
+                global_pruning=self.global_pruning,
+                iterative_steps=self.iterative_steps,
+                pruning_ratio=1.0,
+                max_pruning_ratio=self.max_pruning_ratio,
                 ignored_layers=self._ignored(shadow),
                 # Fresh dicts: Torch-Pruning's defaults are shared mutable dicts that it writes to.
-                in_channel_groups={}, out_channel_groups={}, num_heads={}, channel_groups={})
+                in_channel_groups={},
+                out_channel_groups={},
+                num_heads={},
+                channel_groups={},
+            )
         DG = pruner.DG
         ids = {g: list(v) for g, v in self._ids.items()}
         chosen: list[Key] = []
@@ -357,8 +376,9 @@ class DepGraphPruner:
         groups = []
         for name in sorted(positions):
             anchor = self.model.get_submodule(name)
-            group = self.DG.get_pruning_group(anchor, self.DG.get_pruner_of_module(anchor).prune_out_channels,
-                                              positions[name])
+            group = self.DG.get_pruning_group(
+                anchor, self.DG.get_pruner_of_module(anchor).prune_out_channels, positions[name]
+            )
             if not self.DG.check_pruning_group(group):
                 raise ValueError(f"removing {len(positions[name])} channels would leave group {name!r} empty")
             groups.append((name, group))
@@ -385,8 +405,9 @@ class DepGraphPruner:
         self._regularizer = None  # its groups and importance refer to the old shapes
         self._native = None
 
-    def _optimizer_shadows(self, optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter]
-                           ) -> dict[str, tuple[nn.Module, set[str]]]:
+    def _optimizer_shadows(
+        self, optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter]
+    ) -> dict[str, tuple[nn.Module, set[str]]]:
         """Per state name (``momentum_buffer``, ``exp_avg``, ...), a copy of the model whose
         parameters hold that state tensor, and the names of the parameters that have it.
 
@@ -407,8 +428,12 @@ class DepGraphPruner:
             shadows[k] = (copy.deepcopy(self.model, memo), set(tensors))
         return shadows
 
-    def _rebind_optimizer(self, optimizer: torch.optim.Optimizer, old_params: dict[str, nn.Parameter],
-                          shadows: dict[str, tuple[nn.Module, set[str]]]) -> None:
+    def _rebind_optimizer(
+        self,
+        optimizer: torch.optim.Optimizer,
+        old_params: dict[str, nn.Parameter],
+        shadows: dict[str, tuple[nn.Module, set[str]]],
+    ) -> None:
         """Point ``optimizer`` at the pruned parameters and give them their sliced state."""
         new_params = dict(self.model.named_parameters())
         name_of = {id(p): n for n, p in old_params.items()}
@@ -422,8 +447,8 @@ class DepGraphPruner:
                 new_state[p] = state
                 continue
             new_state[new_params[name]] = {
-                k: sliced[k][name].detach() if k in shadows and name in shadows[k][1] else v
-                for k, v in state.items()}
+                k: sliced[k][name].detach() if k in shadows and name in shadows[k][1] else v for k, v in state.items()
+            }
         optimizer.state.clear()
         optimizer.state.update(new_state)
 
@@ -441,10 +466,20 @@ class DepGraphPruner:
             try:
                 with torch.enable_grad():
                     self._regularizer = tp.pruner.GroupNormPruner(
-                        self.model, self.example_inputs, importance=self._importance, reg=self.reg,
-                        global_pruning=self.global_pruning, pruning_ratio=1.0, iterative_steps=self.iterative_steps,
-                        max_pruning_ratio=self.max_pruning_ratio, ignored_layers=self._ignored(self.model),
-                        in_channel_groups={}, out_channel_groups={}, num_heads={}, channel_groups={})
+                        self.model,
+                        self.example_inputs,
+                        importance=self._importance,
+                        reg=self.reg,
+                        global_pruning=self.global_pruning,
+                        pruning_ratio=1.0,
+                        iterative_steps=self.iterative_steps,
+                        max_pruning_ratio=self.max_pruning_ratio,
+                        ignored_layers=self._ignored(self.model),
+                        in_channel_groups={},
+                        out_channel_groups={},
+                        num_heads={},
+                        channel_groups={},
+                    )
             finally:
                 modes.restore()
         self._regularizer.regularize(self.model)
@@ -457,8 +492,11 @@ class DepGraphPruner:
 
     def state_dict(self) -> dict:
         """The removal history (keys per :meth:`remove` call, in order) and the base counts."""
-        return {"version": _STATE_VERSION, "removals": [list(r) for r in self._history],
-                "base_native": tuple(self.base_native)}
+        return {
+            "version": _STATE_VERSION,
+            "removals": [list(r) for r in self._history],
+            "base_native": tuple(self.base_native),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Replay the removals of ``state`` on this pruner's freshly built (unpruned) model, so
@@ -466,11 +504,15 @@ class DepGraphPruner:
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"DepGraphPruner state version {state.get('version')!r}, expected {_STATE_VERSION}")
         if self._history:
-            raise RuntimeError("load_state_dict() replays removals on an unpruned model: build a fresh model "
-                               "and DepGraphPruner, then load")
+            raise RuntimeError(
+                "load_state_dict() replays removals on an unpruned model: build a fresh model "
+                "and DepGraphPruner, then load"
+            )
         base = tuple(int(v) for v in state["base_native"])
         if base != tuple(self.base_native):
-            raise ValueError(f"the checkpoint's pruner was built on a model of {base[0]} MACs / {base[1]} params, "
-                             f"this one has {self.base_native[0]} / {self.base_native[1]}: build the same model")
+            raise ValueError(
+                f"the checkpoint's pruner was built on a model of {base[0]} MACs / {base[1]} params, "
+                f"this one has {self.base_native[0]} / {self.base_native[1]}: build the same model"
+            )
         for removal in state["removals"]:
             self.remove([tuple(k) for k in removal])

@@ -23,6 +23,7 @@ conv filter + gate + BN bias) over N optimizer steps, across ticks and tocks, an
 once it is zero. Decaying units count as removed everywhere the method counts channels and are
 never candidates; SR's released units sit out ``dpm.release_cooldown`` ticks (a round is one tick).
 """
+
 from __future__ import annotations
 
 import copy
@@ -76,14 +77,34 @@ class GateDecorator:
             optimizer), or a fresh optimizer per phase (dpm's earlier ticks).
     """
 
-    def __init__(self, model: nn.Module, units: list[ChannelUnit], *, skeleton: nn.Module, example: torch.Tensor,
-                 prune_ratio: float, min_channel_ratio: float, flops_target: float, N: int = 1,
-                 decay_interval: int = 1, schedule: str = "linear", rectify: RectifyConfig | None = None,
-                 decay_vector: str = "gate", tock_l1: float = 0.0, tock_lr_max: float | None = None,
-                 track: int | None = 8, tick_rule: str = "original", floor_rounding: str = "floor",
-                 tick_bn_bias: bool = True, carry_momentum: bool = True) -> None:
-        for name, value, valid in (("decay_vector", decay_vector, DECAY_VECTORS), ("tick_rule", tick_rule, TICK_RULES),
-                                   ("floor_rounding", floor_rounding, FLOOR_ROUNDINGS)):
+    def __init__(
+        self,
+        model: nn.Module,
+        units: list[ChannelUnit],
+        *,
+        skeleton: nn.Module,
+        example: torch.Tensor,
+        prune_ratio: float,
+        min_channel_ratio: float,
+        flops_target: float,
+        N: int = 1,
+        decay_interval: int = 1,
+        schedule: str = "linear",
+        rectify: RectifyConfig | None = None,
+        decay_vector: str = "gate",
+        tock_l1: float = 0.0,
+        tock_lr_max: float | None = None,
+        track: int | None = 8,
+        tick_rule: str = "original",
+        floor_rounding: str = "floor",
+        tick_bn_bias: bool = True,
+        carry_momentum: bool = True,
+    ) -> None:
+        for name, value, valid in (
+            ("decay_vector", decay_vector, DECAY_VECTORS),
+            ("tick_rule", tick_rule, TICK_RULES),
+            ("floor_rounding", floor_rounding, FLOOR_ROUNDINGS),
+        ):
             if value not in valid:
                 raise ValueError(f"{name} must be one of {valid}, got {value!r}")
         self.model, self.units, self.skeleton = model, units, skeleton
@@ -105,8 +126,15 @@ class GateDecorator:
         self.left_lagged: int | None = None  # the original's `left`, read a tick late (select())
         params = dict(model.named_parameters())
         self.targets = {u.key: self._target(u, decay_vector, params) for u in units}
-        self.controller = DecayController(model, N, interval=decay_interval, schedule=schedule, rectify=rectify,
-                                          replacement=self._replacement, track=track)
+        self.controller = DecayController(
+            model,
+            N,
+            interval=decay_interval,
+            schedule=schedule,
+            rectify=rectify,
+            replacement=self._replacement,
+            track=track,
+        )
         self.controller.register(self.targets.values())  # every unit: the C_len families
         # A unit's score is the sum of its BN channels' scores: gather them with one index_add.
         self.bn_names = list(self.gbns)
@@ -172,9 +200,13 @@ class GateDecorator:
         groups = [{"params": live}]
         if frozen:
             groups.append({"params": frozen, "lr": 0.0, "weight_decay": 0.0, "frozen": True})
-        opt = torch.optim.SGD(groups, lr=phase_cfg.lr, momentum=phase_cfg.momentum,
-                              nesterov=phase_cfg.nesterov and phase_cfg.momentum > 0,
-                              weight_decay=phase_cfg.weight_decay)
+        opt = torch.optim.SGD(
+            groups,
+            lr=phase_cfg.lr,
+            momentum=phase_cfg.momentum,
+            nesterov=phase_cfg.nesterov and phase_cfg.momentum > 0,
+            weight_decay=phase_cfg.weight_decay,
+        )
         if self.carry_momentum:
             if self._optimizer is not None and self._optimizer_phase != self.current:
                 self.carried = self._momentum(self._optimizer)
@@ -275,7 +307,9 @@ class GateDecorator:
             chosen.append(u.key)
         return chosen
 
-    def _threshold_choose(self, scores: list[float], num: int, excluded: frozenset) -> tuple[list[Hashable], float | None]:
+    def _threshold_choose(
+        self, scores: list[float], num: int, excluded: frozenset
+    ) -> tuple[list[Hashable], float | None]:
         """The original's cut (rule 2 in the README's "Gate Decorator"): per group, the alive units but its
         ``floor`` best are candidates, each entered once per coupled BN; every candidate scored at
         or below the ``(num + 1)``-th lowest entry is chosen, ties included, unless it ties the
@@ -335,17 +369,30 @@ class GateDecorator:
         self.controller.admit([self.targets[k] for k in chosen])
         self.admitted += len(chosen)
         self._sync_masks()
-        record = {"tick": self.ticks, "selected": [list(k) for k in chosen],
-                  "decaying_before": [list(k) for k in decaying], "excluded": len(excluded),
-                  "remaining_before": remaining, "left_entries_before": left, "count_basis": basis,
-                  "requested": count, "threshold": threshold,
-                  "selected_entries": sum(self.entries[k] for k in chosen),
-                  "max_selected_score": max((scores[self.row[k]] for k in chosen), default=None),
-                  "flops_remaining": self.flops_remaining()}
+        record = {
+            "tick": self.ticks,
+            "selected": [list(k) for k in chosen],
+            "decaying_before": [list(k) for k in decaying],
+            "excluded": len(excluded),
+            "remaining_before": remaining,
+            "left_entries_before": left,
+            "count_basis": basis,
+            "requested": count,
+            "threshold": threshold,
+            "selected_entries": sum(self.entries[k] for k in chosen),
+            "max_selected_score": max((scores[self.row[k]] for k in chosen), default=None),
+            "flops_remaining": self.flops_remaining(),
+        }
         self.tick_log.append(record)
-        log.info("tick %d: %d of %d remaining units (%d BN-channel entries) selected, %d decaying, native FLOPs "
-                 "left %.4f", self.ticks, len(chosen), remaining, record["selected_entries"],
-                 len(self.controller.decaying), record["flops_remaining"])
+        log.info(
+            "tick %d: %d of %d remaining units (%d BN-channel entries) selected, %d decaying, native FLOPs left %.4f",
+            self.ticks,
+            len(chosen),
+            remaining,
+            record["selected_entries"],
+            len(self.controller.decaying),
+            record["flops_remaining"],
+        )
         return record
 
     def _replacement(self, released: list[Target], excluded: frozenset) -> list[Target]:
@@ -366,26 +413,54 @@ class GateDecorator:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        return {"version": _STATE_VERSION, "controller": self.controller.state_dict(),
-                "scores": {n: s.clone() for n, s in self.scores.items()}, "last_scores": self.last_scores,
-                "masked": sorted(self.masked), "mode": self.mode, "current": self.current,
-                "phase_step": self.phase_step, "phase_steps": self.phase_steps, "drain_total": self.drain_total,
-                "ticks": self.ticks, "tocks": self.tocks, "drain_steps": self.drain_steps,
-                "drains": self.drains, "drain_epochs": self.drain_epochs,
-                "admitted": self.admitted, "tick_log": copy.deepcopy(self.tick_log),
-                "left_lagged": self.left_lagged, "stop_reason": self.stop_reason}
+        return {
+            "version": _STATE_VERSION,
+            "controller": self.controller.state_dict(),
+            "scores": {n: s.clone() for n, s in self.scores.items()},
+            "last_scores": self.last_scores,
+            "masked": sorted(self.masked),
+            "mode": self.mode,
+            "current": self.current,
+            "phase_step": self.phase_step,
+            "phase_steps": self.phase_steps,
+            "drain_total": self.drain_total,
+            "ticks": self.ticks,
+            "tocks": self.tocks,
+            "drain_steps": self.drain_steps,
+            "drains": self.drains,
+            "drain_epochs": self.drain_epochs,
+            "admitted": self.admitted,
+            "tick_log": copy.deepcopy(self.tick_log),
+            "left_lagged": self.left_lagged,
+            "stop_reason": self.stop_reason,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != _STATE_VERSION:
-            raise UserError(f"a Gate Decorator checkpoint of state version {state.get('version')!r} (this dpm writes "
-                            f"{_STATE_VERSION}: its tick rules changed): rerun in a new run directory")
+            raise UserError(
+                f"a Gate Decorator checkpoint of state version {state.get('version')!r} (this dpm writes "
+                f"{_STATE_VERSION}: its tick rules changed): rerun in a new run directory"
+            )
         self.controller.load_state_dict(state["controller"])
         for n, s in state["scores"].items():
             self.scores[n].copy_(s)
         self.masked = {tuple(k) for k in state["masked"]}
         self.current = tuple(state["current"]) if state["current"] is not None else None
-        for key in ("last_scores", "mode", "phase_step", "phase_steps", "drain_total", "ticks", "tocks",
-                    "drains", "drain_steps", "drain_epochs", "admitted", "left_lagged", "stop_reason"):
+        for key in (
+            "last_scores",
+            "mode",
+            "phase_step",
+            "phase_steps",
+            "drain_total",
+            "ticks",
+            "tocks",
+            "drains",
+            "drain_steps",
+            "drain_epochs",
+            "admitted",
+            "left_lagged",
+            "stop_reason",
+        ):
             setattr(self, key, state[key])
         self.tick_log = copy.deepcopy(state["tick_log"])
 

@@ -7,6 +7,7 @@ prunes channels through ``g`` and ``mask`` only; :func:`fold_gates` ("melt", fir
 gated BN back into a plain BatchNorm2d whose masked channels output exactly zero, ready for the
 physical removal in :mod:`dpm.pruners.gate_decorator_units`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,10 +24,17 @@ class GatedBatchNorm2d(nn.BatchNorm2d):
     channel mask (a buffer, checkpointed with the model).
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=True, track_running_stats=True,
-                         device=device, dtype=dtype)
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            num_features, eps=eps, momentum=momentum, affine=True, track_running_stats=True, device=device, dtype=dtype
+        )
         self.gate = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
         self.register_buffer("mask", torch.ones(num_features, device=device, dtype=dtype))
         self.weight.requires_grad_(False)
@@ -47,8 +55,9 @@ class GatedBatchNorm2d(nn.BatchNorm2d):
         gamma = bn.weight.detach()
         nonzero = gamma != 0
         gated.gate.copy_(gamma)
-        gated.bias.copy_(torch.where(nonzero, bn.bias / torch.where(nonzero, gamma, torch.ones_like(gamma)),
-                                     torch.zeros_like(gamma)))
+        gated.bias.copy_(
+            torch.where(nonzero, bn.bias / torch.where(nonzero, gamma, torch.ones_like(gamma)), torch.zeros_like(gamma))
+        )
         gated.weight.fill_(1.0)
         gated.running_mean.copy_(bn.running_mean)
         gated.running_var.copy_(bn.running_var)
@@ -66,8 +75,9 @@ class GatedBatchNorm2d(nn.BatchNorm2d):
 
         Masked channels get weight = bias = 0 and so output exactly 0 in train and eval mode.
         """
-        bn = nn.BatchNorm2d(self.num_features, eps=self.eps, momentum=self.momentum,
-                            device=self.weight.device, dtype=self.weight.dtype)
+        bn = nn.BatchNorm2d(
+            self.num_features, eps=self.eps, momentum=self.momentum, device=self.weight.device, dtype=self.weight.dtype
+        )
         scale = self.gate * self.mask
         bn.weight.copy_(self.weight * scale)
         bn.bias.copy_(self.bias * scale)

@@ -8,6 +8,7 @@ one BN channel per coupled BN, scored and masked together. The same graph remove
 units physically at the melt (:func:`remove_channels`), and predicts the MACs that removal
 leaves (:func:`macs_without`), which is what the FLOPs stopping rule reads.
 """
+
 from __future__ import annotations
 
 import copy
@@ -98,8 +99,9 @@ def remove_channels(model: nn.Module, keys: Iterable[Hashable], example: torch.T
         groups = []
         for name in sorted(by_group):
             anchor = model.get_submodule(name)
-            group = DG.get_pruning_group(anchor, DG.get_pruner_of_module(anchor).prune_out_channels,
-                                         sorted(by_group[name]))
+            group = DG.get_pruning_group(
+                anchor, DG.get_pruner_of_module(anchor).prune_out_channels, sorted(by_group[name])
+            )
             if not DG.check_pruning_group(group):
                 raise ValueError(f"removing {len(by_group[name])} channels would leave group {name!r} empty")
             groups.append(group)

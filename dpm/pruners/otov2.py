@@ -28,6 +28,7 @@ release; the question SR asks is whether the *loss* defends the group.
 
 The run-side stage (DHSPG phase, removal, fine-tune) is dpm.stages.otov2.
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,17 +44,45 @@ from dpm.pruners.otov2_groups import _CONV, ZeroInvariantGroup, zero_invariant_g
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VARIANT_DEFAULTS", "WEIGHT_DECAY_TYPES", "ZeroInvariantGroup", "DHSPG", "zero_invariant_groups",
-           "zigs_of", "remove_zero_groups"]
+__all__ = [
+    "VARIANT_DEFAULTS",
+    "WEIGHT_DECAY_TYPES",
+    "ZeroInvariantGroup",
+    "DHSPG",
+    "zero_invariant_groups",
+    "zigs_of",
+    "remove_zero_groups",
+]
 
 #: only_train_once 2.0.16 ``optimizer/hyperparameter.py``: what ``None`` means per variant.
 VARIANT_DEFAULTS: dict[str, dict[str, float]] = {
-    "sgd": {"first_momentum": 0.0, "second_momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0,
-            "lmbda": 1e-3, "lmbda_amplify": 2, "hat_lmbda_coeff": 10},
-    "adam": {"first_momentum": 0.9, "second_momentum": 0.999, "dampening": 0.0, "weight_decay": 0.0,
-             "lmbda": 1e-2, "lmbda_amplify": 20, "hat_lmbda_coeff": 1e3},
-    "adamw": {"first_momentum": 0.9, "second_momentum": 0.999, "dampening": 0.0, "weight_decay": 1e-2,
-              "lmbda": 1e-2, "lmbda_amplify": 20, "hat_lmbda_coeff": 1e3},
+    "sgd": {
+        "first_momentum": 0.0,
+        "second_momentum": 0.0,
+        "dampening": 0.0,
+        "weight_decay": 0.0,
+        "lmbda": 1e-3,
+        "lmbda_amplify": 2,
+        "hat_lmbda_coeff": 10,
+    },
+    "adam": {
+        "first_momentum": 0.9,
+        "second_momentum": 0.999,
+        "dampening": 0.0,
+        "weight_decay": 0.0,
+        "lmbda": 1e-2,
+        "lmbda_amplify": 20,
+        "hat_lmbda_coeff": 1e3,
+    },
+    "adamw": {
+        "first_momentum": 0.9,
+        "second_momentum": 0.999,
+        "dampening": 0.0,
+        "weight_decay": 1e-2,
+        "lmbda": 1e-2,
+        "lmbda_amplify": 20,
+        "hat_lmbda_coeff": 1e3,
+    },
 }
 WEIGHT_DECAY_TYPES = ("l2_norm", "l1_norm")
 _SAFE_GUARD = 1e-8  # 2.0.16's safe_guard: x / (||x|| + 1e-8) and the Adam denominator
@@ -142,12 +171,18 @@ class DHSPG(torch.optim.Optimizer):
         self.fixed_zero_groups = bool(fixed_zero_groups)
         self.upper_group_sparsity = float(upper_group_sparsity)
         self.zigs = list(zigs)
-        defaults = dict(lr=float(lr), lmbda=pick(lmbda, "lmbda"), lmbda_amplify=pick(lmbda_amplify, "lmbda_amplify"),
-                        hat_lmbda_coeff=pick(hat_lmbda_coeff, "hat_lmbda_coeff"), epsilon=float(epsilon),
-                        weight_decay=pick(weight_decay, "weight_decay"),
-                        first_momentum=pick(first_momentum, "first_momentum"),
-                        second_momentum=pick(second_momentum, "second_momentum"),
-                        dampening=pick(dampening, "dampening"), group_divisible=int(group_divisible))
+        defaults = dict(
+            lr=float(lr),
+            lmbda=pick(lmbda, "lmbda"),
+            lmbda_amplify=pick(lmbda_amplify, "lmbda_amplify"),
+            hat_lmbda_coeff=pick(hat_lmbda_coeff, "hat_lmbda_coeff"),
+            epsilon=float(epsilon),
+            weight_decay=pick(weight_decay, "weight_decay"),
+            first_momentum=pick(first_momentum, "first_momentum"),
+            second_momentum=pick(second_momentum, "second_momentum"),
+            dampening=pick(dampening, "dampening"),
+            group_divisible=int(group_divisible),
+        )
         groups: list[dict[str, Any]] = [{"params": z.params, "zig": z.name} for z in self.zigs]
         in_zig = {id(p) for z in self.zigs for p in z.params}
         others = [p for p in other_params if id(p) not in in_zig]
@@ -191,8 +226,8 @@ class DHSPG(torch.optim.Optimizer):
                 v.mul_(b2).add_(delta * delta, alpha=1.0 - b2)
         else:
             v = delta * delta
-        denom = (v / (1.0 - b2 ** t)).sqrt().add_(_SAFE_GUARD)
-        return m / (1.0 - b1 ** t) / denom
+        denom = (v / (1.0 - b2**t)).sqrt().add_(_SAFE_GUARD)
+        return m / (1.0 - b1**t) / denom
 
     @staticmethod
     def _moment(state: dict, key: str, momentum: float, dampening: float, grad: torch.Tensor) -> torch.Tensor:
@@ -221,8 +256,8 @@ class DHSPG(torch.optim.Optimizer):
         start = 0
         for i, (z, group) in enumerate(zip(self.zigs, self.param_groups)):
             C, q = z.num_groups, group["group_divisible"]
-            zscores = scores[start:start + C]
-            in_top = int(top[start:start + C].sum())
+            zscores = scores[start : start + C]
+            in_top = int(top[start : start + C].sum())
             start += C
             mask = torch.zeros(C, dtype=torch.bool, device=zscores.device)
             if C > q:
@@ -252,7 +287,7 @@ class DHSPG(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 grads[p] = self._grad_variant(group, p)
-        zig_groups = self.param_groups[:len(self.zigs)]
+        zig_groups = self.param_groups[: len(self.zigs)]
         xs: list[torch.Tensor | None] = [None] * len(self.zigs)
         ds: list[torch.Tensor | None] = [None] * len(self.zigs)
         if not self.partitioned and t - 1 == self.partition_step:
@@ -260,7 +295,7 @@ class DHSPG(torch.optim.Optimizer):
             ds = [z.gather([grads[p] for p in z.params]) for z in self.zigs]
             self.partition(xs, ds)
 
-        for group in self.param_groups[len(self.zigs):]:  # type default: plain base step
+        for group in self.param_groups[len(self.zigs) :]:  # type default: plain base step
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -302,8 +337,11 @@ class DHSPG(torch.optim.Optimizer):
                     adj = gp & (inner < 0)
                     lower = -inner[adj] / x_norm[adj]
                     upper = -(d_norm[adj] * d_norm[adj] * x_norm[adj] / inner[adj])
-                    lam_adj = torch.clip(group["lmbda_amplify"] * lower, min=group["lmbda"],
-                                         max=group["lmbda"] * group["hat_lmbda_coeff"])
+                    lam_adj = torch.clip(
+                        group["lmbda_amplify"] * lower,
+                        min=group["lmbda"],
+                        max=group["lmbda"] * group["hat_lmbda_coeff"],
+                    )
                     over = lam_adj >= upper
                     lam_adj[over] = (upper[over] + lower[over]) / 2.0
                     lam[adj] = lam_adj
@@ -333,11 +371,12 @@ class DHSPG(torch.optim.Optimizer):
         self.group_sparsity = self.compute_group_sparsity()
         return loss
 
-    def _half_space_rows(self, hat_x: torch.Tensor, x: torch.Tensor, x_norm: torch.Tensor, gp: torch.Tensor,
-                         epsilon: float, i: int) -> torch.Tensor | None:
+    def _half_space_rows(
+        self, hat_x: torch.Tensor, x: torch.Tensor, x_norm: torch.Tensor, gp: torch.Tensor, epsilon: float, i: int
+    ) -> torch.Tensor | None:
         """Row mask of the G_p groups the half-space projection zeroes (L373-391); rows admitted to
         the decay are never projected again. None when the ZIG's G_p is at its sparsity cap."""
-        proj = gp & (torch.sum(hat_x * x, dim=1) < epsilon * x_norm ** 2) & ~self.admitted[i]
+        proj = gp & (torch.sum(hat_x * x, dim=1) < epsilon * x_norm**2) & ~self.admitted[i]
         if self.upper_group_sparsity >= 1.0:
             # The cap cannot bind (a zero row never meets the strict condition): no host syncs.
             return proj
@@ -359,7 +398,7 @@ class DHSPG(torch.optim.Optimizer):
         budget=base, G_p is refilled by score only as far as the target needs: OTOv2's own
         selection keeps its target reachable (strict already replaced each one)."""
         releases = self.controller.log.releases
-        new = releases[self.released_seen:]
+        new = releases[self.released_seen :]
         for rec in new:
             i, r = self._row_of[rec["key"]]
             self.penalized[i][r] = False
@@ -429,20 +468,33 @@ class DHSPG(torch.optim.Optimizer):
         """Counts for metrics.json: groups, G_p size, zero groups and sparsity."""
         zero = sum(len(r) for r in self.zero_groups())
         total = sum(z.num_groups for z in self.zigs)
-        return {"num_groups": total, "num_zigs": len(self.zigs), "zero_groups": zero,
-                "group_sparsity": zero / total, "g_p_size": int(sum(int(m.sum()) for m in self.penalized)),
-                "partitioned": self.partitioned, "dhspg_steps": self.num_steps, "promoted": self.promoted}
+        return {
+            "num_groups": total,
+            "num_zigs": len(self.zigs),
+            "zero_groups": zero,
+            "group_sparsity": zero / total,
+            "g_p_size": int(sum(int(m.sum()) for m in self.penalized)),
+            "partitioned": self.partitioned,
+            "dhspg_steps": self.num_steps,
+            "promoted": self.promoted,
+        }
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state plus DHSPG's own (step count, partition, admissions)."""
         state = super().state_dict()
-        state["dhspg"] = {"version": _STATE_VERSION, "num_steps": self.num_steps, "partitioned": self.partitioned,
-                          "penalized": [m.cpu().clone() for m in self.penalized],
-                          "scores": None if self.scores is None else [s.cpu().clone() for s in self.scores],
-                          "admitted": [m.cpu().clone() for m in self.admitted],
-                          "released_seen": self.released_seen, "promoted": self.promoted,
-                          "group_sparsity": self.group_sparsity, "zigs": [z.name for z in self.zigs]}
+        state["dhspg"] = {
+            "version": _STATE_VERSION,
+            "num_steps": self.num_steps,
+            "partitioned": self.partitioned,
+            "penalized": [m.cpu().clone() for m in self.penalized],
+            "scores": None if self.scores is None else [s.cpu().clone() for s in self.scores],
+            "admitted": [m.cpu().clone() for m in self.admitted],
+            "released_seen": self.released_seen,
+            "promoted": self.promoted,
+            "group_sparsity": self.group_sparsity,
+            "zigs": [z.name for z in self.zigs],
+        }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -1,5 +1,6 @@
 """OTOv2's zero-invariant groups (ZIGs) on Torch-Pruning's dependency groups: the producer rows
 of one group, the unit DHSPG updates, zeroes and DPM decays (docs/otov2-dhspg.md section 2)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,12 +17,13 @@ __all__ = ["ZeroInvariantGroup", "zero_invariant_groups", "zigs_of"]
 # 2.0.16's group types; only the two that DHSPG updates row-wise occur here.
 _LINEAR, _CONV = 4, 5
 
+
 @dataclass
 class _Producer:
     param: nn.Parameter
     dim: int
     index: torch.Tensor | None  # None: the rows are the param's dim-0 rows in order (a plain view)
-    per_row: int                # indices along ``dim`` per group
+    per_row: int  # indices along ``dim`` per group
 
 
 class ZeroInvariantGroup:
@@ -43,8 +45,12 @@ class ZeroInvariantGroup:
             rows: list[int] = []
             for t in targets:
                 ps = t.producers
-                if len(ps) != len(first) or ps[j].param is not s.param or ps[j].dim != s.dim \
-                        or len(ps[j].indices) != len(s.indices):
+                if (
+                    len(ps) != len(first)
+                    or ps[j].param is not s.param
+                    or ps[j].dim != s.dim
+                    or len(ps[j].indices) != len(s.indices)
+                ):
                     raise NotImplementedError(f"ZIG {name!r}: channels slice different parameters")
                 rows.extend(ps[j].indices)
             p = s.param
@@ -52,7 +58,8 @@ class ZeroInvariantGroup:
             if sorted(rows) != list(range(size)):
                 raise NotImplementedError(
                     f"ZIG {name!r} covers {len(rows)} of the {size} rows of a {tuple(p.shape)} parameter along dim "
-                    f"{s.dim}: DHSPG needs every producer row in exactly one group")
+                    f"{s.dim}: DHSPG needs every producer row in exactly one group"
+                )
             identity = s.dim == 0 and rows == list(range(size)) and len(s.indices) == 1
             index = None if identity else torch.tensor(rows, dtype=torch.long, device=p.device)
             self.producers.append(_Producer(p, s.dim, index, len(s.indices)))
@@ -79,8 +86,11 @@ class ZeroInvariantGroup:
         """L2 norm of every row, from each producer's rows in place (no group matrix is built)."""
         sq = None
         for pr, t in zip(self.producers, self.params if tensors is None else tensors):
-            rows = t.reshape(self.num_groups, -1) if pr.index is None else \
-                t.index_select(pr.dim, pr.index).movedim(pr.dim, 0).reshape(self.num_groups, -1)
+            rows = (
+                t.reshape(self.num_groups, -1)
+                if pr.index is None
+                else t.index_select(pr.dim, pr.index).movedim(pr.dim, 0).reshape(self.num_groups, -1)
+            )
             n = torch.linalg.vector_norm(rows, dim=1)
             sq = n * n if sq is None else sq + n * n
         return sq.sqrt()
@@ -101,7 +111,7 @@ class ZeroInvariantGroup:
         for pr in self.producers:
             p = pr.param
             width = p.numel() // self.num_groups
-            block = matrix[:, left:left + width]
+            block = matrix[:, left : left + width]
             left += width
             if pr.index is None:
                 p.data.copy_(block.reshape(p.shape))
@@ -111,8 +121,9 @@ class ZeroInvariantGroup:
                 p.data.index_copy_(pr.dim, pr.index, block.reshape(moved).movedim(0, pr.dim))
 
 
-def zero_invariant_groups(model: nn.Module, example_inputs: torch.Tensor,
-                          num_classes: int) -> tuple[list["ZeroInvariantGroup"], Any]:
+def zero_invariant_groups(
+    model: nn.Module, example_inputs: torch.Tensor, num_classes: int
+) -> tuple[list["ZeroInvariantGroup"], Any]:
     """The ZIGs of ``model`` from Torch-Pruning's dependency groups (classifier ignored).
 
     Returns ``(zigs, pruner)``: the pruner (a :class:`dpm.pruners.DepGraphPruner`) names the groups'
@@ -128,8 +139,10 @@ def zigs_of(pruner) -> list["ZeroInvariantGroup"]:
     families: dict[Hashable, list[Target]] = {}
     for t in pruner.targets().values():
         families.setdefault(t.family, []).append(t)
-    zigs = [ZeroInvariantGroup(str(f), ts, linear=any(id(s.param) in linear for s in ts[0].producers))
-            for f, ts in sorted(families.items(), key=lambda kv: str(kv[0]))]
+    zigs = [
+        ZeroInvariantGroup(str(f), ts, linear=any(id(s.param) in linear for s in ts[0].producers))
+        for f, ts in sorted(families.items(), key=lambda kv: str(kv[0]))
+    ]
     seen: set[int] = set()
     for z in zigs:
         for p in z.params:

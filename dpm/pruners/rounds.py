@@ -7,6 +7,7 @@ decay controller (step 1 at once), the decay runs for N steps while training con
 every admitted channel is zero they are removed physically with the optimizer state sliced, not
 reset. N = 1 removes at the start of the round: Torch-Pruning's one-shot recipe when R = 1.
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,25 +46,45 @@ class PruningRounds:
         track: targets whose norm trajectory the controller logs (None: all).
     """
 
-    def __init__(self, model: torch.nn.Module, pruner: Any, *, speedup: float, rounds: int, interval: int,
-                 N: int, decay_interval: int = 1, schedule: str = "linear", include_consumers: bool = False,
-                 rectify: RectifyConfig | None = None, max_extra_rounds: int = 10, total_steps: int | None = None,
-                 track: int | None = 8):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        pruner: Any,
+        *,
+        speedup: float,
+        rounds: int,
+        interval: int,
+        N: int,
+        decay_interval: int = 1,
+        schedule: str = "linear",
+        include_consumers: bool = False,
+        rectify: RectifyConfig | None = None,
+        max_extra_rounds: int = 10,
+        total_steps: int | None = None,
+        track: int | None = 8,
+    ):
         self.model, self.pruner = model, pruner
         self.speedup, self.rounds, self.interval = speedup, rounds, interval
         self.include_consumers = include_consumers
         self.max_extra_rounds, self.total_steps = max_extra_rounds, total_steps
         self.decay_steps = N * decay_interval
-        self.controller = DecayController(model, N, interval=decay_interval, schedule=schedule, rectify=rectify,
-                                          include_consumers=include_consumers, replacement=self._replacement,
-                                          track=track)
-        self.iteration = 0          # optimizer iterations seen in this phase
+        self.controller = DecayController(
+            model,
+            N,
+            interval=decay_interval,
+            schedule=schedule,
+            rectify=rectify,
+            include_consumers=include_consumers,
+            replacement=self._replacement,
+            track=track,
+        )
+        self.iteration = 0  # optimizer iterations seen in this phase
         self.rounds_done = 0
         self.next_round_at = 0
         self.admitted = 0
         self.removed = 0
         self.removals: list[dict] = []
-        self.closed = False         # the one-step removal after the make-up rounds has run
+        self.closed = False  # the one-step removal after the make-up rounds has run
 
     # ------------------------------------------------------------------ hook
     def step_start(self, optimizer: torch.optim.Optimizer) -> None:
@@ -102,16 +123,22 @@ class PruningRounds:
         self.controller.start_round()
         self.rounds_done += 1
         share = min(self.rounds_done, self.rounds) / self.rounds
-        target = self.speedup ** share
+        target = self.speedup**share
         # Register every channel (the C_len families), then admit the selection.
         candidates = self.pruner.targets(self.include_consumers)
-        self.controller.register(t for k, t in candidates.items()
-                                 if self.controller.status(k) not in ("decaying", "pruned"))
+        self.controller.register(
+            t for k, t in candidates.items() if self.controller.status(k) not in ("decaying", "pruned")
+        )
         keys = self.pruner.select(target, excluded=self.controller.candidates_excluded())
         # DDP: the weights are equal on every rank, so is the selection; rank 0's is used regardless.
         keys = distributed.broadcast_object(keys)
-        log.info("round %d: %d channels selected for %.3fx (now %.3fx)", self.rounds_done, len(keys), target,
-                 self.current_speedup())
+        log.info(
+            "round %d: %d channels selected for %.3fx (now %.3fx)",
+            self.rounds_done,
+            len(keys),
+            target,
+            self.current_speedup(),
+        )
         self.controller.admit([candidates[k] for k in keys])
         self.admitted += len(keys)
         self.next_round_at = self.iteration + self.interval
@@ -148,15 +175,29 @@ class PruningRounds:
         self.controller.forget(keys)
         self.controller.bind(self.model)
         self.removed += len(keys)
-        record = {"iteration": self.iteration, "round": self.rounds_done, "removed": len(keys),
-                  "speedup": self.current_speedup()}
+        record = {
+            "iteration": self.iteration,
+            "round": self.rounds_done,
+            "removed": len(keys),
+            "speedup": self.current_speedup(),
+        }
         if immediate:
             record["immediate"] = True
-            log.info("after round %d: %d channels removed at once at iteration %d (no decay fits any more), "
-                     "speed-up %.3fx", self.rounds_done, len(keys), self.iteration, record["speedup"])
+            log.info(
+                "after round %d: %d channels removed at once at iteration %d (no decay fits any more), speed-up %.3fx",
+                self.rounds_done,
+                len(keys),
+                self.iteration,
+                record["speedup"],
+            )
         else:
-            log.info("round %d: removed %d channels at iteration %d, speed-up %.3fx", self.rounds_done, len(keys),
-                     self.iteration, record["speedup"])
+            log.info(
+                "round %d: removed %d channels at iteration %d, speed-up %.3fx",
+                self.rounds_done,
+                len(keys),
+                self.iteration,
+                record["speedup"],
+            )
         self.removals.append(record)
 
     def _replacement(self, released: list, excluded: frozenset) -> list:
@@ -164,21 +205,35 @@ class PruningRounds:
         candidates = self.pruner.targets(self.include_consumers)
         free = [k for k in candidates if k not in excluded and k not in {t.key for t in released}]
         scores = self.pruner.importance(free)
-        chosen = sorted(free, key=scores.__getitem__)[:len(released)]
+        chosen = sorted(free, key=scores.__getitem__)[: len(released)]
         self.admitted += len(chosen)
         return [candidates[k] for k in chosen]
 
     # ------------------------------------------------------------------ summary and checkpoints
     def summary(self) -> dict:
         counts = self.controller.counts()
-        return {"rounds_done": self.rounds_done, "admitted": self.admitted, "released": counts["releases_total"],
-                "readmitted": counts["readmissions"], "pruned": self.removed,
-                "native_speedup": self.current_speedup(), "removals": self.removals}
+        return {
+            "rounds_done": self.rounds_done,
+            "admitted": self.admitted,
+            "released": counts["releases_total"],
+            "readmitted": counts["readmissions"],
+            "pruned": self.removed,
+            "native_speedup": self.current_speedup(),
+            "removals": self.removals,
+        }
 
     def state_dict(self) -> dict:
-        return {"pruner": self.pruner.state_dict(), "controller": self.controller.state_dict(),
-                "iteration": self.iteration, "rounds_done": self.rounds_done, "next_round_at": self.next_round_at,
-                "admitted": self.admitted, "removed": self.removed, "removals": self.removals, "closed": self.closed}
+        return {
+            "pruner": self.pruner.state_dict(),
+            "controller": self.controller.state_dict(),
+            "iteration": self.iteration,
+            "rounds_done": self.rounds_done,
+            "next_round_at": self.next_round_at,
+            "admitted": self.admitted,
+            "removed": self.removed,
+            "removals": self.removals,
+            "closed": self.closed,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.pruner.load_state_dict(state["pruner"])  # replays removals: the model has its pruned shape

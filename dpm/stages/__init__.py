@@ -1,5 +1,6 @@
 """The run-side glue of each base pruner, one module per base (see dpm.stages.base for the
 contract): the runner looks a stage up here by ``pruner.name``."""
+
 from __future__ import annotations
 
 from dpm.stages import depgraph, gate_decorator, otov2

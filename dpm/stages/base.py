@@ -6,6 +6,7 @@ pruner: ``validate_config(cfg, fail)`` checks its keys, ``preflight(ctx)`` check
 model and data but no training, ``run_stage(ctx)`` prunes between the pretrained baseline and the
 final measurement. The algorithms themselves live in dpm.pruners and know nothing of this.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,12 @@ def decay_steps(cfg: DictConfig, iters_per_epoch: int, iters_left: int | None = 
     if d.variant == "base":
         return 1
     try:
-        return resolve_decay_steps(N=d.N, N_epochs=None if d.N is not None else d.N_epochs,
-                                   iters_per_epoch=iters_per_epoch, iters_left=iters_left)
+        return resolve_decay_steps(
+            N=d.N,
+            N_epochs=None if d.N is not None else d.N_epochs,
+            iters_per_epoch=iters_per_epoch,
+            iters_left=iters_left,
+        )
     except ValueError as err:
         raise UserError(f"dpm.N: {err}") from None
 
@@ -80,16 +85,32 @@ class RunContext:
     def phase_loader(self, phase: str, batch_size: int | None = None):
         """The training loader of a phase; its order and augmentation depend on (seed, phase, epoch) only."""
         t = self.cfg.trainer
-        return dpm_data.train_loader(self.data, batch_size or t[phase].batch_size, self.device, self.cfg.seed, phase,
-                                     t.max_steps_per_epoch, self._speed().channels_last, t.num_workers)
+        return dpm_data.train_loader(
+            self.data,
+            batch_size or t[phase].batch_size,
+            self.device,
+            self.cfg.seed,
+            phase,
+            t.max_steps_per_epoch,
+            self._speed().channels_last,
+            t.num_workers,
+        )
 
     def _speed(self):
         if self.speed is None:
             self.speed = resolve_speed(self.cfg.trainer, self.device)
         return self.speed
 
-    def run_phase(self, phase: str, checkpoint_path: Path | None, hooks=(), phase_cfg=None, loader=None,
-                  eval_loaders: dict | None = None, **train_kwargs) -> dict:
+    def run_phase(
+        self,
+        phase: str,
+        checkpoint_path: Path | None,
+        hooks=(),
+        phase_cfg=None,
+        loader=None,
+        eval_loaders: dict | None = None,
+        **train_kwargs,
+    ) -> dict:
         """Train `ctx.model` for one phase (`trainer.<phase>` unless `phase_cfg` is given), checkpointed and
         resumable at `checkpoint_path` (evaluated on `eval_loaders`, default all of `ctx.eval_loaders`);
         extra keyword arguments go to `dpm.train.train_phase`."""
@@ -97,11 +118,24 @@ class RunContext:
         phase_cfg = phase_cfg if phase_cfg is not None else t[phase]
         loader = loader if loader is not None else self.phase_loader(phase, phase_cfg.batch_size)
         eval_loaders = self.eval_loaders if eval_loaders is None else eval_loaders
-        return train_phase(self.model, phase, phase_cfg, loader, eval_loaders, self.device,
-                           checkpoint_path=checkpoint_path, hooks=hooks, progress=t.progress,
-                           bf16=self._speed().bf16, log_metrics=self.log_metrics, on_nan=t.on_nan,
-                           compile=self._speed().compile, checkpoint_every_steps=t.checkpoint_every_steps,
-                           checkpoint_every_minutes=t.checkpoint_every_minutes, **train_kwargs)
+        return train_phase(
+            self.model,
+            phase,
+            phase_cfg,
+            loader,
+            eval_loaders,
+            self.device,
+            checkpoint_path=checkpoint_path,
+            hooks=hooks,
+            progress=t.progress,
+            bf16=self._speed().bf16,
+            log_metrics=self.log_metrics,
+            on_nan=t.on_nan,
+            compile=self._speed().compile,
+            checkpoint_every_steps=t.checkpoint_every_steps,
+            checkpoint_every_minutes=t.checkpoint_every_minutes,
+            **train_kwargs,
+        )
 
     def evaluate(self, split: str = "test") -> tuple[float, float]:
         return evaluate(self.model, self.eval_loaders[split], self.device, self._speed().bf16)
@@ -117,8 +151,14 @@ def rectify_config(d: DictConfig):
     """The Self-Rectifying settings of a `dpm` config node: a RectifyConfig for +SR, None otherwise."""
     if d.variant != "sr":
         return None
-    return RectifyConfig(t_rate=d.T_rate, t_len=d.T_len, c_rate_form=d.c_rate_form, release_rule=d.release_rule,
-                         release_cooldown=d.release_cooldown, budget=d.budget)
+    return RectifyConfig(
+        t_rate=d.T_rate,
+        t_len=d.T_len,
+        c_rate_form=d.c_rate_form,
+        release_rule=d.release_rule,
+        release_cooldown=d.release_cooldown,
+        budget=d.budget,
+    )
 
 
 def decay_log(controller) -> dict:
@@ -131,8 +171,12 @@ def model_build_spec(cfg: DictConfig) -> dict:
     """``dpm.models.build_model(**spec)`` builds the configured network (plain values: a pruned
     model's file stores it to rebuild the network, see dpm.checkpoint.save_pruned_model)."""
     options = {k: cfg.model[k] for k in ("shortcut", "classifier") if cfg.model[k] is not None}
-    return {"name": str(cfg.model.name), "num_classes": int(cfg.dataset.num_classes),
-            "in_channels": int(cfg.dataset.in_channels), **options}
+    return {
+        "name": str(cfg.model.name),
+        "num_classes": int(cfg.dataset.num_classes),
+        "in_channels": int(cfg.dataset.in_channels),
+        **options,
+    }
 
 
 def build_configured_model(cfg: DictConfig) -> torch.nn.Module:
@@ -155,5 +199,6 @@ def load_weights(model: torch.nn.Module, path: str, key: str) -> None:
         model.load_state_dict(state)
     except (RuntimeError, AttributeError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{key}={path} does not match the model ({first}): pick the checkpoint of this "
-                        f"model and dataset") from None
+        raise UserError(
+            f"{key}={path} does not match the model ({first}): pick the checkpoint of this model and dataset"
+        ) from None

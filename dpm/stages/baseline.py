@@ -1,5 +1,6 @@
 """Stage 1, the pretrained baseline: a given checkpoint, the shared cache (one baseline for base,
 +SP and +SR of a seed, trained once under a lock) or trained in the run dir."""
+
 from __future__ import annotations
 
 import contextlib
@@ -24,14 +25,31 @@ def pretrain_key_fields(cfg: DictConfig) -> dict:
     """What determines a pretrained baseline: model, data, seed and the pretrain recipe (not where
     the files live or which device runs it)."""
     d = cfg.dataset
-    return {"model": OmegaConf.to_container(cfg.model, resolve=True),
-            "dataset": {k: OmegaConf.to_container(d, resolve=True)[k] for k in
-                        ("name", "num_classes", "in_channels", "image_size", "val_size", "train_subset",
-                         "augment", "mean", "std", "synthetic_train", "synthetic_test", "bad_images")},
-            "seed": cfg.seed,
-            "recipe": OmegaConf.to_container(cfg.trainer.pretrain, resolve=True),
-            "max_steps_per_epoch": cfg.trainer.max_steps_per_epoch, "bf16": resolved_bf16(cfg),
-            "channels_last": resolved_channels_last(cfg)}  # fp32 NCHW and the fast path never share a baseline
+    return {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "dataset": {
+            k: OmegaConf.to_container(d, resolve=True)[k]
+            for k in (
+                "name",
+                "num_classes",
+                "in_channels",
+                "image_size",
+                "val_size",
+                "train_subset",
+                "augment",
+                "mean",
+                "std",
+                "synthetic_train",
+                "synthetic_test",
+                "bad_images",
+            )
+        },
+        "seed": cfg.seed,
+        "recipe": OmegaConf.to_container(cfg.trainer.pretrain, resolve=True),
+        "max_steps_per_epoch": cfg.trainer.max_steps_per_epoch,
+        "bf16": resolved_bf16(cfg),
+        "channels_last": resolved_channels_last(cfg),
+    }  # fp32 NCHW and the fast path never share a baseline
 
 
 def resolved_bf16(cfg: DictConfig) -> bool:
@@ -52,19 +70,27 @@ def pretrained_baseline(cfg: DictConfig, model: torch.nn.Module, run_dir: Path, 
     if pcfg.checkpoint:
         load_weights(model, pcfg.checkpoint, "pretrain.checkpoint")
         log.info("pretrained weights from %s", pcfg.checkpoint)
-        return {"pretrain_source": "checkpoint", "pretrain_checkpoint": pcfg.checkpoint,
-                "pretrain_epochs": 0, "pretrain_summary": {"epochs": 0, "history": []}}
+        return {
+            "pretrain_source": "checkpoint",
+            "pretrain_checkpoint": pcfg.checkpoint,
+            "pretrain_epochs": 0,
+            "pretrain_summary": {"epochs": 0, "history": []},
+        }
     if cfg.trainer.pretrain.epochs == 0:
-        return {"pretrain_source": "scratch", "pretrain_epochs": 0,
-                "pretrain_summary": {"epochs": 0, "history": []}}
+        return {"pretrain_source": "scratch", "pretrain_epochs": 0, "pretrain_summary": {"epochs": 0, "history": []}}
     if not pcfg.cache:
         summary = run_phase("pretrain", run_dir / PRETRAIN_PROGRESS)
         return {"pretrain_source": "trained", "pretrain_epochs": summary["epochs"], "pretrain_summary": summary}
     cache = StageCache(cfg.cache_dir, pretrain_key_fields(cfg))
     source, summary = cached_phase(cache, "pretrain", model, lambda path: run_phase("pretrain", path))
-    return {"pretrain_source": source, "pretrain_key": cache.key, "pretrain_checkpoint": str(cache.model_path),
-            "pretrain_epochs": summary["epochs"], "pretrain_summary": summary,
-            "pretrain_top1": summary.get("test_top1_final")}
+    return {
+        "pretrain_source": source,
+        "pretrain_key": cache.key,
+        "pretrain_checkpoint": str(cache.model_path),
+        "pretrain_epochs": summary["epochs"],
+        "pretrain_summary": summary,
+        "pretrain_top1": summary.get("test_top1_final"),
+    }
 
 
 def cached_phase(cache: StageCache, phase: str, model: torch.nn.Module, train) -> tuple[str, dict]:

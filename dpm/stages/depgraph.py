@@ -1,5 +1,6 @@
 """DepGraph's stage (or no pruner): optional sparse learning, then the selection rounds with the
 DPM decay inside the fine-tune phase (docs/method.md section 6)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,8 +32,13 @@ def run_stage(ctx: RunContext) -> dict:
     rounds = None
     if pruner is not None:
         rounds = make_rounds(cfg, ctx.model, pruner, len(ctx.phase_loader("finetune")))
-        out.update(R=cfg.pruner.rounds, N=rounds.controller.N, round_interval=rounds.interval,
-                   speedup_target=cfg.pruner.speedup, sparse_learning=tcfg.sparse.epochs > 0)
+        out.update(
+            R=cfg.pruner.rounds,
+            N=rounds.controller.N,
+            round_interval=rounds.interval,
+            speedup_target=cfg.pruner.speedup,
+            sparse_learning=tcfg.sparse.epochs > 0,
+        )
     if tcfg.finetune.epochs > 0:
         out["final_phase"] = ctx.run_phase("finetune", ctx.run_dir / CHECKPOINT, hooks=[rounds] if rounds else ())
         out["final_phase"]["phase"] = "finetune"
@@ -51,9 +57,16 @@ def build_pruner(cfg: DictConfig, model: torch.nn.Module, example: torch.Tensor)
     if cfg.pruner.name == "none":
         return None
     p = cfg.pruner
-    return DepGraphPruner(model, example, num_classes=cfg.dataset.num_classes, iterative_steps=p.iterative_steps,
-                          global_pruning=p.global_pruning, max_pruning_ratio=p.max_pruning_ratio, reg=p.reg,
-                          sparse_learning=cfg.trainer.sparse.epochs > 0)
+    return DepGraphPruner(
+        model,
+        example,
+        num_classes=cfg.dataset.num_classes,
+        iterative_steps=p.iterative_steps,
+        global_pruning=p.global_pruning,
+        max_pruning_ratio=p.max_pruning_ratio,
+        reg=p.reg,
+        sparse_learning=cfg.trainer.sparse.epochs > 0,
+    )
 
 
 def preflight(ctx: RunContext) -> None:
@@ -64,8 +77,10 @@ def preflight(ctx: RunContext) -> None:
         return
     bound = max_speedup_bound(ctx.model, ctx.example, p.max_pruning_ratio)
     if p.speedup > bound:
-        raise UserError(f"pruner.speedup={p.speedup}: {ctx.cfg.model.name} cannot get faster than about {bound:.2f}x "
-                        f"by pruning channels (max_pruning_ratio={p.max_pruning_ratio}): lower the target")
+        raise UserError(
+            f"pruner.speedup={p.speedup}: {ctx.cfg.model.name} cannot get faster than about {bound:.2f}x "
+            f"by pruning channels (max_pruning_ratio={p.max_pruning_ratio}): lower the target"
+        )
     rounds_plan(ctx.cfg, len(ctx.phase_loader("finetune")))
 
 
@@ -76,11 +91,15 @@ def rounds_plan(cfg: DictConfig, iters_per_epoch: int) -> tuple[int, int]:
     interval = p.round_interval or iters_per_epoch
     N = decay_steps(cfg, iters_per_epoch, iters_left=iters_total)
     if p.rounds > 1 and N * d.interval >= interval:
-        raise UserError(f"dpm.N={N} (x interval {d.interval}) does not fit between rounds {interval} iterations "
-                        f"apart: raise pruner.round_interval or lower dpm.N")
+        raise UserError(
+            f"dpm.N={N} (x interval {d.interval}) does not fit between rounds {interval} iterations "
+            f"apart: raise pruner.round_interval or lower dpm.N"
+        )
     if (p.rounds - 1) * interval + N * d.interval > iters_total:
-        raise UserError(f"pruner.rounds={p.rounds} every {interval} iterations with N={N} needs more than the "
-                        f"{iters_total} fine-tune iterations: raise trainer.finetune.epochs or lower the rounds")
+        raise UserError(
+            f"pruner.rounds={p.rounds} every {interval} iterations with N={N} needs more than the "
+            f"{iters_total} fine-tune iterations: raise trainer.finetune.epochs or lower the rounds"
+        )
     return N, interval
 
 
@@ -88,10 +107,21 @@ def make_rounds(cfg: DictConfig, model: torch.nn.Module, pruner, iters_per_epoch
     """The fine-tune hook that runs the selection rounds with the DPM decay (docs/method.md section 6)."""
     d, p = cfg.dpm, cfg.pruner
     N, interval = rounds_plan(cfg, iters_per_epoch)
-    return PruningRounds(model, pruner, speedup=p.speedup, rounds=p.rounds, interval=interval, N=N,
-                         decay_interval=d.interval, schedule=d.schedule, include_consumers=d.include_consumers,
-                         rectify=rectify_config(d), max_extra_rounds=p.max_extra_rounds,
-                         total_steps=iters_per_epoch * cfg.trainer.finetune.epochs, track=d.track)
+    return PruningRounds(
+        model,
+        pruner,
+        speedup=p.speedup,
+        rounds=p.rounds,
+        interval=interval,
+        N=N,
+        decay_interval=d.interval,
+        schedule=d.schedule,
+        include_consumers=d.include_consumers,
+        rectify=rectify_config(d),
+        max_extra_rounds=p.max_extra_rounds,
+        total_steps=iters_per_epoch * cfg.trainer.finetune.epochs,
+        track=d.track,
+    )
 
 
 class Regularizer:
@@ -110,9 +140,13 @@ def sparse_learning(cfg: DictConfig, model: torch.nn.Module, pruner, run_dir: Pa
     if not cfg.pretrain.cache:
         summary = run_phase("sparse", run_dir / "sparse_last.pt", hooks)
         return {"sparse_source": "trained", "sparse_top1": summary.get("test_top1_final")}
-    key = {"pretrain": pretrain_key_fields(cfg), "pretrain_checkpoint": cfg.pretrain.checkpoint,
-           "sparse": OmegaConf.to_container(cfg.trainer.sparse, resolve=True), "pruner": cfg.pruner.name,
-           "reg": cfg.pruner.reg}
+    key = {
+        "pretrain": pretrain_key_fields(cfg),
+        "pretrain_checkpoint": cfg.pretrain.checkpoint,
+        "sparse": OmegaConf.to_container(cfg.trainer.sparse, resolve=True),
+        "pruner": cfg.pruner.name,
+        "reg": cfg.pruner.reg,
+    }
     cache = StageCache(cfg.cache_dir, key)
     source, summary = cached_phase(cache, "sparse", model, lambda path: run_phase("sparse", path, hooks))
     return {"sparse_source": source, "sparse_key": cache.key, "sparse_top1": summary.get("test_top1_final")}

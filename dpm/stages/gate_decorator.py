@@ -1,6 +1,7 @@
 """Gate Decorator's stage (docs/method.md section 6): gate the BNs, Tick-Tock until the FLOPs
 target with the DPM decay inside the ticks, drain the decays in flight, melt (fold the gates, remove
 the masked units) and fine-tune; every phase checkpointed and resumable."""
+
 from __future__ import annotations
 
 import copy
@@ -82,9 +83,11 @@ def preflight(ctx: RunContext) -> None:
     p = ctx.cfg.pruner
     floor = 1.0 / max_speedup_bound(ctx.model, ctx.example, 1.0 - p.min_channel_ratio)
     if p.flops_target < floor:
-        raise UserError(f"pruner.flops_target={p.flops_target}: with every layer kept at pruner.min_channel_ratio="
-                        f"{p.min_channel_ratio} at least about {floor:.3g} of {ctx.cfg.model.name}'s FLOPs remain: "
-                        f"raise flops_target or lower min_channel_ratio")
+        raise UserError(
+            f"pruner.flops_target={p.flops_target}: with every layer kept at pruner.min_channel_ratio="
+            f"{p.min_channel_ratio} at least about {floor:.3g} of {ctx.cfg.model.name}'s FLOPs remain: "
+            f"raise flops_target or lower min_channel_ratio"
+        )
 
 
 def run_stage(ctx: RunContext) -> dict:
@@ -118,8 +121,12 @@ def run_stage(ctx: RunContext) -> dict:
             prm.requires_grad_(True)
         out["final_phase"] = ctx.run_phase("finetune", finetune_ckpt, hooks=[record])
         out["final_phase"]["phase"] = "finetune"
-    out["stage_epochs"] = {"tick": out.pop("tick_epochs"), "tock": out.pop("tock_epochs"),
-                           "drain": out.pop("drain_epochs"), "finetune": tcfg.finetune.epochs}
+    out["stage_epochs"] = {
+        "tick": out.pop("tick_epochs"),
+        "tock": out.pop("tock_epochs"),
+        "drain": out.pop("drain_epochs"),
+        "finetune": tcfg.finetune.epochs,
+    }
     return out
 
 
@@ -132,11 +139,27 @@ def _prune(ctx: RunContext, N: int, loop_ckpt: Path) -> _MeltRecord:
     skeleton = copy.deepcopy(model)
     gate_model(model)
     rectify = rectify_config(d)
-    gd = GateDecorator(model, units, skeleton=skeleton, example=ctx.example, prune_ratio=p.prune_ratio,
-                       min_channel_ratio=p.min_channel_ratio, flops_target=p.flops_target, N=N,
-                       decay_interval=d.interval, schedule=d.schedule, rectify=rectify, decay_vector=p.decay_vector,
-                       tock_l1=p.tock_l1, tock_lr_max=p.tock_lr_max, track=d.track, tick_rule=p.tick_rule,
-                       floor_rounding=p.floor_rounding, tick_bn_bias=p.tick_bn_bias, carry_momentum=p.carry_momentum)
+    gd = GateDecorator(
+        model,
+        units,
+        skeleton=skeleton,
+        example=ctx.example,
+        prune_ratio=p.prune_ratio,
+        min_channel_ratio=p.min_channel_ratio,
+        flops_target=p.flops_target,
+        N=N,
+        decay_interval=d.interval,
+        schedule=d.schedule,
+        rectify=rectify,
+        decay_vector=p.decay_vector,
+        tock_l1=p.tock_l1,
+        tock_lr_max=p.tock_lr_max,
+        track=d.track,
+        tick_rule=p.tick_rule,
+        floor_rounding=p.floor_rounding,
+        tick_bn_bias=p.tick_bn_bias,
+        carry_momentum=p.carry_momentum,
+    )
     current: tuple[str, int] | None = ("tick", 1)
     if loop_ckpt.exists():
         state = load_checkpoint(loop_ckpt)
@@ -162,8 +185,15 @@ def _prune(ctx: RunContext, N: int, loop_ckpt: Path) -> _MeltRecord:
         gd.begin_phase(kind, index, steps)
         # Ticks are many and short: no test pass after each unless asked.
         evaluated = ctx.eval_loaders if kind == "tock" or p.eval_ticks else {}
-        ctx.run_phase(phase, loop_ckpt, hooks=[gd], phase_cfg=phase_cfg, loader=loader, eval_loaders=evaluated,
-                      optimizer_factory=gd.optimizer)
+        ctx.run_phase(
+            phase,
+            loop_ckpt,
+            hooks=[gd],
+            phase_cfg=phase_cfg,
+            loader=loader,
+            eval_loaders=evaluated,
+            optimizer_factory=gd.optimizer,
+        )
         if kind == "drain":
             gd.drain_epochs += phase_cfg.epochs
         current = _next_phase(gd, kind, index, p)
@@ -191,22 +221,47 @@ def _prune(ctx: RunContext, N: int, loop_ckpt: Path) -> _MeltRecord:
     atomic_write_json(ctx.run_dir / "dpm_log.json", decay_log(gd.controller))
     atomic_write_json(ctx.run_dir / TICK_LOG, gd.tick_log)
     summary = {
-        "N": N, "flops_target": p.flops_target, "prune_ratio": p.prune_ratio, "tock_every": p.tock_every,
-        "decay_vector": p.decay_vector, "tick_rule": p.tick_rule, "floor_rounding": p.floor_rounding,
-        "tick_bn_bias": p.tick_bn_bias, "carry_momentum": p.carry_momentum, "tick_weight_decay": p.tick.weight_decay,
-        "ticks": gd.ticks, "rounds_done": gd.ticks, "tocks": gd.tocks,
+        "N": N,
+        "flops_target": p.flops_target,
+        "prune_ratio": p.prune_ratio,
+        "tock_every": p.tock_every,
+        "decay_vector": p.decay_vector,
+        "tick_rule": p.tick_rule,
+        "floor_rounding": p.floor_rounding,
+        "tick_bn_bias": p.tick_bn_bias,
+        "carry_momentum": p.carry_momentum,
+        "tick_weight_decay": p.tick.weight_decay,
+        "ticks": gd.ticks,
+        "rounds_done": gd.ticks,
+        "tocks": gd.tocks,
         "drain_steps": gd.drain_steps,
-        "channels_total": len(units), "admitted": gd.admitted, "released": counts["releases_total"],
-        "readmitted": counts["readmissions"], "pruned": len(removed),
-        "native_flops_remaining": macs / gd.base_macs, "native_speedup": gd.base_macs / macs,
-        "target_met": macs / gd.base_macs <= p.flops_target * (1 + 1e-9), "stop_reason": gd.stop_reason,
-        "top1_before_melt": acc_before_melt, "top1_after_melt": acc_after_melt, "melt_max_abs_diff": melt_diff,
-        "tick_epochs": gd.ticks * p.tick.epochs, "tock_epochs": gd.tocks * p.tock.epochs,
+        "channels_total": len(units),
+        "admitted": gd.admitted,
+        "released": counts["releases_total"],
+        "readmitted": counts["readmissions"],
+        "pruned": len(removed),
+        "native_flops_remaining": macs / gd.base_macs,
+        "native_speedup": gd.base_macs / macs,
+        "target_met": macs / gd.base_macs <= p.flops_target * (1 + 1e-9),
+        "stop_reason": gd.stop_reason,
+        "top1_before_melt": acc_before_melt,
+        "top1_after_melt": acc_after_melt,
+        "melt_max_abs_diff": melt_diff,
+        "tick_epochs": gd.ticks * p.tick.epochs,
+        "tock_epochs": gd.tocks * p.tock.epochs,
         "drain_epochs": gd.drain_epochs,
     }
-    log.info("gate_decorator: melted %d of %d units after %d ticks / %d tocks: native FLOPs left %.4f "
-             "(target %.4f), output change %.2e", len(removed), len(units), gd.ticks, gd.tocks,
-             summary["native_flops_remaining"], p.flops_target, melt_diff)
+    log.info(
+        "gate_decorator: melted %d of %d units after %d ticks / %d tocks: native FLOPs left %.4f "
+        "(target %.4f), output change %.2e",
+        len(removed),
+        len(units),
+        gd.ticks,
+        gd.tocks,
+        summary["native_flops_remaining"],
+        p.flops_target,
+        melt_diff,
+    )
     return _MeltRecord(removed, summary)
 
 
@@ -219,8 +274,10 @@ def _next_phase(gd: GateDecorator, kind: str, index: int, p: Any) -> tuple[str, 
         gd.drains = index
         if gd.controller.decaying:  # budget=strict admitted replacements for units released meanwhile
             if index >= p.max_ticks:
-                raise UserError(f"pruner.max_ticks={p.max_ticks}: still draining strict-budget replacements after "
-                                f"{index} drains: raise dpm.T_rate / dpm.T_len or use dpm.budget=base")
+                raise UserError(
+                    f"pruner.max_ticks={p.max_ticks}: still draining strict-budget replacements after "
+                    f"{index} drains: raise dpm.T_rate / dpm.T_len or use dpm.budget=base"
+                )
             gd.drain_total = gd.drain_length()
             return "drain", index + 1
         # SR may have released units during the drain: keep ticking until the pruned ones meet the target.
@@ -230,15 +287,21 @@ def _next_phase(gd: GateDecorator, kind: str, index: int, p: Any) -> tuple[str, 
     gd.ticks = index
     record = gd.select()
     if not record["selected"] and record["flops_remaining"] > p.flops_target:
-        gd.stop_reason = (f"no unit can be selected any more (every layer at pruner.min_channel_ratio="
-                          f"{p.min_channel_ratio}): raise flops_target or lower min_channel_ratio")
+        gd.stop_reason = (
+            f"no unit can be selected any more (every layer at pruner.min_channel_ratio="
+            f"{p.min_channel_ratio}): raise flops_target or lower min_channel_ratio"
+        )
     elif index >= p.max_ticks and record["flops_remaining"] > p.flops_target:
         gd.stop_reason = f"pruner.max_ticks={p.max_ticks} ticks reached: raise max_ticks or prune_ratio"
     if record["flops_remaining"] <= p.flops_target or gd.stop_reason:
         # Melt what was reached: short of the target, the run ends as target_missed and says why.
         if gd.stop_reason:
-            log.warning("gate_decorator: stopping short of the FLOPs target (%.4f left, target %.4f): %s",
-                        record["flops_remaining"], p.flops_target, gd.stop_reason)
+            log.warning(
+                "gate_decorator: stopping short of the FLOPs target (%.4f left, target %.4f): %s",
+                record["flops_remaining"],
+                p.flops_target,
+                gd.stop_reason,
+            )
         gd.drain_total = gd.drain_length()
         return ("drain", gd.drains + 1) if gd.drain_total > 0 else None
     if index % p.tock_every == 0 and p.tock.epochs > 0:

@@ -2,6 +2,7 @@
 ``trainer.pretrain.epochs=0``), the zero groups are removed with Torch-Pruning (consumers
 included), the pruned model is saved as weights plus structure, measured, and fine-tuned with
 ``trainer.finetune`` when its epochs are > 0 (0 in OTOv2's recipe, which trains once)."""
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -26,15 +27,19 @@ class ControllerHook:
     is chance level and this is the meaningful "before pruning" number.
     """
 
-    def __init__(self, controller: DecayController, evaluate: Callable[[], float] | None = None,
-                 start_step: int = 0) -> None:
+    def __init__(
+        self, controller: DecayController, evaluate: Callable[[], float] | None = None, start_step: int = 0
+    ) -> None:
         self.controller = controller
         self.evaluate, self.start_step = evaluate, start_step
         self.top1_at_start: float | None = None
 
     def step_start(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.evaluate is not None and self.top1_at_start is None and \
-                getattr(optimizer, "num_steps", None) == self.start_step:
+        if (
+            self.evaluate is not None
+            and self.top1_at_start is None
+            and getattr(optimizer, "num_steps", None) == self.start_step
+        ):
             self.top1_at_start = self.evaluate()
 
     def state_dict(self) -> dict:
@@ -47,9 +52,25 @@ class ControllerHook:
 
 def dhspg_kwargs(p: Any) -> dict[str, Any]:
     """DHSPG's keyword arguments from a ``pruner`` config node (steps resolved by the caller)."""
-    keys = ("variant", "lmbda", "lmbda_amplify", "hat_lmbda_coeff", "epsilon", "weight_decay", "weight_decay_type",
-            "first_momentum", "second_momentum", "dampening", "target_group_sparsity", "tolerance_group_sparsity",
-            "partition_step", "half_space_project_steps", "warm_up_steps", "group_divisible", "fixed_zero_groups")
+    keys = (
+        "variant",
+        "lmbda",
+        "lmbda_amplify",
+        "hat_lmbda_coeff",
+        "epsilon",
+        "weight_decay",
+        "weight_decay_type",
+        "first_momentum",
+        "second_momentum",
+        "dampening",
+        "target_group_sparsity",
+        "tolerance_group_sparsity",
+        "partition_step",
+        "half_space_project_steps",
+        "warm_up_steps",
+        "group_divisible",
+        "fixed_zero_groups",
+    )
     return {k: p[k] for k in keys}
 
 
@@ -72,8 +93,10 @@ def plan(ctx: RunContext, iters: int) -> tuple[int, int]:
     start = start_pruning_step(p, iters)
     total = iters * p.train.epochs
     if start >= total:
-        raise UserError(f"pruner.start_pruning_steps: pruning would start at step {start}, after the "
-                        f"{total} steps of pruner.train: lower it or raise pruner.train.epochs")
+        raise UserError(
+            f"pruner.start_pruning_steps: pruning would start at step {start}, after the "
+            f"{total} steps of pruner.train: lower it or raise pruner.train.epochs"
+        )
     return start, decay_steps(ctx.cfg, iters, iters_left=total - start)
 
 
@@ -92,31 +115,55 @@ def run_stage(ctx: RunContext) -> dict:
     rectify = rectify_config(d)
     holder: dict[str, DHSPG] = {}
     controller = DecayController(
-        model, N, interval=d.interval, schedule=d.schedule, rectify=rectify, include_consumers=d.include_consumers,
-        replacement=lambda released, excluded: holder["opt"].promote(released, excluded), track=d.track)
+        model,
+        N,
+        interval=d.interval,
+        schedule=d.schedule,
+        rectify=rectify,
+        include_consumers=d.include_consumers,
+        replacement=lambda released, excluded: holder["opt"].promote(released, excluded),
+        track=d.track,
+    )
     # Every group is a family member from the start (C_len compares with the whole ZIG).
     controller.register(t for z in zigs for t in z.targets)
     kwargs = dhspg_kwargs(p)
     in_zig = {id(q) for z in zigs for q in z.params}
 
     def make_optimizer(m: nn.Module, pcfg: Any) -> DHSPG:
-        opt = DHSPG(zigs, [q for q in m.parameters() if id(q) not in in_zig], lr=pcfg.lr,
-                    start_pruning_steps=start, controller=controller, **kwargs)
+        opt = DHSPG(
+            zigs,
+            [q for q in m.parameters() if id(q) not in in_zig],
+            lr=pcfg.lr,
+            start_pruning_steps=start,
+            controller=controller,
+            **kwargs,
+        )
         holder["opt"] = opt
         return opt
 
     hook = ControllerHook(controller, lambda: ctx.evaluate("test")[0], start)
-    summary = ctx.run_phase("dhspg", ctx.run_dir / CHECKPOINT, hooks=[hook], phase_cfg=p.train, loader=loader,
-                            optimizer_factory=make_optimizer)
+    summary = ctx.run_phase(
+        "dhspg",
+        ctx.run_dir / CHECKPOINT,
+        hooks=[hook],
+        phase_cfg=p.train,
+        loader=loader,
+        optimizer_factory=make_optimizer,
+    )
     summary["phase"] = "dhspg"
     opt = holder["opt"]
-    out: dict[str, Any] = {"N": N, "start_pruning_step": start, "top1_at_pruning_start": hook.top1_at_start,
-                           "target_group_sparsity": p.target_group_sparsity}
+    out: dict[str, Any] = {
+        "N": N,
+        "start_pruning_step": start,
+        "top1_at_pruning_start": hook.top1_at_start,
+        "target_group_sparsity": p.target_group_sparsity,
+    }
     out.update(opt.summary())
     out["decaying_at_end"] = controller.counts()["decaying"]
     counts = controller.counts()
-    out.update(admitted=counts["decaying"] + counts["pruned"] + counts["releases_total"],
-               released=counts["releases_total"])
+    out.update(
+        admitted=counts["decaying"] + counts["pruned"] + counts["releases_total"], released=counts["releases_total"]
+    )
     atomic_write_json(ctx.run_dir / "dpm_log.json", decay_log(controller))
 
     # Physical removal of the zero groups (consumers included), decided from the group vectors.

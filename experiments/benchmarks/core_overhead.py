@@ -69,8 +69,9 @@ def sync(device: torch.device) -> None:
 
 def git_sha() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -95,8 +96,12 @@ def measure(args, device: torch.device, batch: int, sr: bool, speed) -> dict:
     total_steps = 2 * (args.warmup + args.repeats)
     # N well beyond the run so the whole measurement is mid-decay; infinite thresholds keep the
     # decaying set fixed while SR computes C_rate, C_len, the rule and the log summaries every step.
-    ctl = DecayController(model, N=100 * total_steps + 10, optimizer=opt,
-                          rectify=RectifyConfig(t_rate=float("inf"), t_len=float("inf")) if sr else None)
+    ctl = DecayController(
+        model,
+        N=100 * total_steps + 10,
+        optimizer=opt,
+        rectify=RectifyConfig(t_rate=float("inf"), t_len=float("inf")) if sr else None,
+    )
     targets = conv_bn_targets(model)
     ctl.register(targets)
     by_layer: dict = {}
@@ -136,12 +141,22 @@ def measure(args, device: torch.device, batch: int, sr: bool, speed) -> dict:
     assert ctl.counts()["decaying"] == len(chosen), "the decaying set changed during timing"
     med_plain, med_over = statistics.median(plain), statistics.median(overhead)
     goal = GOAL_SR if sr else GOAL_SP
-    return {"batch": batch, "self_rectifying": sr, "targets_registered": len(targets),
-            "targets_decaying": len(chosen), "decaying_fraction": len(chosen) / len(targets),
-            "decaying_elements": decaying_elements(chosen), "plain_step_s_median": med_plain,
-            "controller_s_median": med_over, "controlled_step_s_median": statistics.median(full),
-            "ratio": med_over / med_plain, "goal": goal, "meets_goal": med_over / med_plain <= goal,
-            "plain_step_s": plain, "controller_s": overhead}
+    return {
+        "batch": batch,
+        "self_rectifying": sr,
+        "targets_registered": len(targets),
+        "targets_decaying": len(chosen),
+        "decaying_fraction": len(chosen) / len(targets),
+        "decaying_elements": decaying_elements(chosen),
+        "plain_step_s_median": med_plain,
+        "controller_s_median": med_over,
+        "controlled_step_s_median": statistics.median(full),
+        "ratio": med_over / med_plain,
+        "goal": goal,
+        "meets_goal": med_over / med_plain <= goal,
+        "plain_step_s": plain,
+        "controller_s": overhead,
+    }
 
 
 def decaying_elements(targets: list[Target]) -> int:
@@ -162,8 +177,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--fast", choices=["auto", "on", "off"], default="auto",
-                    help="the step's speed path: auto = the suite's default for the device (trainer.fast=null)")
+    ap.add_argument(
+        "--fast",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="the step's speed path: auto = the suite's default for the device (trainer.fast=null)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -181,46 +200,69 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "core_overhead",
         "model": "resnet56",
         "device": str(device),
-        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else platform.processor() or platform.machine()),
+        "device_name": (
+            torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+        ),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "step": {"fast": speed.fast, "bf16": speed.bf16, "channels_last": speed.channels_last,
-                 "fast_basis": speed.basis},
+        "step": {
+            "fast": speed.fast,
+            "bf16": speed.bf16,
+            "channels_last": speed.channels_last,
+            "fast_basis": speed.basis,
+        },
         "repeats": args.repeats,
         "warmup": args.warmup,
         "goals": {"self_rectifying": GOAL_SR, "smooth_pruning_only": GOAL_SP},
         "cases": cases,
-        **{k: head[k] for k in ("batch", "ratio", "plain_step_s_median", "controller_s_median", "targets_registered",
-                                "targets_decaying", "self_rectifying")},
+        **{
+            k: head[k]
+            for k in (
+                "batch",
+                "ratio",
+                "plain_step_s_median",
+                "controller_s_median",
+                "targets_registered",
+                "targets_decaying",
+                "self_rectifying",
+            )
+        },
         "meets_goals": all(c["meets_goal"] for c in cases if c["batch"] == 128) if 128 in batches else None,
         # Other processes on the machine inflate every op; record the load so a reader can judge.
         "load_avg_1m_before": load_before,
         "load_avg_1m_after": load_after,
         "git_sha": git_sha(),
         "python": sys.version.split()[0],
-        "command": "python experiments/benchmarks/core_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python experiments/benchmarks/core_overhead.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     out = args.out or ROOT / "results" / "benchmarks" / f"core_overhead_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, out)  # atomic: never a half-written result
-    print(f"dpm.core overhead on {result['device_name']} ({device}, {result['threads']} threads, step: "
-          f"bf16={speed.bf16}, channels_last={speed.channels_last}), ResNet-56, "
-          f"{head['targets_decaying']}/{head['targets_registered']} channels decaying "
-          f"({head['decaying_elements']} elements):")
+    print(
+        f"dpm.core overhead on {result['device_name']} ({device}, {result['threads']} threads, step: "
+        f"bf16={speed.bf16}, channels_last={speed.channels_last}), ResNet-56, "
+        f"{head['targets_decaying']}/{head['targets_registered']} channels decaying "
+        f"({head['decaying_elements']} elements):"
+    )
     for c in cases:
-        print(f"  batch {c['batch']:4d} {'SR' if c['self_rectifying'] else 'SP':2s}: {c['controller_s_median'] * 1e3:6.2f} ms "
-              f"per step vs a plain step of {c['plain_step_s_median'] * 1e3:7.1f} ms -> {c['ratio'] * 100:5.2f}% "
-              f"(goal <= {c['goal'] * 100:.1f}%)")
+        print(
+            f"  batch {c['batch']:4d} {'SR' if c['self_rectifying'] else 'SP':2s}: "
+            f"{c['controller_s_median'] * 1e3:6.2f} ms "
+            f"per step vs a plain step of {c['plain_step_s_median'] * 1e3:7.1f} ms -> {c['ratio'] * 100:5.2f}% "
+            f"(goal <= {c['goal'] * 100:.1f}%)"
+        )
     busy = [v for v in (load_before, load_after) if v is not None and v > (os.cpu_count() or 1) * 0.75]
     if device.type == "cpu" and busy and torch.get_num_threads() > 1:
         # Oversubscribed cores stall every multi-threaded op at its barrier; the controller's many
         # small ops suffer far more than the step's large ones, so the ratio is not DPM's cost.
-        print(f"warning: load average {max(busy):.1f} on {os.cpu_count()} cores: the ratio is "
-              "distorted by other processes; rerun on a quiet machine or with --threads 1")
+        print(
+            f"warning: load average {max(busy):.1f} on {os.cpu_count()} cores: the ratio is "
+            "distorted by other processes; rerun on a quiet machine or with --threads 1"
+        )
     print(f"written: {out}")
     return result
 

@@ -22,6 +22,7 @@ Writes results/benchmarks/throughput_<device>.json and .md. Goals (recorded, nev
 suite >= 3x the reference's images/s for ResNet-56 on CUDA, >= 2.5x on CPU (issue 21, 2 cores);
 DPM overhead with Self-Rectifying <= 1% of the suite's step at batch 128.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,12 @@ from dpm.train import resolve_speed, train_phase
 ROOT = Path(__file__).resolve().parents[2]
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
-GOALS = {"cuda_resnet56_ratio_min": 3.0, "cpu_resnet56_ratio_min": 2.5, "dpm_overhead_sr_max": 0.01,
-         "dpm_overhead_sp_max": 0.005}
+GOALS = {
+    "cuda_resnet56_ratio_min": 3.0,
+    "cpu_resnet56_ratio_min": 2.5,
+    "dpm_overhead_sr_max": 0.01,
+    "dpm_overhead_sp_max": 0.005,
+}
 
 
 class CIFAR10Style(torch.utils.data.Dataset):
@@ -69,8 +74,10 @@ class CIFAR10Style(torch.utils.data.Dataset):
 def load_split(args) -> ImageSplit:
     if args.smoke:
         g = torch.Generator().manual_seed(0)
-        return ImageSplit(torch.randint(0, 256, (args.smoke_images, 3, 32, 32), generator=g, dtype=torch.uint8),
-                          torch.arange(args.smoke_images) % 10)
+        return ImageSplit(
+            torch.randint(0, 256, (args.smoke_images, 3, 32, 32), generator=g, dtype=torch.uint8),
+            torch.arange(args.smoke_images) % 10,
+        )
     from dpm.data.sources import load_cifar
 
     train, _ = load_cifar("cifar10", str(args.data), False, str(args.cache_dir))
@@ -136,12 +143,31 @@ class _FixedEpoch:
 def suite_block(model, loader: SplitLoader, device, speed, steps: int, epoch: int) -> tuple[int, float]:
     """One `train_phase` epoch capped at `steps` steps (no eval, no checkpoint): (images, seconds)."""
     loader.max_steps = steps
-    phase_cfg = SimpleNamespace(epochs=1, lr=0.01, momentum=0.9, nesterov=False, weight_decay=5e-4,
-                                schedule="constant", milestones=[], gamma=0.1, batch_size=loader.batch_size, mixup=0.0)
+    phase_cfg = SimpleNamespace(
+        epochs=1,
+        lr=0.01,
+        momentum=0.9,
+        nesterov=False,
+        weight_decay=5e-4,
+        schedule="constant",
+        milestones=[],
+        gamma=0.1,
+        batch_size=loader.batch_size,
+        mixup=0.0,
+    )
     sync(device)
     t0 = time.perf_counter()
-    train_phase(model, "bench", phase_cfg, _FixedEpoch(loader, epoch), {}, device, progress=False, bf16=speed.bf16,
-                compile=speed.compile)
+    train_phase(
+        model,
+        "bench",
+        phase_cfg,
+        _FixedEpoch(loader, epoch),
+        {},
+        device,
+        progress=False,
+        bf16=speed.bf16,
+        compile=speed.compile,
+    )
     sync(device)
     return steps * loader.batch_size, time.perf_counter() - t0
 
@@ -152,13 +178,20 @@ def bench_model(name: str, split: ImageSplit, args, device: torch.device) -> dic
     speed = resolve_speed({"fast": None, "compile": args.compile}, device)
     ref_model = seeded_model(name, device).train()
     ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                           T.Normalize(CIFAR_MEAN, CIFAR_STD)])
+    transform = T.Compose(
+        [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)]
+    )
     dataset = CIFAR10Style(split.images.permute(0, 2, 3, 1).contiguous().numpy(), split.labels.tolist(), transform)
     workers = args.workers
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=True, drop_last=True,
-                                         num_workers=workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=workers > 0)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+    )
     epoch_iter = iter(loader)
 
     def batches():
@@ -171,8 +204,18 @@ def bench_model(name: str, split: ImageSplit, args, device: torch.device) -> dic
     ref_batches = batches()
 
     suite_model = seeded_model(name, device, speed.channels_last)
-    suite_loader = SplitLoader(split, args.batch, CIFAR_MEAN, CIFAR_STD, device, train=True, augment=True, seed=0,
-                               phase="bench", channels_last=speed.channels_last)
+    suite_loader = SplitLoader(
+        split,
+        args.batch,
+        CIFAR_MEAN,
+        CIFAR_STD,
+        device,
+        train=True,
+        augment=True,
+        seed=0,
+        phase="bench",
+        channels_last=speed.channels_last,
+    )
 
     reference_block(ref_model, ref_opt, ref_batches, device, args.warmup)  # workers started, allocator warm
     suite_block(suite_model, suite_loader, device, speed, args.warmup, epoch=0)
@@ -182,15 +225,32 @@ def bench_model(name: str, split: ImageSplit, args, device: torch.device) -> dic
         ri, rt = reference_block(ref_model, ref_opt, ref_batches, device, args.steps)
         si, st = suite_block(suite_model, suite_loader, device, speed, args.steps, epoch=r + 1)
         blocks.append({"reference_images_per_s": ri / rt, "suite_images_per_s": si / st})
-        ref_images, ref_time, suite_images, suite_time = ref_images + ri, ref_time + rt, suite_images + si, suite_time + st
+        ref_images, ref_time, suite_images, suite_time = (
+            ref_images + ri,
+            ref_time + rt,
+            suite_images + si,
+            suite_time + st,
+        )
         print(f"  {name} round {r + 1}: reference {ri / rt:8.1f} img/s, suite {si / st:8.1f} img/s", flush=True)
     epoch_iter = ref_batches = loader = None  # drop the iterators: the workers stop
     ref_ips, suite_ips = ref_images / ref_time, suite_images / suite_time
-    return {"model": name, "batch": args.batch, "steps_timed_each": int(args.steps * args.rounds),
-            "reference_images_per_s": ref_ips, "suite_images_per_s": suite_ips, "ratio": suite_ips / ref_ips,
-            "reference": {"dataloader_workers": workers, "dtype": "float32", "item_per_step": True},
-            "suite": {"fast": speed.fast, "bf16": speed.bf16, "channels_last": speed.channels_last,
-                      "compile": speed.compile, "data_on_device": True}, "blocks": blocks}
+    return {
+        "model": name,
+        "batch": args.batch,
+        "steps_timed_each": int(args.steps * args.rounds),
+        "reference_images_per_s": ref_ips,
+        "suite_images_per_s": suite_ips,
+        "ratio": suite_ips / ref_ips,
+        "reference": {"dataloader_workers": workers, "dtype": "float32", "item_per_step": True},
+        "suite": {
+            "fast": speed.fast,
+            "bf16": speed.bf16,
+            "channels_last": speed.channels_last,
+            "compile": speed.compile,
+            "data_on_device": True,
+        },
+        "blocks": blocks,
+    }
 
 
 def bench_epoch(name: str, split: ImageSplit, test: ImageSplit, args, device: torch.device) -> dict:
@@ -207,15 +267,21 @@ def bench_epoch(name: str, split: ImageSplit, test: ImageSplit, args, device: to
     # (a) reference: DataLoader epoch with torchvision transforms, then a plain evaluation loop.
     model = seeded_model(name, device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    aug = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                     T.Normalize(CIFAR_MEAN, CIFAR_STD)])
+    aug = T.Compose(
+        [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)]
+    )
     plain = T.Compose([T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)])
     hwc = lambda s: s.images.permute(0, 2, 3, 1).contiguous().numpy()  # noqa: E731
-    train_dl = torch.utils.data.DataLoader(CIFAR10Style(hwc(train_part), train_part.labels.tolist(), aug),
-                                           batch_size=args.batch, shuffle=True, num_workers=args.workers,
-                                           pin_memory=device.type == "cuda")
-    test_dl = torch.utils.data.DataLoader(CIFAR10Style(hwc(test_part), test_part.labels.tolist(), plain),
-                                          batch_size=256, num_workers=args.workers)
+    train_dl = torch.utils.data.DataLoader(
+        CIFAR10Style(hwc(train_part), train_part.labels.tolist(), aug),
+        batch_size=args.batch,
+        shuffle=True,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+    )
+    test_dl = torch.utils.data.DataLoader(
+        CIFAR10Style(hwc(test_part), test_part.labels.tolist(), plain), batch_size=256, num_workers=args.workers
+    )
     sync(device)
     t0 = time.perf_counter()
     for x, y in train_dl:  # worker start-up counts: a plain loop pays it every epoch
@@ -234,28 +300,58 @@ def bench_epoch(name: str, split: ImageSplit, test: ImageSplit, args, device: to
             correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
     sync(device)
     t2 = time.perf_counter()
-    out["reference"] = {"epoch_s": t2 - t0, "train_s": t1 - t0, "eval_s": t2 - t1,
-                        "train_images_per_s": n / (t1 - t0)}
+    out["reference"] = {"epoch_s": t2 - t0, "train_s": t1 - t0, "eval_s": t2 - t1, "train_images_per_s": n / (t1 - t0)}
 
     # (b) suite: one train_phase epoch with its evaluation (what `python -m dpm` runs an epoch).
     model = seeded_model(name, device, speed.channels_last)
-    loader = SplitLoader(train_part, args.batch, CIFAR_MEAN, CIFAR_STD, device, train=True, augment=True, seed=0,
-                         phase="bench", channels_last=speed.channels_last)
-    evals = {"test": SplitLoader(test_part, speed.eval_batch_size, CIFAR_MEAN, CIFAR_STD, device,
-                                 channels_last=speed.channels_last)}
-    phase_cfg = SimpleNamespace(epochs=1, lr=0.01, momentum=0.9, nesterov=False, weight_decay=5e-4,
-                                schedule="constant", milestones=[], gamma=0.1, batch_size=args.batch, mixup=0.0)
+    loader = SplitLoader(
+        train_part,
+        args.batch,
+        CIFAR_MEAN,
+        CIFAR_STD,
+        device,
+        train=True,
+        augment=True,
+        seed=0,
+        phase="bench",
+        channels_last=speed.channels_last,
+    )
+    evals = {
+        "test": SplitLoader(
+            test_part, speed.eval_batch_size, CIFAR_MEAN, CIFAR_STD, device, channels_last=speed.channels_last
+        )
+    }
+    phase_cfg = SimpleNamespace(
+        epochs=1,
+        lr=0.01,
+        momentum=0.9,
+        nesterov=False,
+        weight_decay=5e-4,
+        schedule="constant",
+        milestones=[],
+        gamma=0.1,
+        batch_size=args.batch,
+        mixup=0.0,
+    )
     sync(device)
     t0 = time.perf_counter()
-    summary = train_phase(model, "bench", phase_cfg, loader, evals, device, progress=False, bf16=speed.bf16,
-                          compile=speed.compile)
+    summary = train_phase(
+        model, "bench", phase_cfg, loader, evals, device, progress=False, bf16=speed.bf16, compile=speed.compile
+    )
     sync(device)
     t1 = time.perf_counter()
-    out["suite"] = {"epoch_s": t1 - t0, "bf16": speed.bf16, "channels_last": speed.channels_last,
-                    "epoch_time_s_recorded": summary["history"][0]["epoch_time_s"]}
+    out["suite"] = {
+        "epoch_s": t1 - t0,
+        "bf16": speed.bf16,
+        "channels_last": speed.channels_last,
+        "epoch_time_s_recorded": summary["history"][0]["epoch_time_s"],
+    }
     out["ratio"] = out["reference"]["epoch_s"] / out["suite"]["epoch_s"]
-    print(f"  {name} epoch ({n} train + {m} eval images): reference {out['reference']['epoch_s']:.1f} s, "
-          f"suite {out['suite']['epoch_s']:.1f} s ({out['ratio']:.2f}x)", flush=True)
+    print(
+        f"  {name} epoch ({n} train + {m} eval images): reference {out['reference']['epoch_s']:.1f} s, "
+        f"suite {out['suite']['epoch_s']:.1f} s ({out['ratio']:.2f}x)",
+        flush=True,
+    )
     return out
 
 
@@ -265,15 +361,39 @@ def core_overhead(args, device: torch.device) -> dict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     with tempfile.TemporaryDirectory() as tmp:
-        argv = ["--device", str(device), "--repeats", str(args.overhead_repeats), "--warmup", "1",
-                "--batch", str(args.batch), "--out", str(Path(tmp) / "core_overhead.json")]
+        argv = [
+            "--device",
+            str(device),
+            "--repeats",
+            str(args.overhead_repeats),
+            "--warmup",
+            "1",
+            "--batch",
+            str(args.batch),
+            "--out",
+            str(Path(tmp) / "core_overhead.json"),
+        ]
         if args.threads:
             argv += ["--threads", str(args.threads)]
         result = module.main(argv)
     by = {c["self_rectifying"]: c for c in result["cases"]}
-    return {**{k: result[k] for k in ("ratio", "plain_step_s_median", "controller_s_median", "targets_decaying",
-                                      "targets_registered", "repeats", "batch", "step")},
-            "sp_ratio": by[False]["ratio"], "sp_controller_s_median": by[False]["controller_s_median"]}
+    return {
+        **{
+            k: result[k]
+            for k in (
+                "ratio",
+                "plain_step_s_median",
+                "controller_s_median",
+                "targets_decaying",
+                "targets_registered",
+                "repeats",
+                "batch",
+                "step",
+            )
+        },
+        "sp_ratio": by[False]["ratio"],
+        "sp_controller_s_median": by[False]["controller_s_median"],
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -288,8 +408,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--compile", action="store_true", help="suite path with torch.compile")
     ap.add_argument("--overhead-repeats", type=int, default=None)
-    ap.add_argument("--data", type=Path, default=Path(os.environ.get("DPM_DATA_DIR", ROOT.parent / "shared" / "data"))
-                    / "cifar10")
+    ap.add_argument(
+        "--data", type=Path, default=Path(os.environ.get("DPM_DATA_DIR", ROOT.parent / "shared" / "data")) / "cifar10"
+    )
     ap.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("DPM_CACHE_DIR", ROOT / ".cache" / "dpm")))
     ap.add_argument("--epoch-models", default="resnet56", help="models timed for an end-to-end epoch ('' = none)")
     ap.add_argument("--epoch-images", type=int, default=5000, help="training images of the end-to-end epoch")
@@ -322,14 +443,24 @@ def main(argv: list[str] | None = None) -> dict:
     epochs = [bench_epoch(name, split, test, args, device) for name in args.epoch_models.split(",") if name]
     overhead = core_overhead(args, device)
     result = {
-        "benchmark": "throughput", "smoke": args.smoke, "device": str(device),
+        "benchmark": "throughput",
+        "smoke": args.smoke,
+        "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine()),
-        "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "python": sys.version.split()[0], "data": "synthetic" if args.smoke else str(args.data),
-        "train_images": len(split), "models": results, "epochs": epochs, "dpm_overhead": overhead, "goals": GOALS,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "data": "synthetic" if args.smoke else str(args.data),
+        "train_images": len(split),
+        "models": results,
+        "epochs": epochs,
+        "dpm_overhead": overhead,
+        "goals": GOALS,
         "load_avg_1m_before": load_before,
         "load_avg_1m_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "git_sha": git_sha(), "command": "python experiments/benchmarks/throughput.py " + " ".join(argv or sys.argv[1:]),
+        "git_sha": git_sha(),
+        "command": "python experiments/benchmarks/throughput.py " + " ".join(argv or sys.argv[1:]),
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"throughput_{device.type}" + ("_smoke" if args.smoke else "")
@@ -340,37 +471,55 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def markdown(r: dict) -> str:
-    lines = [f"# Training throughput: suite vs a plain torchvision loop ({r['device']})", "",
-             f"{r['device_name']}, {r['cpu_count']} CPU cores, torch {r['torch']}, {r['threads']} torch threads; "
-             f"data: {r['data']} ({r['train_images']} training images); load average "
-             f"{r['load_avg_1m_before']} -> {r['load_avg_1m_after']}; git {r['git_sha']}.", "",
-             f"Command: `{r['command'].strip()}`", "",
-             "| model | batch | reference img/s | suite img/s | suite / reference |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"# Training throughput: suite vs a plain torchvision loop ({r['device']})",
+        "",
+        f"{r['device_name']}, {r['cpu_count']} CPU cores, torch {r['torch']}, {r['threads']} torch threads; "
+        f"data: {r['data']} ({r['train_images']} training images); load average "
+        f"{r['load_avg_1m_before']} -> {r['load_avg_1m_after']}; git {r['git_sha']}.",
+        "",
+        f"Command: `{r['command'].strip()}`",
+        "",
+        "| model | batch | reference img/s | suite img/s | suite / reference |",
+        "|---|---|---|---|---|",
+    ]
     for m in r["models"]:
-        lines.append(f"| {m['model']} | {m['batch']} | {m['reference_images_per_s']:.1f} | "
-                     f"{m['suite_images_per_s']:.1f} | {m['ratio']:.2f}x |")
+        lines.append(
+            f"| {m['model']} | {m['batch']} | {m['reference_images_per_s']:.1f} | "
+            f"{m['suite_images_per_s']:.1f} | {m['ratio']:.2f}x |"
+        )
     if r.get("epochs"):
-        lines += ["", "End to end, one epoch (DataLoader / SplitLoader batch assembly and augmentation, training, "
-                  "then evaluation; the reference's worker start-up included):", "",
-                  "| model | train images | eval images | reference s | suite s | reference / suite |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "End to end, one epoch (DataLoader / SplitLoader batch assembly and augmentation, training, "
+            "then evaluation; the reference's worker start-up included):",
+            "",
+            "| model | train images | eval images | reference s | suite s | reference / suite |",
+            "|---|---|---|---|---|---|",
+        ]
         for e in r["epochs"]:
-            lines.append(f"| {e['model']} | {e['train_images']} | {e['eval_images']} | {e['reference']['epoch_s']:.1f} | "
-                         f"{e['suite']['epoch_s']:.1f} | {e['ratio']:.2f}x |")
+            lines.append(
+                f"| {e['model']} | {e['train_images']} | {e['eval_images']} | {e['reference']['epoch_s']:.1f} | "
+                f"{e['suite']['epoch_s']:.1f} | {e['ratio']:.2f}x |"
+            )
     m0 = r["models"][0]
     o = r["dpm_overhead"]
-    lines += ["", f"Reference: torchvision transforms in a DataLoader with {m0['reference']['dataloader_workers']} "
-              f"workers, fp32, `.item()` every step. Suite: data resident on the device as uint8, crop/flip/normalise "
-              f"on the device, `dpm.train.train_phase` (fast={m0['suite']['fast']}, bf16={m0['suite']['bf16']}, "
-              f"channels_last={m0['suite']['channels_last']}, compile={m0['suite']['compile']}). "
-              f"{m0['steps_timed_each']} timed steps per path and model, in alternating blocks.", "",
-              f"DPM controller overhead (ResNet-56, batch {o['batch']}, {o['targets_decaying']}/"
-              f"{o['targets_registered']} channels decaying, against the suite's step: bf16={o['step']['bf16']}, "
-              f"channels_last={o['step']['channels_last']}): with SR {o['controller_s_median'] * 1e3:.2f} ms per step "
-              f"vs {o['plain_step_s_median'] * 1e3:.1f} ms = {o['ratio'] * 100:.2f}% (goal <= 1%); Smooth Pruning "
-              f"alone {o['sp_controller_s_median'] * 1e3:.2f} ms = {o['sp_ratio'] * 100:.2f}% (goal <= 0.5%).", "",
-              "Goals: the suite >= 3x the reference for ResNet-56 on CUDA, >= 2.5x on CPU (2 cores)."]
+    lines += [
+        "",
+        f"Reference: torchvision transforms in a DataLoader with {m0['reference']['dataloader_workers']} "
+        f"workers, fp32, `.item()` every step. Suite: data resident on the device as uint8, crop/flip/normalise "
+        f"on the device, `dpm.train.train_phase` (fast={m0['suite']['fast']}, bf16={m0['suite']['bf16']}, "
+        f"channels_last={m0['suite']['channels_last']}, compile={m0['suite']['compile']}). "
+        f"{m0['steps_timed_each']} timed steps per path and model, in alternating blocks.",
+        "",
+        f"DPM controller overhead (ResNet-56, batch {o['batch']}, {o['targets_decaying']}/"
+        f"{o['targets_registered']} channels decaying, against the suite's step: bf16={o['step']['bf16']}, "
+        f"channels_last={o['step']['channels_last']}): with SR {o['controller_s_median'] * 1e3:.2f} ms per step "
+        f"vs {o['plain_step_s_median'] * 1e3:.1f} ms = {o['ratio'] * 100:.2f}% (goal <= 1%); Smooth Pruning "
+        f"alone {o['sp_controller_s_median'] * 1e3:.2f} ms = {o['sp_ratio'] * 100:.2f}% (goal <= 0.5%).",
+        "",
+        "Goals: the suite >= 3x the reference for ResNet-56 on CUDA, >= 2.5x on CPU (2 cores).",
+    ]
     if r["smoke"]:
         lines += ["", "**Smoke run** (synthetic data, a step or two): the numbers mean nothing."]
     return "\n".join(lines) + "\n"
@@ -386,8 +535,9 @@ def git_sha() -> str | None:
     import subprocess
 
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 

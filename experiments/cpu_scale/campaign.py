@@ -13,9 +13,11 @@ resumes killed ones from their checkpoints: the campaign can be carried across s
 
 Selection (never on the test set): on seed SELECT_SEED's validation split (5,000 held-out training
 images), +SP picks N from N_GRID by `val_top1_final`; then +SR, at that N, picks (T_rate, T_len)
-from SR_GRID_OF[base]; only runs that met their pruning target are eligible. `selection_<base>.csv` records every point; the chosen values feed the table, which
+from SR_GRID_OF[base]; only runs that met their pruning target are eligible. `selection_<base>.csv`
+records every point; the chosen values feed the table, which
 runs base / +SP / +SR over SEEDS and reports test accuracy.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,10 +44,20 @@ N_GRID = {"depgraph": (0.1, 0.5, 1.5), "otov2": (0.1, 0.25, 1.0), "gate_decorato
 # units with median 2.84, 90th percentile 3.83, 99th 4.99 (max 6.37): with T_len 2 nearly every unit
 # was released within its tick and the run never reached its FLOPs target.
 SR_GRID = {"dpm.T_rate": (0.0, 1e-3), "dpm.T_len": (2.0, 3.0)}
-SR_GRID_OF = {"depgraph": SR_GRID, "otov2": SR_GRID, "gate_decorator": {"dpm.T_rate": (0.0, 1e-3), "dpm.T_len": (4.0, 6.0)}}
+SR_GRID_OF = {
+    "depgraph": SR_GRID,
+    "otov2": SR_GRID,
+    "gate_decorator": {"dpm.T_rate": (0.0, 1e-3), "dpm.T_len": (4.0, 6.0)},
+}
 # Smoke mode (tests): a tiny slice of the same data and recipe, seconds per run.
-SMOKE = ["dataset.train_subset=400", "dataset.val_size=200", "dataset.test_subset=200", "trainer.pretrain.epochs=1",
-         "trainer.max_steps_per_epoch=3", "trainer.eval_batch_size=200"]
+SMOKE = [
+    "dataset.train_subset=400",
+    "dataset.val_size=200",
+    "dataset.test_subset=200",
+    "trainer.pretrain.epochs=1",
+    "trainer.max_steps_per_epoch=3",
+    "trainer.eval_batch_size=200",
+]
 
 
 # What a finished run's record is (no checkpoints): enough to skip the run when a stage is re-run and
@@ -139,10 +151,12 @@ def check_baselines(smoke: bool) -> None:
             continue
         differ = [f"{k} {old.get(k)} -> {new.get(k)}" for k in BASELINE_FIELDS if old.get(k) != new.get(k)]
         if differ:
-            raise SystemExit(f"seed {new['seed']}: the re-made baseline differs from the archived one ({'; '.join(differ)}): "
-                             f"re-make it on the same torch build and thread count (OMP_NUM_THREADS, "
-                             f"CAMPAIGN_LAUNCHER) as the archived runs, or move {archive_dir('', smoke)} aside to "
-                             f"start the campaign over")
+            raise SystemExit(
+                f"seed {new['seed']}: the re-made baseline differs from the archived one ({'; '.join(differ)}): "
+                f"re-make it on the same torch build and thread count (OMP_NUM_THREADS, "
+                f"CAMPAIGN_LAUNCHER) as the archived runs, or move {archive_dir('', smoke)} aside to "
+                f"start the campaign over"
+            )
 
 
 def stage_threads(stage: str) -> int:
@@ -166,9 +180,18 @@ def multirun(stage: str, overrides: list[str], smoke: bool, allow_failed: bool =
         extra = SMOKE + (["pruner.round_interval=6"] if "depgraph" in stage else [])
     # Numbered run dirs: the overrides would make names longer than a file name may be (each run's
     # config.yaml says what it is), and a job's number is stable when a stage is re-run.
-    cmd = [sys.executable, "-m", "dpm", "-m", *overrides, *extra, "run_id=campaign", f"hydra.sweep.dir={out}",
-           "hydra.sweep.subdir=${hydra.job.num}",
-           *os.environ.get("CAMPAIGN_LAUNCHER", "").split()]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dpm",
+        "-m",
+        *overrides,
+        *extra,
+        "run_id=campaign",
+        f"hydra.sweep.dir={out}",
+        "hydra.sweep.subdir=${hydra.job.num}",
+        *os.environ.get("CAMPAIGN_LAUNCHER", "").split(),
+    ]
     # CPU runs are bitwise reproducible only at one thread count: every stage pins its own, so a
     # selection run and the table run of the same config, seed and baseline are the same run.
     threads = stage_threads(stage)
@@ -214,18 +237,28 @@ def select(base: str, smoke: bool) -> dict:
     common = [f"experiment=cpu_scale/{base}", f"seed={SELECT_SEED}", "ablation=selection"]
     base_dir = multirun(f"select_{base}_base", [*common, "dpm=base"], smoke)
     n_grid, sr_grid = grids(base, smoke)
-    sp_dir = multirun(f"select_{base}_sp", [*common, "dpm=sp", f"dpm.N_epochs={','.join(map(str, n_grid))}"], smoke,
-                      allow_failed=True)
+    sp_dir = multirun(
+        f"select_{base}_sp", [*common, "dpm=sp", f"dpm.N_epochs={','.join(map(str, n_grid))}"], smoke, allow_failed=True
+    )
     chosen_sp = best(runs_of(sp_dir), "N")
     n_epochs = n_epochs_of(chosen_sp)
-    sr_dir = multirun(f"select_{base}_sr", [*common, "dpm=sr", f"dpm.N_epochs={n_epochs}",
-                                            *(f"{k}={','.join(map(str, v))}" for k, v in sr_grid.items())], smoke,
-                      allow_failed=True)
+    sr_dir = multirun(
+        f"select_{base}_sr",
+        [*common, "dpm=sr", f"dpm.N_epochs={n_epochs}", *(f"{k}={','.join(map(str, v))}" for k, v in sr_grid.items())],
+        smoke,
+        allow_failed=True,
+    )
     sr_runs = runs_of(sr_dir)
     chosen_sr = best(sr_runs, "T_rate, T_len")
-    choice = {"base": base, "N_epochs": n_epochs, "T_rate": chosen_sr["T_rate"], "T_len": chosen_sr["T_len"],
-              "sp_val_top1": chosen_sp["val_top1_final"], "sr_val_top1": chosen_sr["val_top1_final"],
-              "base_val_top1": next((m["val_top1_final"] for m in runs_of(base_dir)), None)}
+    choice = {
+        "base": base,
+        "N_epochs": n_epochs,
+        "T_rate": chosen_sr["T_rate"],
+        "T_len": chosen_sr["T_len"],
+        "sp_val_top1": chosen_sp["val_top1_final"],
+        "sr_val_top1": chosen_sr["val_top1_final"],
+        "base_val_top1": next((m["val_top1_final"] for m in runs_of(base_dir)), None),
+    }
     write_selection(base, runs_of(base_dir) + runs_of(sp_dir) + sr_runs, choice, smoke)
     return choice
 
@@ -243,10 +276,20 @@ def write_selection(base: str, runs: list[dict], choice: dict, smoke: bool) -> N
 
     out = results_dir(smoke) / "selection"
     out.mkdir(parents=True, exist_ok=True)
-    rows = [{"variant": m["variant"], "N_epochs": n_epochs_of(m) if m["variant"] != "base" else None, "N": m["N"],
-             "T_rate": m.get("T_rate"), "T_len": m.get("T_len"), "val_top1_final": m["val_top1_final"],
-             "released": m.get("released"), "flops_remaining_pct": m["flops_remaining_pct"],
-             "target_met": m.get("target_met")} for m in runs]
+    rows = [
+        {
+            "variant": m["variant"],
+            "N_epochs": n_epochs_of(m) if m["variant"] != "base" else None,
+            "N": m["N"],
+            "T_rate": m.get("T_rate"),
+            "T_len": m.get("T_len"),
+            "val_top1_final": m["val_top1_final"],
+            "released": m.get("released"),
+            "flops_remaining_pct": m["flops_remaining_pct"],
+            "target_met": m.get("target_met"),
+        }
+        for m in runs
+    ]
     frame = pd.DataFrame(rows)
     frame.to_csv(out / f"selection_{base}.csv", index=False)
     (out / f"chosen_{base}.json").write_text(json.dumps(choice, indent=2) + "\n")
@@ -297,8 +340,10 @@ def sr_defaults(bases: list[str], smoke: bool) -> dict:
         frame = pd.read_csv(path)
         sp_val = chosen(base, smoke)["sp_val_top1"]
         sr = frame[(frame["variant"] == "sr") & (frame["target_met"] != False)]  # noqa: E712 (NaN: unknown)
-        gains += [{"base": base, "T_rate": r.T_rate, "T_len": r.T_len, "gain": round(r.val_top1_final - sp_val, 4)}
-                  for r in sr.itertuples()]
+        gains += [
+            {"base": base, "T_rate": r.T_rate, "T_len": r.T_len, "gain": round(r.val_top1_final - sp_val, 4)}
+            for r in sr.itertuples()
+        ]
     if not gains:
         raise SystemExit("no selection has run yet: run the select stage first")
     gains = pd.DataFrame(gains)
@@ -309,11 +354,22 @@ def sr_defaults(bases: list[str], smoke: bool) -> dict:
     per_base = {}
     for b, g in gains.groupby("base", sort=False):
         win = g.loc[g["gain"].idxmax()]
-        per_base[b] = {"T_rate": float(win["T_rate"]), "T_len": float(win["T_len"]),
-                       "best_val_gain_over_sp": float(win["gain"]), "beats_sp": bool(win["gain"] > 0)}
-    result = {"c_rate_form": "radial", "T_rate": float(top["T_rate"]), "T_len": float(top["T_len"]),
-              "mean_val_gain_over_sp": float(top["mean"]), "bases": int(top["count"]),
-              "beats_sp": bool(top["mean"] > 0), "per_base": per_base, "grid": mean.to_dict(orient="records")}
+        per_base[b] = {
+            "T_rate": float(win["T_rate"]),
+            "T_len": float(win["T_len"]),
+            "best_val_gain_over_sp": float(win["gain"]),
+            "beats_sp": bool(win["gain"] > 0),
+        }
+    result = {
+        "c_rate_form": "radial",
+        "T_rate": float(top["T_rate"]),
+        "T_len": float(top["T_len"]),
+        "mean_val_gain_over_sp": float(top["mean"]),
+        "bases": int(top["count"]),
+        "beats_sp": bool(top["mean"] > 0),
+        "per_base": per_base,
+        "grid": mean.to_dict(orient="records"),
+    }
     (out / "sr_defaults.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"SR defaults from validation: {result}")
     return result
@@ -329,8 +385,12 @@ def chosen(base: str, smoke: bool) -> dict:
 def table_overrides(base: str, smoke: bool) -> list[str]:
     """A base's table recipe at its chosen N and thresholds (no variant, no seed)."""
     c = chosen(base, smoke)
-    return [f"experiment=cpu_scale/{base}", f"dpm.N_epochs={c['N_epochs']}", f"dpm.T_rate={c['T_rate']}",
-            f"dpm.T_len={c['T_len']}"]
+    return [
+        f"experiment=cpu_scale/{base}",
+        f"dpm.N_epochs={c['N_epochs']}",
+        f"dpm.T_rate={c['T_rate']}",
+        f"dpm.T_len={c['T_len']}",
+    ]
 
 
 def table(base: str, seeds: str, smoke: bool) -> Path:
@@ -348,21 +408,31 @@ def trajectories(base: str, smoke: bool) -> dict:
     original = [m for m in runs_of(sweep_dir(f"table_{base}")) if m["variant"] == "sr" and m["seed"] == SELECT_SEED]
     if not original:
         raise SystemExit(f"{base}: the table has no complete +SR run of seed {SELECT_SEED}: run its table stage first")
-    replay_dir = multirun(f"trajectories_{base}", [*table_overrides(base, smoke), "dpm=sr", f"seed={SELECT_SEED}",
-                                                   "dpm.track=null"], smoke)
+    replay_dir = multirun(
+        f"trajectories_{base}",
+        [*table_overrides(base, smoke), "dpm=sr", f"seed={SELECT_SEED}", "dpm.track=null"],
+        smoke,
+    )
     (replay,) = runs_of(replay_dir)
     differ = {k: [original[0].get(k), replay.get(k)] for k in REPLAY_FIELDS if original[0].get(k) != replay.get(k)}
     out = results_dir(smoke) / "trajectories"
     out.mkdir(parents=True, exist_ok=True)
-    record = {"base": base, "seed": SELECT_SEED, "same": not differ, "differ": differ,
-              "table_run": {k: original[0].get(k) for k in REPLAY_FIELDS},
-              "replay": {k: replay.get(k) for k in (*REPLAY_FIELDS, "wall_time_s", "git_sha")}}
+    record = {
+        "base": base,
+        "seed": SELECT_SEED,
+        "same": not differ,
+        "differ": differ,
+        "table_run": {k: original[0].get(k) for k in REPLAY_FIELDS},
+        "replay": {k: replay.get(k) for k in (*REPLAY_FIELDS, "wall_time_s", "git_sha")},
+    }
     (out / f"replay_{base}.json").write_text(json.dumps(record, indent=2) + "\n")
     dpm_log = json.loads((Path(replay["run_dir"]) / "dpm_log.json").read_text())
     plot_trajectories(dpm_log, f"{base} +SR, seed {SELECT_SEED}", out / f"trajectories_{base}")
     if differ:
-        raise SystemExit(f"{base}: the replay differs from the table run ({differ}): re-run it on the same torch "
-                         f"build and thread count (OMP_NUM_THREADS) as the table")
+        raise SystemExit(
+            f"{base}: the replay differs from the table run ({differ}): re-run it on the same torch "
+            f"build and thread count (OMP_NUM_THREADS) as the table"
+        )
     print(f"{base}: replay equals the table run; {out / f'trajectories_{base}.png'}", flush=True)
     return record
 
