@@ -17,10 +17,12 @@ from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
+from dpm.core import SCHEDULES, RectifyConfig
 from dpm.data import DATASET_NAMES
 from dpm.errors import UserError
 from dpm.models import MODEL_NAMES
 from dpm.stages import stage_for
+from dpm.stages.base import RECTIFY_FIELDS
 
 #: The Hydra config tree (conf/ beside the package).
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -376,16 +378,15 @@ def validate(cfg) -> None:
         fail("dpm.N_epochs", cfg.dpm.N_epochs, "must be > 0 (or null to use dpm.N)")
     if cfg.dpm.variant != "base" and cfg.dpm.N is None and cfg.dpm.N_epochs is None:
         fail("dpm.N", None, "give the decay length: dpm.N (iterations) or dpm.N_epochs (epochs of its phase)")
-    for key, valid in (
-        ("schedule", ("linear", "cosine", "exp")),
-        ("c_rate_form", ("radial", "relative", "per_step")),
-        ("release_rule", ("and", "or")),
-        ("budget", ("base", "strict")),
-    ):
-        if cfg.dpm[key] not in valid:
-            fail(f"dpm.{key}", cfg.dpm[key], f"valid: {', '.join(valid)}")
-    if cfg.dpm.release_cooldown < 1:
-        fail("dpm.release_cooldown", cfg.dpm.release_cooldown, "must be >= 1 (1 = the rest of the round)")
+    # What dpm.core defines decides what is legal (one list, the core's): the schedules by name,
+    # the Self-Rectifying settings by RectifyConfig's own checks, one key at a time to name it.
+    if cfg.dpm.schedule not in SCHEDULES:
+        fail("dpm.schedule", cfg.dpm.schedule, f"valid: {', '.join(SCHEDULES)}")
+    for key, name in RECTIFY_FIELDS.items():
+        try:
+            RectifyConfig(**{name: cfg.dpm[key]})
+        except (ValueError, TypeError) as err:
+            fail(f"dpm.{key}", cfg.dpm[key], str(err).removeprefix("RectifyConfig."))
     if cfg.dpm.track is not None and cfg.dpm.track < 0:
         fail("dpm.track", cfg.dpm.track, "must be >= 0 (targets whose norm trajectory is logged) or null for all")
     if cfg.pruner.name != "none":
@@ -394,9 +395,6 @@ def validate(cfg) -> None:
     stage_for(cfg.pruner.name).validate_config(cfg, fail)  # the base pruner's own keys (dpm.stages)
     if cfg.dpm.interval < 1:
         fail("dpm.interval", cfg.dpm.interval, "must be >= 1")
-    for key in ("T_rate", "T_len"):
-        if not cfg.dpm[key] >= 0:
-            fail(f"dpm.{key}", cfg.dpm[key], "thresholds must be >= 0 or inf")
     for phase in ("pretrain", "sparse", "finetune"):
         p = cfg.trainer[phase]
         if p.epochs < 0:

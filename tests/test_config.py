@@ -81,7 +81,9 @@ def test_unknown_group_option_fails_at_composition():
         ("model.name=resnet57", "model.name='resnet57': unknown model; valid: .*resnet56"),
         ("dataset.name=mnist", "dataset.name='mnist': unknown dataset"),
         ("dpm.N=0", "dpm.N=0: N counts decay steps"),
-        ("dpm.T_rate=-1", "dpm.T_rate=-1.0: thresholds must be >= 0 or inf"),
+        ("dpm.T_rate=-1", "dpm.T_rate=-1.0: t_rate must be >= 0 \\(inf disables\\)"),
+        ("dpm.c_rate_form=angular", "dpm.c_rate_form='angular': c_rate_form must be one of .*radial"),
+        ("dpm.release_cooldown=0", "dpm.release_cooldown=0: release_cooldown must be an integer >= 1"),
         ("trainer.pretrain.lr=0", "trainer.pretrain.lr=0.0: must be > 0"),
         ("trainer.finetune.milestones=[80,60]", "milestones=\\[80, 60\\]: must be increasing"),
         ("dataset=cifar10 dataset.num_classes=100", "dataset.num_classes=100: cifar10 has 10 classes"),
@@ -95,3 +97,17 @@ def test_semantic_checks_name_key_value_and_fix(override, message):
     cfg = compose(override.split())
     with pytest.raises(UserError, match=message):
         validate(cfg)
+
+
+def test_legal_dpm_values_come_from_dpm_core(monkeypatch):
+    """A schedule or C_rate form dpm.core learns is legal in the config at once (and one it drops
+    is refused): validate asks the core instead of keeping its own lists."""
+    import dpm.core.rectify as rectify
+    from dpm.core import SCHEDULES
+
+    monkeypatch.setitem(SCHEDULES, "step_down", SCHEDULES["linear"])
+    monkeypatch.setattr(rectify, "C_RATE_FORMS", (*rectify.C_RATE_FORMS, "angular"))
+    validate(compose(["dpm=sr", "dpm.schedule=step_down", "dpm.c_rate_form=angular"]))
+    monkeypatch.delitem(SCHEDULES, "cosine")
+    with pytest.raises(UserError, match="dpm.schedule='cosine': valid: linear, exp, step_down"):
+        validate(compose(["dpm=sr", "dpm.schedule=cosine"]))

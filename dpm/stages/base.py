@@ -30,6 +30,16 @@ CHECKPOINT = "checkpoint.pt"
 
 Fail = Callable[[str, Any, str], None]
 
+#: dpm.<key> -> the RectifyConfig field it sets (dpm.config.validate checks each through it).
+RECTIFY_FIELDS = {
+    "T_rate": "t_rate",
+    "T_len": "t_len",
+    "c_rate_form": "c_rate_form",
+    "release_rule": "release_rule",
+    "release_cooldown": "release_cooldown",
+    "budget": "budget",
+}
+
 
 class Stage(Protocol):
     """One base pruner's run-side glue (a module of dpm.stages)."""
@@ -151,14 +161,7 @@ def rectify_config(d: DictConfig):
     """The Self-Rectifying settings of a `dpm` config node: a RectifyConfig for +SR, None otherwise."""
     if d.variant != "sr":
         return None
-    return RectifyConfig(
-        t_rate=d.T_rate,
-        t_len=d.T_len,
-        c_rate_form=d.c_rate_form,
-        release_rule=d.release_rule,
-        release_cooldown=d.release_cooldown,
-        budget=d.budget,
-    )
+    return RectifyConfig(**{name: d[key] for key, name in RECTIFY_FIELDS.items()})
 
 
 def decay_log(controller) -> dict:
