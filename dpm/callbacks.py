@@ -16,6 +16,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from dpm.report import NoRunsError, report_runs
+
 log = logging.getLogger(__name__)
 # The report of the last multirun this process ran (dpm.run.sweep_verdict reads it for the exit code).
 LAST_REPORT = None
@@ -41,8 +43,6 @@ class ReportCallback(Callback):
             self.on_multirun_end(config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from dpm.report import NoRunsError, report_runs
-
         self._unreported = None
 
         sweep_dir = Path(config.hydra.sweep.dir)

@@ -1,0 +1,152 @@
+"""Seed statistics: paired-by-seed intervals of +SP / +SR minus base, the minimum detectable difference, a bootstrap."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from dpm.report.frame import (
+    BLOCK_KEYS,
+    BOOTSTRAP_MIN_N,
+    BOOTSTRAP_RESAMPLES,
+    CONFIDENCE,
+    POWER,
+    STAT_METRICS,
+    VARIANT_LABEL,
+    VARIANT_ORDER,
+)
+from dpm.report.loading import aggregated_runs, run_settings
+
+
+@dataclass
+class PairedInterval:
+    """A paired comparison over seeds: differences d_i = x_i - y_i for the seeds both sides have."""
+
+    n: int
+    mean: float
+    sd: float
+    low: float
+    high: float
+    half_width: float
+    mdd: float
+    boot_low: float = float("nan")
+    boot_high: float = float("nan")
+    seeds: list = field(default_factory=list)
+
+    @property
+    def includes_zero(self) -> bool | None:
+        """True when the t-interval includes 0; None when there is no interval (n < 2)."""
+        if math.isnan(self.low):
+            return None
+        return not (self.low > 0 or self.high < 0)
+
+
+def paired_interval(
+    diffs: Sequence[float],
+    confidence: float = CONFIDENCE,
+    power: float = POWER,
+    bootstrap_min_n: int = BOOTSTRAP_MIN_N,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> PairedInterval:
+    """The paired t-interval of the mean difference, and the minimum detectable difference.
+
+    interval: mean(d) +- t_{(1+c)/2, n-1} * sd(d) / sqrt(n)      (sd with ddof = 1)
+    MDD:      (t_{(1+c)/2, n-1} + t_{power, n-1}) * sd(d) / sqrt(n)
+              the true mean difference a two-sided paired t-test at level 1 - c detects with
+              probability `power` (normal-approximation power formula with t quantiles), given the
+              observed sd(d). An effect smaller than the MDD is not something these seeds can show.
+    bootstrap: percentile interval of mean(d) over `resamples` resamples of the seeds, only when
+              n >= bootstrap_min_n (fewer seeds give too few distinct resamples to mean anything).
+    n < 2 gives NaN bounds (no spread to estimate).
+    """
+    from scipy import stats  # deferred: scipy is slow to import and only the intervals need it
+
+    d = np.asarray(list(diffs), dtype=float)
+    n = len(d)
+    mean = float(d.mean()) if n else float("nan")
+    if n < 2:
+        return PairedInterval(n, mean, float("nan"), float("nan"), float("nan"), float("nan"), float("nan"))
+    sd = float(d.std(ddof=1))
+    se = sd / math.sqrt(n)
+    t_crit = float(stats.t.ppf((1 + confidence) / 2, n - 1))
+    half = t_crit * se
+    mdd = (t_crit + float(stats.t.ppf(power, n - 1))) * se
+    out = PairedInterval(n, mean, sd, mean - half, mean + half, half, mdd)
+    if n >= bootstrap_min_n:
+        rng = np.random.default_rng(seed)
+        means = d[rng.integers(0, n, size=(resamples, n))].mean(axis=1)
+        alpha = (1 - confidence) / 2
+        out.boot_low, out.boot_high = (float(q) for q in np.quantile(means, [alpha, 1 - alpha]))
+    return out
+
+
+def seed_statistics(frame: pd.DataFrame, metrics: Sequence[str] = STAT_METRICS) -> pd.DataFrame:
+    """For every +SP / +SR group against its block's base: the paired (by seed) difference of each
+    metric, n, its 95% t-interval, the MDD, a bootstrap interval when n >= 10, the seeds that had no
+    partner, and `includes_zero`."""
+    runs = aggregated_runs(frame).copy()
+    columns = [
+        *BLOCK_KEYS,
+        "comparison",
+        "metric",
+        "n",
+        "mean_diff",
+        "sd_diff",
+        "ci_low",
+        "ci_high",
+        "half_width",
+        "mdd",
+        "boot_low",
+        "boot_high",
+        "includes_zero",
+        "unpaired_seeds",
+    ]
+    if runs.empty or "variant" not in runs:
+        return pd.DataFrame(columns=columns)
+    runs["table"] = runs.get("table", pd.Series(index=runs.index, dtype=object)).fillna("")
+    for key in BLOCK_KEYS:
+        if key not in runs:
+            runs[key] = None
+    runs["setting"] = run_settings(runs)
+    rows = []
+    for block_key, block in runs.groupby(BLOCK_KEYS, dropna=False, sort=True):
+        bases = block[block["variant"] == "base"]
+        if bases.empty or bases["seed"].duplicated().any():
+            continue  # no base, or several base settings per seed: no single partner to pair with
+        base = bases.set_index("seed")
+        others = block[block["variant"] != "base"]
+        for (variant, setting), group in sorted(
+            others.groupby(["variant", "setting"], sort=False),
+            key=lambda item: (VARIANT_ORDER.get(item[0][0], 9), item[0][0], item[0][1]),
+        ):
+            other = group.set_index("seed")
+            label = VARIANT_LABEL.get(variant, variant) + (f" ({setting})" if setting else "")
+            seeds = sorted(set(base.index) & set(other.index))
+            unpaired = sorted(set(base.index) ^ set(other.index))
+            for m in metrics:
+                diffs = [float(other.at[s, m]) - float(base.at[s, m]) for s in seeds]
+                iv = paired_interval(diffs)
+                rows.append(
+                    {
+                        **dict(zip(BLOCK_KEYS, block_key)),
+                        "comparison": f"{label} - base",
+                        "metric": m,
+                        "n": iv.n,
+                        "mean_diff": iv.mean,
+                        "sd_diff": iv.sd,
+                        "ci_low": iv.low,
+                        "ci_high": iv.high,
+                        "half_width": iv.half_width,
+                        "mdd": iv.mdd,
+                        "boot_low": iv.boot_low,
+                        "boot_high": iv.boot_high,
+                        "includes_zero": iv.includes_zero,
+                        "unpaired_seeds": ",".join(str(int(s)) for s in unpaired),
+                    }
+                )
+    return pd.DataFrame(rows, columns=columns)
