@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -18,6 +19,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from dpm.errors import UserError
+from dpm.models import build_model
+
 log = logging.getLogger(__name__)
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -29,8 +33,6 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, keep_previous: bool
     With `keep_previous` the file being replaced survives as `<path>.prev` until the new one is
     complete on disk. A failed write (disk full, read-only location) removes its temporary file and
     raises a UserError naming the path and the fix."""
-    from dpm.errors import UserError
-
     path = Path(path)
     tmp = None
     try:
@@ -77,8 +79,6 @@ _MAGIC = b"DPMCKPT1"
 def atomic_torch_save(obj: Any, path: str | os.PathLike, keep_previous: bool = True) -> None:
     """torch.save with a checksum, through a temporary file and a rename; the file it replaces is
     kept as `<path>.prev` so a corrupt latest checkpoint can fall back to it."""
-    import io
-
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     payload = buffer.getvalue()
@@ -107,8 +107,6 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
     a pickled ``nn.Module``, a crafted file) is refused with a UserError that says how to go on.
     A missing, truncated or corrupt latest checkpoint falls back to `<path>.prev` with a warning;
     when neither is usable a UserError names the file."""
-    from dpm.errors import UserError
-
     path = Path(path)
     errors = []
     for candidate in (path, previous_path(path)):
@@ -142,8 +140,6 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
 
 
 def _read_checkpoint(path: Path) -> Any:
-    import io
-
     data = path.read_bytes()
     if data.startswith(_MAGIC):
         digest, payload = data[len(_MAGIC) : len(_MAGIC) + 32], data[len(_MAGIC) + 32 :]
@@ -239,9 +235,6 @@ def load_pruned_model(path: str | os.PathLike) -> torch.nn.Module:
     """The model :func:`save_pruned_model` saved: built fresh from its ``build`` spec, given the
     saved structure, and its parameters and buffers replaced by the saved (pruned-shape) ones.
     ``load_checkpoint(path)`` gives the raw record (``extra`` included)."""
-    from dpm.errors import UserError
-    from dpm.models import build_model
-
     state = load_checkpoint(path)
     if not isinstance(state, dict) or state.get("format") != PRUNED_MODEL_FORMAT:
         raise UserError(

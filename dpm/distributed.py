@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as tdist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dpm.errors import UserError
 
@@ -231,8 +232,6 @@ class TrainModule:
             return self.module
         module: Any = self.model
         if is_initialized():
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
             # Rebuilding broadcasts rank 0's parameters and buffers: equal anyway, as every rank
             # removed the same channels at the same step.
             device_ids = [self.model_device().index] if self.model_device().type == "cuda" else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 
 def fault_point(point: str) -> None:
@@ -33,6 +34,4 @@ def fault_sleep(point: str) -> None:
     the epoch's checkpoint), so that a SLURM test can pre-empt a job between two known epochs."""
     seconds = os.environ.get("DPM_FAULT_SLEEP_S")
     if seconds and ":epoch" in point:
-        import time
-
         time.sleep(float(seconds))

@@ -19,8 +19,13 @@ W&B layout (one W&B run per dpm run):
 from __future__ import annotations
 
 import logging
+import secrets
+import string
 from pathlib import Path
 from typing import Any
+
+from dpm.checkpoint import atomic_write_bytes
+from dpm.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +73,7 @@ class WandbLogger:
     as the summary. See the module docstring for group / job_type / tags."""
 
     def __init__(self, cfg: Any, config: dict, run_dir: Path):
-        import wandb
+        import wandb  # deferred: slow to import, and only logger=wandb needs it
 
         self.wandb = wandb
         self.log_every = max(int(getattr(cfg, "log_every", 0) or 0), 0)
@@ -115,14 +120,9 @@ class WandbLogger:
 
 def stable_run_id(run_dir: Path) -> str:
     """Made once and kept in `<run_dir>/wandb_id`, so a requeued or resumed run logs to the same W&B run."""
-    from dpm.checkpoint import atomic_write_bytes
-
     path = Path(run_dir) / "wandb_id"
     if path.is_file():
         return path.read_text().strip()
-    import secrets
-    import string
-
     run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's id form
     atomic_write_bytes(path, run_id.encode())
     return run_id
@@ -134,6 +134,4 @@ def make_logger(cfg: Any, config: dict, run_dir: Path) -> NullLogger | WandbLogg
         return NullLogger()
     if cfg.name == "wandb":
         return WandbLogger(cfg, config, run_dir)
-    from dpm.errors import UserError
-
     raise UserError(f"unknown logger.name '{cfg.name}'; valid: none, wandb")

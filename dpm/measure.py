@@ -39,8 +39,14 @@ import warnings
 from typing import Any, Callable, Sequence, Union
 
 import torch
+import torch_pruning as tp
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
+
+with warnings.catch_warnings():  # thop's import warns that distutils' Version classes are deprecated
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import thop
+    from thop.vision.basic_hooks import count_convNd, count_linear, zero_ops
 
 Inputs = Union[torch.Tensor, Sequence[torch.Tensor], Sequence[int], None]
 
@@ -109,8 +115,6 @@ def torch_pruning_macs_params(
 ) -> tuple[int, int]:
     """DepGraph's native units: ``torch_pruning.utils.count_ops_and_params`` (conv/linear with
     bias adds, BatchNorm, ReLU modules, pooling). ResNet-56: 127,115,914 (127.12 M)."""
-    import torch_pruning as tp
-
     inputs = _resolve_inputs(model, example_inputs, input_shape)
     # count_ops_and_params deep-copies the model itself.
     with _quiet():
@@ -291,8 +295,6 @@ def _headline_ops(model: nn.Module) -> dict[type, Callable[..., Any]]:
     thop default. Only types whose every instance is a leaf get a rule: thop treats any hooked
     module other than Sequential/ModuleList as a leaf and would skip its children.
     """
-    from thop.vision.basic_hooks import count_convNd, count_linear, zero_ops
-
     leaf_types: set[type] = set()
     container_types: set[type] = set()
     for m in model.modules():
@@ -310,8 +312,6 @@ def _headline_ops(model: nn.Module) -> dict[type, Callable[..., Any]]:
 
 def _thop_macs(model: nn.Module, inputs: tuple[torch.Tensor, ...], headline: bool) -> int:
     with _quiet():
-        import thop
-
         # thop registers total_ops/total_params buffers on every module it visits and switches
         # the model to eval; a deep copy keeps the caller's model untouched either way.
         shadow = copy.deepcopy(model)

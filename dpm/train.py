@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
 import torch
+import torch.distributed as tdist
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from dpm import distributed
 from dpm.checkpoint import atomic_torch_save, checkpoint_exists, load_checkpoint, rng_state, set_rng_state
@@ -202,8 +204,6 @@ def average_buffers(model: nn.Module) -> None:
     """Under DDP, make BatchNorm running statistics equal on every rank (their mean); a no-op otherwise."""
     if not distributed.is_initialized():
         return
-    import torch.distributed as tdist
-
     for buf in model.buffers():
         if buf.is_floating_point():
             tdist.all_reduce(buf)
@@ -363,8 +363,6 @@ def train_phase(
             if on_nan == "skip_step":
                 finite = torch.isfinite(loss.detach()).float()
                 if distributed.is_initialized():  # every rank skips together, or DDP would hang
-                    import torch.distributed as tdist
-
                     tdist.all_reduce(finite, op=tdist.ReduceOp.MIN)
                 if not bool(finite):  # the host sync this policy costs
                     skipped_steps += 1
@@ -507,8 +505,6 @@ def _checkpoint_due(steps_done: int, last_save: float, every_steps: int, every_m
 @torch.no_grad()
 def sync_buffers(model: nn.Module) -> None:
     """Rank 0's buffers (BatchNorm statistics) on every rank."""
-    import torch.distributed as tdist
-
     for buf in model.buffers():
         tdist.broadcast(buf, 0)
 
@@ -587,7 +583,5 @@ def _noop(*_: Any) -> None:
 def _progress(loader: Any, enabled: bool, desc: str):
     if not enabled:
         return loader
-    from tqdm import tqdm
-
     # disable=None: no bar when stderr is not a terminal (CI logs, SLURM files).
     return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None)

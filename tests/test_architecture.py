@@ -154,6 +154,41 @@ def test_no_module_over_600_lines():
     assert not fixed, f"{fixed} are within {MAX_LINES} lines now: take them off STILL_LONG"
 
 
+def deferred_imports_without_reason(source: str) -> list[int]:
+    """Line numbers of imports inside functions that give no reason: each function's first deferred
+    import carries a `# deferred: <why>` comment (the lines of one import block after it inherit it)."""
+    lines = source.splitlines()
+    bad = []
+    for fn in ast.walk(ast.parse(source)):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        imports = sorted(
+            n.lineno
+            for n in ast.walk(fn)
+            if isinstance(n, (ast.Import, ast.ImportFrom))
+            and not any(
+                n in ast.walk(f)
+                for f in fn.body
+                if f is not n and isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+            )
+        )
+        if imports and "# deferred:" not in lines[imports[0] - 1]:
+            bad.append(imports[0])
+    return bad
+
+
+def test_imports_are_at_module_top_or_say_why_they_wait():
+    bad = {
+        name: lines for name, path in SOURCES.items() if (lines := deferred_imports_without_reason(path.read_text()))
+    }
+    assert not bad, f"imports inside functions without a '# deferred: <why>' comment (module, lines): {bad}"
+
+
+def test_the_deferred_import_rule_sees_a_bare_one():
+    source = "def f():\n    import wandb\n    return wandb\n\ndef g():\n    import scipy  # deferred: slow\n"
+    assert deferred_imports_without_reason(source) == [2]
+
+
 def test_the_reader_sees_deferred_and_relative_imports():
     source = (
         "import torch\n"

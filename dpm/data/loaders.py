@@ -12,6 +12,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from dpm import distributed
 from dpm.data.sources import ImageSplit
 
 
@@ -91,8 +92,6 @@ class SplitLoader:
         rank: int | None = None,
         world_size: int | None = None,
     ):
-        from dpm import distributed
-
         self.split, self.batch_size = split, batch_size
         self.train, self.augment = train, augment
         self.seed, self.phase, self.max_steps = seed, phase, max_steps
@@ -208,7 +207,7 @@ class FolderLoader:
         max_steps: int = 0,
         channels_last: bool = False,
     ):
-        import torchvision.transforms as T
+        import torchvision.transforms as T  # deferred: only image folders need torchvision
         from torchvision.datasets import ImageFolder
 
         tf = (
@@ -220,8 +219,6 @@ class FolderLoader:
         self.batch_size, self.train, self.seed, self.phase = batch_size, train, seed, phase
         self.num_workers, self.max_steps = num_workers, max_steps
         self.device, self.channels_last, self.epoch, self.start_step = torch.device(device), channels_last, 0, 0
-        from dpm import distributed
-
         # DDP: `batch_size` is the global batch; each rank reads its DistributedSampler share.
         self.world_size, self.rank = distributed.world_size(), distributed.rank()
 

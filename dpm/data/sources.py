@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from dpm.errors import UserError
 
@@ -40,7 +41,7 @@ class ImageSplit:
 
 def load_digits() -> tuple[ImageSplit, ImageSplit]:
     """scikit-learn's 1,797 8x8 digits, with a fixed stratified 20% test split."""
-    from sklearn.datasets import load_digits as sk_load_digits
+    from sklearn.datasets import load_digits as sk_load_digits  # deferred: sklearn takes a second to import
 
     bunch = sk_load_digits()
     # Pixel values are 0..16: scale to the uint8 range every other source uses.
@@ -87,7 +88,7 @@ def load_cifar(
 
 
 def load_torchvision_cifar(name: str, root: Path, download: bool) -> tuple[ImageSplit, ImageSplit]:
-    import torchvision
+    import torchvision  # deferred: only the CIFAR / ImageNet sources need torchvision
 
     cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
     folder = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[name]
@@ -181,8 +182,6 @@ def cache_key(folder: Path, files: list, bad_images: str) -> str:
 
 def decode_image(path: Path) -> np.ndarray:
     """One image as an RGB uint8 array (H, W, 3); raises what PIL raises for a corrupt or truncated file."""
-    from PIL import Image
-
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
 

@@ -20,6 +20,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from dpm.measure import thop_default_macs_params
 from dpm.models import keep_memory_format
 from dpm.pruners.depgraph import DepGraphPruner, _Modes
 
@@ -120,8 +121,6 @@ def macs_without(skeleton: nn.Module, keys: Iterable[Hashable], example: torch.T
     ``skeleton`` is a plain model of the unpruned structure (its weights do not matter); it is
     deep-copied, never modified.
     """
-    from dpm.measure import thop_default_macs_params
-
     shadow = copy.deepcopy(skeleton)
     remove_channels(shadow, keys, example)
     return thop_default_macs_params(shadow, example[:1])[0]
