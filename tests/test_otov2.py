@@ -227,17 +227,21 @@ def run_steps(opt, model, data):
         opt.step()
 
 
+# A DHSPG that prunes within a few steps of a tiny model (the controller tests below share it).
+SMALL_DHSPG = dict(
+    lr=0.1,
+    lmbda=0.5,
+    epsilon=0.9,
+    first_momentum=0.9,
+    weight_decay=5e-4,
+    target_group_sparsity=0.5,
+    tolerance_group_sparsity=0.3,
+    start_pruning_steps=2,
+)
+
+
 def test_sp_with_N_1_is_the_base_method_bit_for_bit():
-    kw = dict(
-        lr=0.1,
-        lmbda=0.5,
-        epsilon=0.9,
-        first_momentum=0.9,
-        weight_decay=5e-4,
-        target_group_sparsity=0.5,
-        tolerance_group_sparsity=0.3,
-        start_pruning_steps=2,
-    )
+    kw = dict(SMALL_DHSPG)
     base_model, _, _, base, _ = build(**kw)
     sp_model, _, _, sp, _ = build(controller_N=1, **kw)
     for b in batches(10):
@@ -392,16 +396,7 @@ def test_removal_keeps_the_outputs_and_the_final_sparsity_meets_the_target():
 
 
 def test_state_dict_resumes_to_the_same_trajectory():
-    kw = dict(
-        lr=0.1,
-        lmbda=0.5,
-        epsilon=0.9,
-        first_momentum=0.9,
-        weight_decay=5e-4,
-        target_group_sparsity=0.5,
-        tolerance_group_sparsity=0.3,
-        start_pruning_steps=2,
-    )
+    kw = dict(SMALL_DHSPG)
     data = batches(10)
     model, _, _, opt, ctl = build(controller_N=3, **kw)
     run_steps(opt, model, data[:5])

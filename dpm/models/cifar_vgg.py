@@ -25,49 +25,14 @@ import torch
 from torch import nn
 
 # "M" is a 2x2 max-pool; integers are 3x3 conv-BN-ReLU output widths.
-CFG16: tuple[Union[int, str], ...] = (
-    64,
-    64,
-    "M",
-    128,
-    128,
-    "M",
-    256,
-    256,
-    256,
-    "M",
-    512,
-    512,
-    512,
-    "M",
-    512,
-    512,
-    512,
-    "M",
-)
+# The layer widths as the papers print them (kept on a few lines by hand, not by the formatter).
+# fmt: off
+CFG16: tuple[Union[int, str], ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
+                                      512, 512, 512, "M", 512, 512, 512, "M")
 # Torch-Pruning's VGG-19 average-pools the last block instead of max-pooling it.
-CFG19: tuple[Union[int, str], ...] = (
-    64,
-    64,
-    "M",
-    128,
-    128,
-    "M",
-    256,
-    256,
-    256,
-    256,
-    "M",
-    512,
-    512,
-    512,
-    512,
-    "M",
-    512,
-    512,
-    512,
-    512,
-)
+CFG19: tuple[Union[int, str], ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
+                                      512, 512, 512, 512, "M", 512, 512, 512, 512)
+# fmt: on
 CLASSIFIERS = ("linear", "mlp")
 
 
