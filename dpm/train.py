@@ -22,10 +22,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dpm import distributed
-from dpm.checkpoint import atomic_torch_save, checkpoint_exists, load_checkpoint, rng_state, set_rng_state
 from dpm.errors import UserError
 from dpm.faults import fault_point, fault_step
-from dpm.models import is_channels_last
+from dpm.phase import CheckpointPolicy, EpochMeter, NanPolicy, PhaseState
 
 log = logging.getLogger(__name__)
 
@@ -260,89 +259,36 @@ def train_phase(
     resumed from such a checkpoint continues the epoch at the next step with its running sums: with
     an in-memory loader (SplitLoader) to the same result as an uninterrupted run.
     """
-    optimizer_factory = optimizer_factory or make_optimizer
-    scheduler_factory = scheduler_factory or make_scheduler
     mixup = float(getattr(phase_cfg, "mixup", 0.0) or 0.0)
-    if on_nan not in ("fail", "skip_step"):
-        raise UserError(f"trainer.on_nan={on_nan!r}: valid: fail, skip_step")
+    nan = NanPolicy(on_nan, phase, phase_cfg, device)
     nan_fault_step = fault_step(f"{phase}:nan_step")
     kill_fault_step = fault_step(f"{phase}:kill_step")
-    skipped_steps = 0
     hooks = list(hooks)
     # Per-step logging reads the loss (a host sync) only on logged steps; 0 turns it off.
     log_every = int(getattr(log_metrics, "log_every", 0) or 0) if log_metrics is not None else 0
     steps_per_epoch = len(train_loader) if hasattr(train_loader, "__len__") else None
-    optimizer = optimizer_factory(model, phase_cfg)
-    scheduler = scheduler_factory(optimizer, phase_cfg)
-    history: list[dict] = []
-    start_epoch, start_step, partial = 0, 0, None
-    if checkpoint_path is not None and checkpoint_exists(checkpoint_path):
-        state = load_checkpoint(checkpoint_path)
-        if state.get("phase") == phase:
-            _refuse_other_numerics(state, checkpoint_path, bf16, model)
-            # Hooks first: a pruner replays its removals so the pruned weights fit the model; the
-            # optimizer is then rebuilt over the (possibly smaller) parameters before its state loads.
-            for hook, hook_state in zip(hooks, state.get("hooks", [])):
-                if hook_state is not None:
-                    hook.load_state_dict(hook_state)
-            model.load_state_dict(state["model"])
-            optimizer = optimizer_factory(model, phase_cfg)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler = scheduler_factory(optimizer, phase_cfg)
-            scheduler.load_state_dict(state["scheduler"])
-            history = state["history"]
-            start_epoch = state["epoch"]
-            skipped_steps = state.get("skipped_steps", 0)
-            start_step, partial = state.get("step", 0), state.get("partial")
-            set_rng_state(state["rng"])
-            if start_step:
-                log.info(
-                    "%s: resuming at step %d of epoch %d from %s", phase, start_step, start_epoch + 1, checkpoint_path
-                )
-            else:
-                log.info("%s: resuming after epoch %d from %s", phase, start_epoch, checkpoint_path)
-
-    def save(epoch_done: int, step_done: int = 0, sums: dict | None = None) -> None:
-        """The phase's checkpoint: after `epoch_done` epochs and `step_done` steps of the next one."""
-        atomic_torch_save(
-            {
-                "phase": phase,
-                "epoch": epoch_done,
-                "step": step_done,
-                "partial": sums,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "hooks": [h.state_dict() if hasattr(h, "state_dict") else None for h in hooks],
-                "history": history,
-                "rng": rng_state(),
-                "skipped_steps": skipped_steps,
-                "numerics": _numerics(bf16, model),
-            },
-            checkpoint_path,
-        )
-
+    state = PhaseState.start(
+        model,
+        phase,
+        phase_cfg,
+        hooks,
+        checkpoint_path,
+        bf16,
+        optimizer_factory or make_optimizer,
+        scheduler_factory or make_scheduler,
+    )
+    optimizer = state.optimizer
+    ckpt = CheckpointPolicy(checkpoint_path, checkpoint_every_steps, checkpoint_every_minutes)
     forward = distributed.TrainModule(model, compile=compile)
     main = distributed.is_main()
     progress = progress and main
     model.train()
-    mid_epoch = checkpoint_path is not None and (checkpoint_every_steps > 0 or checkpoint_every_minutes > 0)
-    last_save = time.time()
-    for epoch in range(start_epoch, phase_cfg.epochs):
-        t0 = time.time()
-        first_step = start_step if epoch == start_epoch else 0
+    for epoch in range(state.start_epoch, phase_cfg.epochs):
+        first_step = state.start_step if epoch == state.start_epoch else 0
+        meter = EpochMeter(device, state.partial if first_step else None)
         train_loader.set_epoch(epoch, first_step)
         lr = optimizer.param_groups[0]["lr"]
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        if first_step and partial:  # this rank's running sums of the steps before the checkpoint
-            mine = _rank_partial(partial["ranks"])
-            loss_sum += mine["loss_sum"]
-            correct += mine["correct"]
-            seen = mine["seen"]
-            t0 -= partial["elapsed_s"]
-        first_nonfinite = torch.full((), -1, dtype=torch.long, device=device)  # step index, -1 = none
+        nan.start_epoch()
         bar = _progress(train_loader, progress, f"{phase} {epoch + 1}/{phase_cfg.epochs}")
         for step, (x, y) in enumerate(bar, start=first_step):
             for hook in hooks:
@@ -360,83 +306,47 @@ def train_phase(
             if nan_fault_step is not None and phase_step == nan_fault_step:
                 loss = loss * float("nan")  # fault injection (tests): a loss that went bad
             optimizer.zero_grad(set_to_none=True)
-            if on_nan == "skip_step":
-                finite = torch.isfinite(loss.detach()).float()
-                if distributed.is_initialized():  # every rank skips together, or DDP would hang
-                    tdist.all_reduce(finite, op=tdist.ReduceOp.MIN)
-                if not bool(finite):  # the host sync this policy costs
-                    skipped_steps += 1
-                    log.warning(
-                        "%s step %d: loss %s, step skipped (trainer.on_nan=skip_step)", phase, phase_step, loss.item()
-                    )
-                    continue
-            else:
-                first_nonfinite = torch.where(
-                    (first_nonfinite < 0) & ~torch.isfinite(loss.detach()),
-                    torch.full_like(first_nonfinite, phase_step),
-                    first_nonfinite,
-                )
-                if step % NAN_CHECK_EVERY == NAN_CHECK_EVERY - 1:
-                    distributed.all_reduce_max(first_nonfinite)
-                    _raise_if_nonfinite(first_nonfinite, phase, epoch, phase_cfg)
+            if nan.skip_step(loss, step, phase_step, epoch):
+                state.skipped_steps += 1
+                continue
             loss.backward()
             for hook in hooks:
                 getattr(hook, "before_step", _noop)(optimizer)
             optimizer.step()
             for hook in hooks:
                 getattr(hook, "after_step", _noop)(optimizer)
-            loss_sum += loss.detach() * len(y)
-            correct += (out.detach().argmax(1) == y).sum()
-            seen += len(y)
+            meter.add(loss, out, y)
             if log_every > 0 and main:
                 if phase_step % log_every == 0:
                     log_metrics(_step_record(phase, phase_step, loss, lr, hooks))
             if progress and step % 20 == 0:  # one host sync per 20 steps, only for the bar
-                bar.set_postfix(
-                    loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}", lr=f"{lr:.4g}"
-                )
-            if (
-                mid_epoch
-                and (steps_per_epoch is None or step + 1 < steps_per_epoch)
-                and _checkpoint_due(step + 1, last_save, checkpoint_every_steps, checkpoint_every_minutes)
-            ):
-                # Never a checkpoint of a state that went bad: the NaN check runs first.
-                distributed.all_reduce_max(first_nonfinite)
-                _raise_if_nonfinite(first_nonfinite, phase, epoch, phase_cfg)
-                # Each rank's sums (they are summed over ranks only at the epoch's end).
-                ranks = distributed.gather_object({"loss_sum": float(loss_sum), "correct": int(correct), "seen": seen})
+                bar.set_postfix(loss=f"{meter.loss():.3f}", acc=f"{meter.top1():.1f}", lr=f"{lr:.4g}")
+            if ckpt.due_inside(step + 1, steps_per_epoch):
+                nan.check(epoch)  # never a checkpoint of a state that went bad
+                ranks = meter.rank_sums()
                 if main:
-                    save(epoch, step + 1, {"ranks": ranks, "elapsed_s": time.time() - t0})
+                    ckpt.save(
+                        phase,
+                        model,
+                        hooks,
+                        state,
+                        bf16,
+                        epoch,
+                        step + 1,
+                        {"ranks": ranks, "elapsed_s": time.time() - meter.t0},
+                    )
                 distributed.barrier()
-                last_save = time.time()
-        distributed.all_reduce_max(first_nonfinite)
-        _raise_if_nonfinite(first_nonfinite, phase, epoch, phase_cfg)
-        bad = nonfinite_parameters(model)
-        if bad:
-            raise NumericalError(
-                f"{phase}: parameter {bad[0]} is not finite after epoch {epoch + 1}; the last good "
-                f"checkpoint is kept: lower trainer.{phase}.lr (now {phase_cfg.lr}) or check the data"
-            )
-        scheduler.step()
-        if distributed.is_initialized():
-            # One collective an epoch: the ranks' sums, and rank 0's BatchNorm statistics everywhere
-            # (DDP broadcasts them before each forward; the last batch left each rank its own).
-            seen_t = torch.tensor(float(seen), device=device)
-            distributed.all_reduce_sum(loss_sum, correct, seen_t)
-            seen = int(seen_t.item())
-            sync_buffers(model)
-        train_loss = loss_sum.item() / max(seen, 1)
-        record = {
-            "phase": phase,
-            "epoch": epoch + 1,
-            "lr": lr,
-            "train_loss": train_loss,
-            "train_top1": 100.0 * correct.item() / max(seen, 1),
-        }
+                ckpt.saved()
+        nan.check(epoch)
+        nan.check_parameters(model, epoch)
+        state.scheduler.step()
+        meter.reduce(model, device)
+        train_loss = meter.loss()
+        record = {"phase": phase, "epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_top1": meter.top1()}
         for split, loader in eval_loaders.items():
             record[f"{split}_top1"], record[f"{split}_loss"] = evaluate(model, loader, device, bf16)
-        record["epoch_time_s"] = time.time() - t0
-        history.append(record)
+        record["epoch_time_s"] = time.time() - meter.t0
+        state.history.append(record)
         log.info(
             "%s epoch %d/%d  loss %.4f  train %.2f%%  %s  lr %.4g  (%.1fs)",
             phase,
@@ -454,59 +364,12 @@ def train_phase(
                 epoch_record[f"{phase}/step"] = (epoch + 1) * steps_per_epoch
             log_metrics(epoch_record)
         if checkpoint_path is not None and main:
-            save(epoch + 1)
+            ckpt.save(phase, model, hooks, state, bf16, epoch + 1)
             fault_point(f"{phase}:epoch{epoch + 1}")
         if checkpoint_path is not None:
             distributed.barrier()  # no rank runs ahead of the checkpoint rank 0 is writing
-            last_save = time.time()
-    return summarize_phase(history, list(eval_loaders), skipped_steps)
-
-
-def _numerics(bf16: bool, model: nn.Module) -> dict:
-    """What decides a phase's arithmetic besides the config: bf16 autocast and the memory format."""
-    return {"bf16": bool(bf16), "channels_last": is_channels_last(model)}
-
-
-def _refuse_other_numerics(state: dict, path: str | Path, bf16: bool, model: nn.Module) -> None:
-    """A phase continues only with the arithmetic it started with: resuming an fp32 NCHW checkpoint
-    on the fast path (or back) would mix two numerics in one run. A checkpoint written before this
-    was recorded carries no `numerics` and is taken as it is."""
-    saved, now = state.get("numerics"), _numerics(bf16, model)
-    if saved is None or saved == now:
-        return
-    raise UserError(
-        f"{path} was trained with bf16={saved['bf16']}, channels_last={saved['channels_last']} but this "
-        f"run resolves bf16={now['bf16']}, channels_last={now['channels_last']}: continue it with "
-        f"trainer.bf16={str(saved['bf16']).lower()} trainer.channels_last="
-        f"{str(saved['channels_last']).lower()}, or start it under another run_id"
-    )
-
-
-def _rank_partial(ranks: list[dict]) -> dict:
-    """This rank's share of the running sums saved with a mid-epoch checkpoint. Resumed with another
-    number of ranks, rank 0 takes all of them (the epoch's totals are unchanged) and the others none."""
-    if len(ranks) == distributed.world_size():
-        return ranks[distributed.rank()]
-    if not distributed.is_main():
-        return {"loss_sum": 0.0, "correct": 0, "seen": 0}
-    return {key: sum(r[key] for r in ranks) for key in ("loss_sum", "correct", "seen")}
-
-
-def _checkpoint_due(steps_done: int, last_save: float, every_steps: int, every_minutes: float) -> bool:
-    """Whether a mid-epoch checkpoint is due after `steps_done` steps of the epoch. The clock is read
-    every CHECKPOINT_POLL steps and, under DDP, rank 0's reading decides for every rank."""
-    if every_steps > 0 and steps_done % every_steps == 0:
-        return True
-    if every_minutes <= 0 or steps_done % CHECKPOINT_POLL:
-        return False
-    return bool(distributed.broadcast_object(time.time() - last_save >= 60.0 * every_minutes))
-
-
-@torch.no_grad()
-def sync_buffers(model: nn.Module) -> None:
-    """Rank 0's buffers (BatchNorm statistics) on every rank."""
-    for buf in model.buffers():
-        tdist.broadcast(buf, 0)
+            ckpt.saved()
+    return summarize_phase(state.history, list(eval_loaders), state.skipped_steps)
 
 
 def mixup_batch(x: torch.Tensor, y: torch.Tensor, alpha: float):
@@ -518,34 +381,6 @@ def mixup_batch(x: torch.Tensor, y: torch.Tensor, alpha: float):
     if lam >= 0.5:
         return mixed, y, y[perm], lam
     return mixed, y[perm], y, 1 - lam
-
-
-# Steps between reads of the on-device non-finite flag (one host sync each).
-NAN_CHECK_EVERY = 50
-# Steps between reads of the clock for trainer.checkpoint_every_minutes (a collective under DDP).
-CHECKPOINT_POLL = 20
-
-
-class NumericalError(UserError):
-    """A NaN/inf loss or parameter: the run stops, its last good checkpoint stays the latest."""
-
-
-def _raise_if_nonfinite(first_nonfinite: torch.Tensor, phase: str, epoch: int, phase_cfg: Any) -> None:
-    step = int(first_nonfinite.item())
-    if step >= 0:
-        raise NumericalError(
-            f"{phase}: the loss became NaN/inf at step {step} (epoch {epoch + 1}); the last good "
-            f"checkpoint is kept: lower trainer.{phase}.lr (now {phase_cfg.lr}), check the data, "
-            f"or set trainer.on_nan=skip_step"
-        )
-
-
-def nonfinite_parameters(model: nn.Module) -> list[str]:
-    """Names of the parameters holding a NaN or inf (one host sync when all are finite)."""
-    params = [(n, p) for n, p in model.named_parameters()]
-    if not params or bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
-        return []
-    return [n for n, p in params if not bool(torch.isfinite(p).all())]
 
 
 def summarize_phase(history: list[dict], splits: list[str], skipped_steps: int = 0) -> dict:

@@ -89,11 +89,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str, run_dirs: list[str],
             record["rewraps"] += 1
         return module
 
-    import dpm.loggers
-    import dpm.train
+    import dpm.phase
 
+    # Patched where they are looked up: the phase's checkpoint writer, the runner's logger factory.
     record.update(checkpoints_written=0, loggers_made=0)
-    original_save, original_logger = dpm.train.atomic_torch_save, dpm.loggers.make_logger
+    original_save, original_logger = dpm.phase.atomic_torch_save, R.make_logger
 
     def spy_save(*args, **kwargs):
         record["checkpoints_written"] += 1
@@ -103,7 +103,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, run_dirs: list[str],
         record["loggers_made"] += 1
         return original_logger(*args, **kwargs)
 
-    dpm.train.atomic_torch_save, dpm.loggers.make_logger = spy_save, spy_logger
+    dpm.phase.atomic_torch_save, R.make_logger = spy_save, spy_logger
     SplitLoader.__iter__, PruningRounds._start_round, stage.make_rounds = spy_iter, spy_start, spy_make_rounds
     distributed.TrainModule.refresh = spy_refresh
     metrics = R.run(compose(DDP_OVERRIDES), run_dirs[rank])
@@ -301,13 +301,13 @@ def _due_worker(rank: int, world: int, port: int, out: str) -> None:
 
     import torch.distributed as tdist
 
-    from dpm.train import CHECKPOINT_POLL, _checkpoint_due
+    from dpm.phase import CHECKPOINT_POLL, checkpoint_due
 
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         # Rank 0's clock says due, rank 1's says not: both must follow rank 0 (or the barrier hangs).
         last_save = time.time() - (3600 if rank == 0 else 0)
-        due = _checkpoint_due(CHECKPOINT_POLL, last_save, 0, 5.0)
+        due = checkpoint_due(CHECKPOINT_POLL, last_save, 0, 5.0)
         Path(out, f"{rank}.json").write_text(json.dumps(due))
     finally:
         tdist.destroy_process_group()

@@ -181,11 +181,11 @@ def test_mid_epoch_start_step_continues_the_epochs_batches(tmp_path):
 def test_checkpoint_every_minutes_reads_the_clock_only_on_poll_steps():
     import time
 
-    from dpm.train import CHECKPOINT_POLL, _checkpoint_due
+    from dpm.phase import CHECKPOINT_POLL, checkpoint_due
 
     long_ago, now = time.time() - 3600, time.time()
-    assert _checkpoint_due(CHECKPOINT_POLL, long_ago, 0, 5.0)
-    assert not _checkpoint_due(CHECKPOINT_POLL + 1, long_ago, 0, 5.0)  # between polls
-    assert not _checkpoint_due(CHECKPOINT_POLL, now, 0, 5.0)  # not yet 5 minutes
-    assert _checkpoint_due(6, now, 3, 0.0) and not _checkpoint_due(7, now, 3, 0.0)
-    assert not _checkpoint_due(CHECKPOINT_POLL, long_ago, 0, 0.0)  # off
+    assert checkpoint_due(CHECKPOINT_POLL, long_ago, 0, 5.0)
+    assert not checkpoint_due(CHECKPOINT_POLL + 1, long_ago, 0, 5.0)  # between polls
+    assert not checkpoint_due(CHECKPOINT_POLL, now, 0, 5.0)  # not yet 5 minutes
+    assert checkpoint_due(6, now, 3, 0.0) and not checkpoint_due(7, now, 3, 0.0)
+    assert not checkpoint_due(CHECKPOINT_POLL, long_ago, 0, 0.0)  # off
