@@ -13,6 +13,7 @@ from dpm.data import sources
 from dpm.data.loaders import SplitLoader, apply_crop_flip, draw_crop_flip, epoch_generator, random_crop_flip
 from dpm.data.sources import ImageSplit
 from dpm.train import resolve_speed
+from helpers import sgd_epoch
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -175,7 +176,6 @@ def test_cpu_bf16_capability_is_read_from_torch():
 
 
 def test_cpu_autocast_runs_the_forward_in_bf16_and_keeps_everything_else_fp32():
-    from types import SimpleNamespace
 
     from dpm.train import autocast, train_phase
 
@@ -198,18 +198,7 @@ def test_cpu_autocast_runs_the_forward_in_bf16_and_keeps_everything_else_fp32():
     loader = SplitLoader(split, 16, MEAN, STD, train=True, augment=False, seed=0, phase="pretrain", channels_last=True)
     seen = []
     net[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-    phase_cfg = SimpleNamespace(
-        epochs=1,
-        lr=0.1,
-        momentum=0.9,
-        nesterov=False,
-        weight_decay=5e-4,
-        schedule="constant",
-        milestones=[],
-        gamma=0.1,
-        batch_size=16,
-        mixup=0.0,
-    )
+    phase_cfg = sgd_epoch(16)
     train_phase(net, "pretrain", phase_cfg, loader, {}, torch.device("cpu"), progress=False, bf16=True)
     assert seen and set(seen) == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in net.parameters())
@@ -273,18 +262,7 @@ def test_resuming_a_checkpoint_of_other_numerics_is_refused(tmp_path):
     from dpm.train import train_phase
 
     split = ImageSplit(torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8), torch.arange(32) % 10)
-    phase_cfg = SimpleNamespace(
-        epochs=1,
-        lr=0.1,
-        momentum=0.9,
-        nesterov=False,
-        weight_decay=5e-4,
-        schedule="constant",
-        milestones=[],
-        gamma=0.1,
-        batch_size=16,
-        mixup=0.0,
-    )
+    phase_cfg = sgd_epoch(16)
 
     def net(channels_last: bool):
         torch.manual_seed(0)

@@ -93,6 +93,22 @@ def load_test(args) -> ImageSplit:
     return load_cifar("cifar10", str(args.data), False, str(args.cache_dir))[1]
 
 
+def sgd_epoch(batch_size: int) -> SimpleNamespace:
+    """One epoch of SGD (momentum 0.9, weight decay 5e-4) at a constant learning rate of 0.01."""
+    return SimpleNamespace(
+        epochs=1,
+        lr=0.01,
+        momentum=0.9,
+        nesterov=False,
+        weight_decay=5e-4,
+        schedule="constant",
+        milestones=[],
+        gamma=0.1,
+        batch_size=batch_size,
+        mixup=0.0,
+    )
+
+
 def seeded_model(name: str, device: torch.device, channels_last: bool = False) -> torch.nn.Module:
     """The benchmarked net with seed 0's weights (the same start for every path), on `device`."""
     torch.manual_seed(0)
@@ -143,18 +159,7 @@ class _FixedEpoch:
 def suite_block(model, loader: SplitLoader, device, speed, steps: int, epoch: int) -> tuple[int, float]:
     """One `train_phase` epoch capped at `steps` steps (no eval, no checkpoint): (images, seconds)."""
     loader.max_steps = steps
-    phase_cfg = SimpleNamespace(
-        epochs=1,
-        lr=0.01,
-        momentum=0.9,
-        nesterov=False,
-        weight_decay=5e-4,
-        schedule="constant",
-        milestones=[],
-        gamma=0.1,
-        batch_size=loader.batch_size,
-        mixup=0.0,
-    )
+    phase_cfg = sgd_epoch(loader.batch_size)
     sync(device)
     t0 = time.perf_counter()
     train_phase(
@@ -321,18 +326,7 @@ def bench_epoch(name: str, split: ImageSplit, test: ImageSplit, args, device: to
             test_part, speed.eval_batch_size, CIFAR_MEAN, CIFAR_STD, device, channels_last=speed.channels_last
         )
     }
-    phase_cfg = SimpleNamespace(
-        epochs=1,
-        lr=0.01,
-        momentum=0.9,
-        nesterov=False,
-        weight_decay=5e-4,
-        schedule="constant",
-        milestones=[],
-        gamma=0.1,
-        batch_size=args.batch,
-        mixup=0.0,
-    )
+    phase_cfg = sgd_epoch(args.batch)
     sync(device)
     t0 = time.perf_counter()
     summary = train_phase(
