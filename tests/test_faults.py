@@ -183,8 +183,8 @@ def run_cli_report(args: list[str], fault: str | None = None):
 BAD_CONFIGS = [
     (["dpm.N=0"], "dpm.N=0: N counts decay steps and must be >= 1"),
     (["dpm.N=2.5"], "dpm.N: Value '2.5' of type 'float' could not be converted to Integer: give an integer"),
-    (["dpm=sr", "dpm.T_rate=-1"], "dpm.T_rate=-1.0: thresholds must be >= 0 or inf"),
-    (["dpm=sr", "dpm.T_len=-0.5"], "dpm.T_len=-0.5: thresholds must be >= 0 or inf"),
+    (["dpm=sr", "dpm.T_rate=-1"], "dpm.T_rate=-1.0: t_rate must be >= 0 (inf disables), got -1.0"),
+    (["dpm=sr", "dpm.T_len=-0.5"], "dpm.T_len=-0.5: t_len must be >= 0 (inf disables), got -0.5"),
     (["dpm.interval=0"], "dpm.interval=0: must be >= 1"),
     (["pruner.speedup=1.0"], "pruner.speedup=1.0: the MACs speed-up target must be > 1"),
     (["pruner.speedup=500"], "pruner.speedup=500.0: tiny_cnn cannot get faster than about"),
