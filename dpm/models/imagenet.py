@@ -8,7 +8,12 @@ not CIFAR-adapted variants. ``in_channels`` other than 3 replaces only the stem 
 from __future__ import annotations
 
 from torch import nn
-from torchvision import models as tvm
+
+
+def _tvm():
+    from torchvision import models  # deferred: it imports torch._dynamo (about 1 s); only these builders use it
+
+    return models
 
 
 def _replace_stem(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
@@ -24,7 +29,7 @@ def _replace_stem(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
 
 def resnet18(num_classes: int, in_channels: int = 3) -> nn.Module:
     """torchvision ResNet-18, random init."""
-    model = tvm.resnet18(weights=None, num_classes=num_classes)
+    model = _tvm().resnet18(weights=None, num_classes=num_classes)
     if in_channels != 3:
         model.conv1 = _replace_stem(model.conv1, in_channels)
     return model
@@ -32,7 +37,7 @@ def resnet18(num_classes: int, in_channels: int = 3) -> nn.Module:
 
 def resnet50(num_classes: int, in_channels: int = 3) -> nn.Module:
     """torchvision ResNet-50, random init."""
-    model = tvm.resnet50(weights=None, num_classes=num_classes)
+    model = _tvm().resnet50(weights=None, num_classes=num_classes)
     if in_channels != 3:
         model.conv1 = _replace_stem(model.conv1, in_channels)
     return model
@@ -40,7 +45,7 @@ def resnet50(num_classes: int, in_channels: int = 3) -> nn.Module:
 
 def mobilenet_v2(num_classes: int, in_channels: int = 3) -> nn.Module:
     """torchvision MobileNetV2, random init."""
-    model = tvm.mobilenet_v2(weights=None, num_classes=num_classes)
+    model = _tvm().mobilenet_v2(weights=None, num_classes=num_classes)
     if in_channels != 3:
         model.features[0][0] = _replace_stem(model.features[0][0], in_channels)
     return model
