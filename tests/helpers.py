@@ -3,8 +3,6 @@ invariant is checked under, a tiny conv/BN net, and bit-for-bit equality of floa
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from torch import nn
@@ -43,19 +41,3 @@ def tiny_net(seed: int = 0) -> nn.Sequential:
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal in every bit (float32): +0.0 differs from -0.0, a NaN equals the same NaN."""
     return a.dtype == b.dtype and torch.equal(a.view(torch.int32), b.view(torch.int32))
-
-
-def sgd_epoch(batch_size: int, lr: float = 0.1, epochs: int = 1) -> SimpleNamespace:
-    """A phase config for dpm.train.train_phase: SGD with momentum, a constant learning rate."""
-    return SimpleNamespace(
-        epochs=epochs,
-        lr=lr,
-        momentum=0.9,
-        nesterov=False,
-        weight_decay=5e-4,
-        schedule="constant",
-        milestones=[],
-        gamma=0.1,
-        batch_size=batch_size,
-        mixup=0.0,
-    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,10 @@ DDP_OVERRIDES = [
     "dpm.T_len=1.2",
     "trainer.devices=2",
 ]
+
+
+# `python -m dpm` on two CPU ranks through torchrun; the overrides follow.
+TORCHRUN_DPM = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dpm"]
 
 
 def _free_port() -> int:
@@ -168,21 +173,13 @@ def test_two_process_ddp_depgraph_sr_agrees_on_every_decision(tmp_path):
 @pytest.mark.slow
 def test_torchrun_cli_writes_one_run(tmp_path):
     import subprocess
-    import sys
 
     from conftest import ROOT
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "dpm",
+            *TORCHRUN_DPM,
             "experiment=smoke",
             "pruner=depgraph",
             "dpm=sp",
@@ -246,7 +243,6 @@ def test_killed_torchrun_run_resumes_inside_an_epoch_to_the_same_metrics(tmp_pat
     """Two ranks killed inside a fine-tune epoch (a decay under way) resume from the mid-epoch
     checkpoint rank 0 wrote and end with the metrics of an uninterrupted two-rank run."""
     import subprocess
-    import sys
 
     from conftest import ROOT
 
@@ -256,14 +252,7 @@ def test_killed_torchrun_run_resumes_inside_an_epoch_to_the_same_metrics(tmp_pat
             env["DPM_FAULT_AT"] = fault
         return subprocess.run(
             [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc_per_node",
-                "2",
-                "-m",
-                "dpm",
+                *TORCHRUN_DPM,
                 "experiment=smoke",
                 "pruner=depgraph",
                 "dpm=sp",

@@ -3,17 +3,18 @@ shards of the global batch, speed settings per device, and the decoded-dataset d
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
 import pytest
 import torch
 
+from dpm.config import PhaseConfig
 from dpm.data import sources
 from dpm.data.loaders import SplitLoader, apply_crop_flip, draw_crop_flip, epoch_generator, random_crop_flip
 from dpm.data.sources import ImageSplit
 from dpm.train import resolve_speed
-from helpers import sgd_epoch
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -198,7 +199,7 @@ def test_cpu_autocast_runs_the_forward_in_bf16_and_keeps_everything_else_fp32():
     loader = SplitLoader(split, 16, MEAN, STD, train=True, augment=False, seed=0, phase="pretrain", channels_last=True)
     seen = []
     net[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-    phase_cfg = sgd_epoch(16)
+    phase_cfg = PhaseConfig(epochs=1, schedule="constant", batch_size=16)
     train_phase(net, "pretrain", phase_cfg, loader, {}, torch.device("cpu"), progress=False, bf16=True)
     assert seen and set(seen) == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in net.parameters())
@@ -256,13 +257,11 @@ def json_key(fields: dict) -> str:
 
 
 def test_resuming_a_checkpoint_of_other_numerics_is_refused(tmp_path):
-    from types import SimpleNamespace
-
     from dpm.errors import UserError
     from dpm.train import train_phase
 
     split = ImageSplit(torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8), torch.arange(32) % 10)
-    phase_cfg = sgd_epoch(16)
+    phase_cfg = PhaseConfig(epochs=1, schedule="constant", batch_size=16)
 
     def net(channels_last: bool):
         torch.manual_seed(0)
@@ -277,7 +276,7 @@ def test_resuming_a_checkpoint_of_other_numerics_is_refused(tmp_path):
 
     def phase(epochs: int, bf16: bool, channels_last: bool):
         loader = SplitLoader(split, 16, MEAN, STD, train=True, seed=0, phase="pretrain", channels_last=channels_last)
-        cfg = SimpleNamespace(**{**vars(phase_cfg), "epochs": epochs})
+        cfg = dataclasses.replace(phase_cfg, epochs=epochs)
         return train_phase(
             net(channels_last),
             "pretrain",

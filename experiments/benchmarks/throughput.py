@@ -34,12 +34,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dpm.config import PhaseConfig
 from dpm.data.loaders import SplitLoader
 from dpm.data.sources import ImageSplit
 from dpm.models import build_model
@@ -93,19 +93,19 @@ def load_test(args) -> ImageSplit:
     return load_cifar("cifar10", str(args.data), False, str(args.cache_dir))[1]
 
 
-def sgd_epoch(batch_size: int) -> SimpleNamespace:
-    """One epoch of SGD (momentum 0.9, weight decay 5e-4) at a constant learning rate of 0.01."""
-    return SimpleNamespace(
-        epochs=1,
-        lr=0.01,
-        momentum=0.9,
-        nesterov=False,
-        weight_decay=5e-4,
-        schedule="constant",
-        milestones=[],
-        gamma=0.1,
-        batch_size=batch_size,
-        mixup=0.0,
+def suite_train_loader(split: ImageSplit, batch: int, device: torch.device, speed) -> SplitLoader:
+    """The suite's training batches: the split resident on the device, augmented there."""
+    return SplitLoader(
+        split,
+        batch,
+        CIFAR_MEAN,
+        CIFAR_STD,
+        device,
+        train=True,
+        augment=True,
+        seed=0,
+        phase="bench",
+        channels_last=speed.channels_last,
     )
 
 
@@ -159,7 +159,7 @@ class _FixedEpoch:
 def suite_block(model, loader: SplitLoader, device, speed, steps: int, epoch: int) -> tuple[int, float]:
     """One `train_phase` epoch capped at `steps` steps (no eval, no checkpoint): (images, seconds)."""
     loader.max_steps = steps
-    phase_cfg = sgd_epoch(loader.batch_size)
+    phase_cfg = PhaseConfig(epochs=1, lr=0.01, schedule="constant", batch_size=loader.batch_size)
     sync(device)
     t0 = time.perf_counter()
     train_phase(
@@ -209,18 +209,7 @@ def bench_model(name: str, split: ImageSplit, args, device: torch.device) -> dic
     ref_batches = batches()
 
     suite_model = seeded_model(name, device, speed.channels_last)
-    suite_loader = SplitLoader(
-        split,
-        args.batch,
-        CIFAR_MEAN,
-        CIFAR_STD,
-        device,
-        train=True,
-        augment=True,
-        seed=0,
-        phase="bench",
-        channels_last=speed.channels_last,
-    )
+    suite_loader = suite_train_loader(split, args.batch, device, speed)
 
     reference_block(ref_model, ref_opt, ref_batches, device, args.warmup)  # workers started, allocator warm
     suite_block(suite_model, suite_loader, device, speed, args.warmup, epoch=0)
@@ -309,24 +298,13 @@ def bench_epoch(name: str, split: ImageSplit, test: ImageSplit, args, device: to
 
     # (b) suite: one train_phase epoch with its evaluation (what `python -m dpm` runs an epoch).
     model = seeded_model(name, device, speed.channels_last)
-    loader = SplitLoader(
-        train_part,
-        args.batch,
-        CIFAR_MEAN,
-        CIFAR_STD,
-        device,
-        train=True,
-        augment=True,
-        seed=0,
-        phase="bench",
-        channels_last=speed.channels_last,
-    )
+    loader = suite_train_loader(train_part, args.batch, device, speed)
     evals = {
         "test": SplitLoader(
             test_part, speed.eval_batch_size, CIFAR_MEAN, CIFAR_STD, device, channels_last=speed.channels_last
         )
     }
-    phase_cfg = sgd_epoch(args.batch)
+    phase_cfg = PhaseConfig(epochs=1, lr=0.01, schedule="constant", batch_size=args.batch)
     sync(device)
     t0 = time.perf_counter()
     summary = train_phase(
