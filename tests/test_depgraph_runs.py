@@ -15,6 +15,17 @@ from dpm.run import CHECKPOINT, run
 RUN_SPECIFIC = {"wall_time_s", "run_dir", "pretrain_source", "history", "variant", "name"}
 
 
+# +SR in three rounds 10 steps apart with thresholds that release on digits (fine-tune epochs vary).
+SR_ROUNDS = [
+    "dpm.N=5",
+    "pruner.rounds=3",
+    "pruner.round_interval=10",
+    "dpm.release_cooldown=2",
+    "dpm.T_rate=0.002",
+    "dpm.T_len=1.2",
+]
+
+
 def digits(*overrides: str):
     """A seconds-long DepGraph run on digits, deterministic on CPU."""
     return compose(
@@ -83,12 +94,7 @@ def test_rounds_split_the_speedup_and_never_reselect(tmp_path, monkeypatch):
         digits(
             "dpm=sr",
             "trainer.finetune.epochs=4",
-            "dpm.N=5",
-            "pruner.rounds=3",
-            "pruner.round_interval=10",
-            "dpm.release_cooldown=2",
-            "dpm.T_rate=0.002",
-            "dpm.T_len=1.2",
+            *SR_ROUNDS,
         ),
         tmp_path / "run",
     )
@@ -152,12 +158,7 @@ def test_killed_pruning_run_resumes_to_the_same_metrics(tmp_path):
         "trainer.deterministic=true",
         "trainer.pretrain.epochs=3",
         "trainer.finetune.epochs=4",
-        "dpm.N=5",
-        "pruner.rounds=3",
-        "pruner.round_interval=10",
-        "dpm.release_cooldown=2",
-        "dpm.T_rate=0.002",
-        "dpm.T_len=1.2",
+        *SR_ROUNDS,
     ]
     ref = run_cli([*args, f"hydra.run.dir={tmp_path / 'ref'}"], env={"DPM_CACHE_DIR": str(tmp_path / "c1")})
     assert ref.returncode == 0, ref.stderr
@@ -210,12 +211,7 @@ def test_run_killed_inside_epochs_resumes_from_mid_epoch_checkpoints_to_the_same
         "trainer.deterministic=true",
         "trainer.pretrain.epochs=3",
         "trainer.finetune.epochs=2",
-        "dpm.N=5",
-        "pruner.rounds=3",
-        "pruner.round_interval=10",
-        "dpm.release_cooldown=2",
-        "dpm.T_rate=0.002",
-        "dpm.T_len=1.2",
+        *SR_ROUNDS,
     ]
     ref = run_cli([*args, f"hydra.run.dir={tmp_path / 'ref'}"], env={"DPM_CACHE_DIR": str(tmp_path / "c1")})
     assert ref.returncode == 0, ref.stderr
