@@ -47,6 +47,16 @@ def isolated_env(tmp_path, monkeypatch):
     yield
 
 
+def cli_env(tmp_path: Path) -> dict:
+    """The environment of a command-line run on one thread with its outputs and cache in `tmp_path`, W&B off."""
+    return {
+        "OMP_NUM_THREADS": "1",
+        "DPM_OUTPUT_ROOT": str(tmp_path / "out"),
+        "DPM_CACHE_DIR": str(tmp_path / "cache"),
+        "WANDB_MODE": "disabled",
+    }
+
+
 def run_cli(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m dpm <args>` in a subprocess, from the project root."""
     full_env = {**os.environ, **(env or {})}

@@ -4,14 +4,12 @@ experiment; one clean line for a bad sweep point; a help that names dpm's own op
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import compose
+from conftest import cli_env, compose, run_cli
 from dpm.config import validate
 from dpm.errors import UserError
 from dpm.run import run
@@ -24,16 +22,8 @@ VARIANTS = ("base", "sp", "sr")
 
 
 def cli(args: list[str], tmp_path: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "DPM_OUTPUT_ROOT": str(tmp_path / "out"),
-        "DPM_CACHE_DIR": str(tmp_path / "cache"),
-        "WANDB_MODE": "disabled",
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "dpm", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    """`python -m dpm` on one thread with this test's outputs and cache, W&B off."""
+    return run_cli(args, env=cli_env(tmp_path), timeout=timeout)
 
 
 def table_rows(stdout: str) -> dict[str, list[str]]:

@@ -5,14 +5,12 @@ sweep holding one exits non-zero. One unreachable target per base pruner."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import compose
+from conftest import cli_env, compose, run_cli
 from dpm.report import report_runs
 from dpm.run import run
 from helpers import one_thread  # noqa: F401  (autouse fixture)
@@ -62,21 +60,8 @@ def test_every_base_records_whether_it_met_its_target(tmp_path):
 
 
 def cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "DPM_OUTPUT_ROOT": str(tmp_path / "out"),
-        "DPM_CACHE_DIR": str(tmp_path / "cache"),
-        "WANDB_MODE": "disabled",
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "dpm", *args, "trainer.progress=false"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    """`python -m dpm` on one thread with this test's outputs and cache, W&B off."""
+    return run_cli([*args, "trainer.progress=false"], env=cli_env(tmp_path), timeout=600)
 
 
 @pytest.mark.slow
