@@ -1,37 +1,50 @@
-"""Fault injection for tests: kill the process for real at a named point, or poison a step.
+"""Fault points: the named places where a test may kill the process or poison a step.
 
-`DPM_FAULT_AT=<point>` (e.g. `pretrain:epoch2`, right after that epoch's checkpoint is written)
-makes the process SIGKILL itself there, so tests can prove that a killed run resumes exactly.
-`DPM_FAULT_AT=<phase>:kill_step<k>` kills at step k of a phase (mid-epoch, e.g. mid-decay) and
-`DPM_FAULT_AT=<phase>:nan_step<k>` makes step k's loss NaN (see `fault_step`). Other points:
-`rounds:before_removal`, `run:before_metrics`, `report:after_first_file`.
+The code only *marks* the points; nothing happens at them unless a test installed a hook with
+:func:`install`. No real run reads anything here: the environment variables that drive the
+fault-injection tests (`DPM_FAULT_AT`, `DPM_FAULT_SLEEP_S`) are read by the test hook alone
+(tests/fault_hook/, which the test suite puts on PYTHONPATH so subprocesses install it too).
+
+Points: `<phase>:epoch<k>` (right after that epoch's checkpoint), `rounds:before_removal`,
+`run:before_metrics`, `report:after_first_file`; and every training step of every phase, where the
+hook sees the loss before `backward` (a kill mid-epoch, e.g. mid-decay, or a loss made NaN).
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import time
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:  # annotations only: this module stays importable without torch
+    import torch
 
 
-def fault_point(point: str) -> None:
-    """SIGKILL this process if DPM_FAULT_AT names `point`."""
-    if os.environ.get("DPM_FAULT_AT") == point:
-        os.kill(os.getpid(), signal.SIGKILL)
-    fault_sleep(point)
+class FaultHook(Protocol):
+    """What a test installs. Both methods return normally to let the run go on."""
+
+    def point(self, name: str) -> None:
+        """Called at every named point."""
+
+    def step(self, phase: str, step: int, loss: torch.Tensor) -> torch.Tensor:
+        """Called at every training step (`step` counts from the phase's start) with the loss
+        before `backward`; returns the loss the step goes on with."""
 
 
-def fault_step(prefix: str) -> int | None:
-    """The step k if DPM_FAULT_AT is `<prefix><k>` (read once per phase, not per step)."""
-    value = os.environ.get("DPM_FAULT_AT", "")
-    if value.startswith(prefix) and value[len(prefix) :].isdigit():
-        return int(value[len(prefix) :])
-    return None
+_hook: FaultHook | None = None
 
 
-def fault_sleep(point: str) -> None:
-    """Sleep `DPM_FAULT_SLEEP_S` seconds at every per-epoch point (`<phase>:epoch<k>`, right after
-    the epoch's checkpoint), so that a SLURM test can pre-empt a job between two known epochs."""
-    seconds = os.environ.get("DPM_FAULT_SLEEP_S")
-    if seconds and ":epoch" in point:
-        time.sleep(float(seconds))
+def install(hook: FaultHook | None) -> FaultHook | None:
+    """Install `hook` (None removes it); returns the one it replaces."""
+    global _hook
+    previous, _hook = _hook, hook
+    return previous
+
+
+def installed() -> FaultHook | None:
+    """The installed hook, or None (every real run)."""
+    return _hook
+
+
+def fault_point(name: str) -> None:
+    """Mark the point `name`: the installed hook, if any, sees it."""
+    if _hook is not None:
+        _hook.point(name)

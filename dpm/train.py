@@ -21,9 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dpm import distributed
+from dpm import distributed, faults
 from dpm.errors import UserError
-from dpm.faults import fault_point, fault_step
 from dpm.phase import CheckpointPolicy, EpochMeter, NanPolicy, PhaseState
 
 log = logging.getLogger(__name__)
@@ -261,8 +260,7 @@ def train_phase(
     """
     mixup = float(getattr(phase_cfg, "mixup", 0.0) or 0.0)
     nan = NanPolicy(on_nan, phase, phase_cfg, device)
-    nan_fault_step = fault_step(f"{phase}:nan_step")
-    kill_fault_step = fault_step(f"{phase}:kill_step")
+    fault_hook = faults.installed()  # None in every real run: only the fault-injection tests install one
     hooks = list(hooks)
     # Per-step logging reads the loss (a host sync) only on logged steps; 0 turns it off.
     log_every = int(getattr(log_metrics, "log_every", 0) or 0) if log_metrics is not None else 0
@@ -301,10 +299,8 @@ def train_phase(
                 if mixup > 0:
                     loss = lam * loss + (1 - lam) * F.cross_entropy(out.float(), y_mix)
             phase_step = (epoch * steps_per_epoch if steps_per_epoch is not None else 0) + step
-            if kill_fault_step == phase_step:
-                fault_point(f"{phase}:kill_step{phase_step}")  # tests: a kill mid-epoch (e.g. mid-decay)
-            if nan_fault_step is not None and phase_step == nan_fault_step:
-                loss = loss * float("nan")  # fault injection (tests): a loss that went bad
+            if fault_hook is not None:
+                loss = fault_hook.step(phase, phase_step, loss)  # tests: a kill mid-epoch, a loss gone bad
             optimizer.zero_grad(set_to_none=True)
             if nan.skip_step(loss, step, phase_step, epoch):
                 state.skipped_steps += 1
@@ -365,7 +361,7 @@ def train_phase(
             log_metrics(epoch_record)
         if checkpoint_path is not None and main:
             ckpt.save(phase, model, hooks, state, bf16, epoch + 1)
-            fault_point(f"{phase}:epoch{epoch + 1}")
+            faults.fault_point(f"{phase}:epoch{epoch + 1}")
         if checkpoint_path is not None:
             distributed.barrier()  # no rank runs ahead of the checkpoint rank 0 is writing
             ckpt.saved()

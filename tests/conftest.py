@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import dpm.faults
 from dpm.config import compose  # noqa: F401  (the config `python -m dpm <overrides>` would run)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,6 +17,10 @@ CONF_DIR = ROOT / "conf"
 # The real CIFAR-10 copy beside the project checkout (see README: DPM_DATA_DIR).
 SHARED_DATA = Path(os.environ.get("DPM_DATA_DIR", ROOT.parent / "shared" / "data"))
 CIFAR10 = SHARED_DATA / "cifar10"
+# The fault-injection hook (dpm.faults): on PYTHONPATH for every process a test starts (its
+# sitecustomize installs the hook when DPM_FAULT_* is set), on sys.path for in-process tests.
+FAULT_HOOK = ROOT / "tests" / "fault_hook"
+sys.path.insert(0, str(FAULT_HOOK))
 
 
 def require_cifar10() -> Path:
@@ -44,7 +49,9 @@ def isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("DPM_FAULT_AT", raising=False)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(FAULT_HOOK), os.environ.get("PYTHONPATH")])))
     yield
+    dpm.faults.install(None)  # a hook a test installed in this process ends with the test
 
 
 def cli_env(tmp_path: Path) -> dict:

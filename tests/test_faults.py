@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dpm_env_faults import EnvFaults
 
+import dpm.faults
 from conftest import compose, run_cli
 from dpm.checkpoint import atomic_torch_save, load_checkpoint, previous_path
 from dpm.errors import UserError
@@ -326,7 +328,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 
 
 def test_on_nan_skip_step_skips_and_counts(tmp_path):
-    os.environ["DPM_FAULT_AT"] = "pretrain:nan_step10"  # isolated_env removes it afterwards
+    dpm.faults.install(EnvFaults("pretrain:nan_step10"))  # isolated_env removes it afterwards
     metrics = run(
         compose(
             ["experiment=smoke", "trainer.on_nan=skip_step", "trainer.pretrain.epochs=3", "dataset.synthetic_train=512"]

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import dpm.faults
 from conftest import compose
 from dpm.checkpoint import load_checkpoint
 from dpm.pruners.gate_decorator import GateDecorator
@@ -477,23 +478,30 @@ class Killed(BaseException):
     """Stands in for SIGKILL right after a checkpoint (in-process: a CLI run per kill costs ~20 s here)."""
 
 
-@pytest.mark.parametrize("point", ["tick2:epoch1", "finetune:epoch1"])
-@pytest.mark.slow
-def test_killed_run_resumes_to_the_same_metrics(tmp_path, monkeypatch, caplog, point):
-    """Killed after tick 2's checkpoint (its selection not yet made, +SR decays in flight) or after
-    the melted model's fine-tune epoch, the rerun continues to what an uninterrupted run gives."""
-    import dpm.train
+class RaiseAt:
+    """A fault hook (dpm.faults) that raises Killed at one point."""
 
-    ref = run(smoke("dpm=sr"), tmp_path / "ref")
+    def __init__(self, at: str) -> None:
+        self.at = at
 
-    def fault(name: str) -> None:
-        if name == point:
+    def point(self, name: str) -> None:
+        if name == self.at:
             raise Killed(name)
 
-    monkeypatch.setattr(dpm.train, "fault_point", fault)
+    def step(self, phase: str, step: int, loss):
+        return loss
+
+
+@pytest.mark.parametrize("point", ["tick2:epoch1", "finetune:epoch1"])
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_metrics(tmp_path, caplog, point):
+    """Killed after tick 2's checkpoint (its selection not yet made, +SR decays in flight) or after
+    the melted model's fine-tune epoch, the rerun continues to what an uninterrupted run gives."""
+    ref = run(smoke("dpm=sr"), tmp_path / "ref")
+    dpm.faults.install(RaiseAt(point))
     with pytest.raises(Killed):
         run(smoke("dpm=sr"), tmp_path / "run")
-    monkeypatch.undo()
+    dpm.faults.install(None)
     caplog.clear()
     with caplog.at_level("INFO"):
         resumed = run(smoke("dpm=sr"), tmp_path / "run")
