@@ -132,7 +132,7 @@ class GateDecorator:
             interval=decay_interval,
             schedule=schedule,
             rectify=rectify,
-            replacement=self._replacement,
+            replacement=self.replacement,
             track=track,
         )
         self.controller.register(self.targets.values())  # every unit: the C_len families
@@ -395,7 +395,11 @@ class GateDecorator:
         )
         return record
 
-    def _replacement(self, released: list[Target], excluded: frozenset) -> list[Target]:
+    def candidates(self) -> dict[Hashable, Target]:
+        """Every channel unit, as the controller's target (registered at construction)."""
+        return self.targets
+
+    def replacement(self, released: list[Target], excluded: frozenset) -> list[Target]:
         """budget=strict: the next-lowest units by the last tick's scores, one per released unit."""
         scores = self.last_scores or [0.0] * len(self.units)
         gone = excluded | {t.key for t in released}

@@ -409,6 +409,14 @@ class DHSPG(torch.optim.Optimizer):
             if deficit > 0:
                 self.promote([None] * deficit, excluded={rec["key"] for rec in releases})
 
+    def candidates(self) -> dict[Hashable, Target]:
+        """Every group of every ZIG, as the controller's target (the stage registers them all)."""
+        return {t.key: t for z in self.zigs for t in z.targets}
+
+    def replacement(self, released: Sequence[Target], excluded: frozenset) -> list[Target]:
+        """The controller's ``budget=strict`` callback: :meth:`promote`."""
+        return self.promote(released, excluded)
+
     def promote(self, released: Sequence[Target], excluded: Iterable[Hashable] = ()) -> list[Target]:
         """Per released group, the best-scoring G_np group joins G_p (``budget=strict``; with
         ``budget=base`` only as many as the target needs).

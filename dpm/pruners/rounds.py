@@ -11,13 +11,15 @@ reset. N = 1 removes at the start of the round: Torch-Pruning's one-shot recipe 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Hashable
 
 import torch
 
 from dpm import distributed
 from dpm.core import DecayController, RectifyConfig
+from dpm.core.targets import Target
 from dpm.faults import fault_point
+from dpm.pruners.protocol import RoundPruner
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +29,8 @@ class PruningRounds:
 
     Args:
         model: the live model (pruned in place).
-        pruner: a round-based base pruner (`targets`, `select`, `remove`, `importance`,
-            `native_macs_params`, `base_native`, `state_dict`, `load_state_dict`).
+        pruner: the selection-and-removal algorithm (:class:`~dpm.pruners.protocol.RoundPruner`:
+            DepGraphPruner).
         speedup: the MACs speed-up target in the pruner's native units, relative to the model the
             pruner was built on.
         rounds: R; round r (1-based) selects up to speedup ** (r / R).
@@ -49,7 +51,7 @@ class PruningRounds:
     def __init__(
         self,
         model: torch.nn.Module,
-        pruner: Any,
+        pruner: RoundPruner,
         *,
         speedup: float,
         rounds: int,
@@ -75,7 +77,7 @@ class PruningRounds:
             schedule=schedule,
             rectify=rectify,
             include_consumers=include_consumers,
-            replacement=self._replacement,
+            replacement=self.replacement,
             track=track,
         )
         self.iteration = 0  # optimizer iterations seen in this phase
@@ -125,7 +127,7 @@ class PruningRounds:
         share = min(self.rounds_done, self.rounds) / self.rounds
         target = self.speedup**share
         # Register every channel (the C_len families), then admit the selection.
-        candidates = self.pruner.targets(self.include_consumers)
+        candidates = self.candidates()
         self.controller.register(
             t for k, t in candidates.items() if self.controller.status(k) not in ("decaying", "pruned")
         )
@@ -200,9 +202,13 @@ class PruningRounds:
             )
         self.removals.append(record)
 
-    def _replacement(self, released: list, excluded: frozenset) -> list:
+    def candidates(self) -> dict[Hashable, Target]:
+        """Every channel (group) of the live model, with its consumer slices under include_consumers."""
+        return self.pruner.targets(self.include_consumers)
+
+    def replacement(self, released: list[Target], excluded: frozenset) -> list[Target]:
         """budget=strict: for each released channel, the next-least-important candidate."""
-        candidates = self.pruner.targets(self.include_consumers)
+        candidates = self.candidates()
         free = [k for k in candidates if k not in excluded and k not in {t.key for t in released}]
         scores = self.pruner.importance(free)
         chosen = sorted(free, key=scores.__getitem__)[: len(released)]

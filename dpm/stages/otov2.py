@@ -121,7 +121,7 @@ def run_stage(ctx: RunContext) -> dict:
         schedule=d.schedule,
         rectify=rectify,
         include_consumers=d.include_consumers,
-        replacement=lambda released, excluded: holder["opt"].promote(released, excluded),
+        replacement=lambda released, excluded: holder["opt"].replacement(released, excluded),
         track=d.track,
     )
     # Every group is a family member from the start (C_len compares with the whole ZIG).
