@@ -341,3 +341,17 @@ def test_forget_and_bind_after_physical_removal():
     ctl.bind(smaller)
     ctl.admit(conv1_targets(smaller)[:1])
     assert ctl.pruned == {("conv1", 0)}
+
+
+def test_a_refused_bind_changes_nothing():
+    net = tiny_net()
+    ctl = DecayController(net, N=3)
+    conv2 = channel_targets("conv2", [(net[3].weight, 0), (net[3].bias, 0)])
+    ctl.register(conv2)  # known before the decaying target: the first a partial bind would drop
+    ctl.admit(conv1_targets(net)[:1])
+    before = ctl.state_dict()
+    with pytest.raises(ValueError, match="forget"):
+        ctl.bind(copy.deepcopy(net))
+    # Registered targets on the refused set are kept, and the parameters keep their names.
+    assert ctl.state_dict()["targets"] == before["targets"]
+    assert ctl.status(conv2[0].key) == "registered"

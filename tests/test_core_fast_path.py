@@ -52,7 +52,7 @@ def test_grouped_row_sums_equal_the_per_tensor_path_bit_for_bit(channels_last, m
         return net, ctl
 
     (n0, c0), (n1, c1) = run(False), run(True)
-    assert c1._D_plan._rows, "the grouped path did not run"
+    assert c1._decays.plan._rows, "the grouped path did not run"
     assert c0.counts() == c1.counts() and c0.pruned and (c0.released or channels_last)
     assert c0.pruned == c1.pruned and c0.released == c1.released
     if channels_last:

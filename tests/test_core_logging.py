@@ -33,7 +33,7 @@ def test_counts_history_and_percentiles():
         if step < 3:
             assert (rec["decaying"], rec["pruned"]) == (5, 0)
             # C_rate (radial) by hand for the 5 decaying rows, summarised by the same percentiles.
-            L0 = torch.tensor([ctl._decay[i][0] for i in range(5)], dtype=torch.float64)
+            L0 = torch.tensor([ctl._registry.decay[i][0] for i in range(5)], dtype=torch.float64)
             xs, gs = x[:5].double(), w.grad[:5].double()
             rate = -(0.1 * (gs * xs).sum(1)) / xs.norm(dim=1) / (L0 / 5)
             gn = w.grad.double().norm(dim=1)

@@ -129,7 +129,7 @@ def test_release_driven_by_hand_built_gradient_and_cooldown(opt_name):
 
 
 def L0_of(ctl, row):
-    return ctl._decay[("w", row)][0]
+    return ctl._registry.decay[("w", row)][0]
 
 
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))

@@ -122,9 +122,9 @@ def test_stacked_path_matches_per_tensor_path(monkeypatch):
     """The accelerator path (same-shaped tensors stacked) computes what the CPU path computes."""
     net0, ctl0 = run_mlp(False, monkeypatch)
     net1, ctl1 = run_mlp(True, monkeypatch)
-    plan = ctl1._D_plan
+    plan = ctl1._decays.plan
     assert any(end - start > 1 for start, end, _, _ in plan.groups), "nothing was stacked"
-    assert all(end - start == 1 for start, end, _, _ in ctl0._D_plan.groups)
+    assert all(end - start == 1 for start, end, _, _ in ctl0._decays.plan.groups)
     assert (ctl0.pruned, ctl0.released) == (ctl1.pruned, ctl1.released)
     assert ctl0.pruned and ctl0.released  # both decay outcomes exercised
     for (name, a), b in zip(net0.state_dict().items(), net1.state_dict().values()):
