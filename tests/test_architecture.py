@@ -74,6 +74,11 @@ RULES = [
         ("dpm.run", "dpm.cli", "dpm.stages", "dpm.report", "dpm.quickstart"),
         "algorithms know nothing of the runner, the command line, the stages or the report",
     ),
+    (
+        "dpm.torch_pruning",
+        ("dpm.run", "dpm.cli", "dpm.stages", "dpm.report", "dpm.quickstart", "dpm.pruners", "dpm.train"),
+        "the Torch-Pruning wrapper is a practitioner's library: dpm.core on Torch-Pruning, below the suite",
+    ),
     ("dpm.models", ("dpm.pruners",), "models are built without pruners"),
     ("dpm.data", ("dpm.pruners",), "data is loaded without pruners"),
     ("dpm.train", ("dpm.run",), "the training loop is below the runner"),

@@ -42,3 +42,17 @@ def test_throughput_benchmark_smoke_writes_json_and_markdown(tmp_path):
     md = (tmp_path / "throughput_cpu_smoke.md").read_text()
     assert "| resnet56 |" in md and "| vgg16 |" in md and "DPM controller overhead" in md and "End to end" in md
     assert result["models"][0]["model"] == "resnet56"
+
+
+def test_torch_pruning_overhead_benchmark_runs_and_writes_json(tmp_path):
+    path = ROOT / "experiments" / "benchmarks" / "torch_pruning_overhead.py"
+    spec = importlib.util.spec_from_file_location("torch_pruning_overhead", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "tp.json"
+    bench.main(["--batch", "4", "--repeats", "2", "--warmup", "0", "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert [c["self_rectifying"] for c in written["cases"]] == [False, True]
+    for c in written["cases"]:
+        assert c["channels_decaying"] > 0 and c["plain_step_s_median"] > 0
+        assert c["overhead_s"] == c["smooth_optimizer_step_s_median"] - c["optimizer_step_s_median"]

@@ -23,11 +23,10 @@ from typing import Any, Collection, Hashable, Iterable
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch_pruning.pruner import function as tpf
 
-from dpm.core import Slice, Target
+from dpm.core import Target
 from dpm.measure import torch_pruning_macs_params
-from dpm.models import keep_memory_format
+from dpm.torch_pruning import group_slices, prune_groups
 
 __all__ = ["DepGraphPruner"]
 
@@ -37,12 +36,6 @@ Key = tuple[str, int]
 # found from one of these, so targets() and select() see the same groups.
 _ROOT_TYPES = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, tp.ops.TORCH_LSTM)
 _STATE_VERSION = 1
-
-
-def _is_depthwise(m: nn.Module) -> bool:
-    # Torch-Pruning's own test (DependencyGraph.get_pruning_group): such a conv's channel is one
-    # filter of its own, removed with the channel it reads, so it is a producer row.
-    return isinstance(m, tp.ops.TORCH_CONV) and m.groups == m.out_channels and m.out_channels > 1
 
 
 class _Modes:
@@ -223,58 +216,11 @@ class DepGraphPruner:
         out: dict[Hashable, Target] = {}
         for name, group in self._groups(self.DG, self.model):
             ids = self._ids[name]
-            per_channel: list[list[Slice]] = [[] for _ in ids]
-            for j, (dep, idxs) in enumerate(group):
-                for param, dim, consumer in self._sliced_params(dep):
-                    if consumer and not include_consumers:
-                        continue
-                    by_channel: dict[int, list[int]] = defaultdict(list)
-                    for i, r in zip(idxs, group[j].root_idxs):
-                        if r is not None:
-                            by_channel[int(r)].append(int(i))
-                    for c, rows in by_channel.items():
-                        per_channel[c].append(Slice(param, dim, tuple(rows), consumer=consumer))
-            for c, slices in enumerate(per_channel):
+            per_channel = group_slices(group, include_consumers)
+            for c in range(len(ids)):
                 key = (name, ids[c])
-                out[key] = Target(key, name, tuple(slices))
+                out[key] = Target(key, name, tuple(per_channel.get(c, ())))
         return out
-
-    @staticmethod
-    def _sliced_params(dep: Any) -> list[tuple[torch.Tensor, int, bool]]:
-        """``(param, dim, consumer)`` for each parameter the dependency's handler slices."""
-        m, fn = dep.target.module, dep.handler
-        if not isinstance(m, nn.Module):
-            if isinstance(m, nn.Parameter):
-                raise NotImplementedError("unwrapped nn.Parameter in a dependency group is not supported")
-            return []  # Torch-Pruning's dummy nodes (add, reshape, ...) own no parameters
-        params = [(name, p) for name, p in m.named_parameters(recurse=False)]
-        if not params:
-            return []
-        if isinstance(m, tp.ops.TORCH_CONV):
-            transposed = bool(getattr(m, "transposed", False))
-            if _is_depthwise(m):
-                return [(m.weight, 0, False)] + ([(m.bias, 0, False)] if m.bias is not None else [])
-            if fn == tpf.prune_conv_out_channels:
-                return [(m.weight, 1 if transposed else 0, False)] + (
-                    [(m.bias, 0, False)] if m.bias is not None else []
-                )
-            if fn == tpf.prune_conv_in_channels:
-                if m.groups > 1:
-                    raise NotImplementedError(f"grouped (non-depthwise) convolution {m} is not supported")
-                return [(m.weight, 0 if transposed else 1, True)]
-        elif isinstance(m, nn.Linear):
-            if fn == tpf.prune_linear_out_channels:
-                return [(m.weight, 0, False)] + ([(m.bias, 0, False)] if m.bias is not None else [])
-            if fn == tpf.prune_linear_in_channels:
-                return [(m.weight, 1, True)]
-        elif isinstance(m, (tp.ops.TORCH_BATCHNORM, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.PReLU)):
-            # Per-channel affine parameters: BN must be in x, or train-mode BN renormalises away
-            # any scaling of the conv rows (docs/method.md section 2).
-            return [(p, 0, False) for _, p in params if p.dim() == 1 and p.numel() > 1]
-        raise NotImplementedError(
-            f"DepGraphPruner cannot describe {type(m).__name__} pruned by {getattr(fn, '__name__', fn)} as "
-            "producer/consumer slices"
-        )
 
     # ------------------------------------------------------------------ selection
     def select(self, speedup: float, excluded: Collection[Hashable] = ()) -> list[Hashable]:
@@ -368,11 +314,6 @@ class DepGraphPruner:
         positions = self._key_positions(keys)
         if not positions:
             return
-        names = {m: n for n, m in self.model.named_modules()}
-        old_params = dict(self.model.named_parameters())
-        shadows = self._optimizer_shadows(optimizer, old_params) if optimizer is not None else {}
-        shadow_modules = {k: dict(s.named_modules()) for k, (s, _) in shadows.items()}
-
         groups = []
         for name in sorted(positions):
             anchor = self.model.get_submodule(name)
@@ -381,76 +322,17 @@ class DepGraphPruner:
             )
             if not self.DG.check_pruning_group(group):
                 raise ValueError(f"removing {len(positions[name])} channels would leave group {name!r} empty")
-            groups.append((name, group))
+            groups.append(group)
+        prune_groups(self.model, groups, optimizer)
         removed: list[Key] = []
-        with keep_memory_format(self.model):
-            for name, group in groups:
-                for dep, idxs in group:
-                    m = dep.target.module
-                    if not isinstance(m, nn.Module) or m not in names or not list(m.parameters(recurse=False)):
-                        continue
-                    for modules in shadow_modules.values():
-                        # Exactly what Dependency.__call__ does, on the shadow's copy of the layer.
-                        dep.handler.__self__.pruning_dim = dep.target.pruning_dim
-                        dep.handler(modules[names[m]], list(idxs))
-                group.prune()
-                removed.extend((name, self._ids[name][p]) for p in positions[name])
-                for p in reversed(positions[name]):
-                    del self._ids[name][p]
-
-        if optimizer is not None:
-            self._rebind_optimizer(optimizer, old_params, shadows)
+        for name in sorted(positions):
+            removed.extend((name, self._ids[name][p]) for p in positions[name])
+            for p in reversed(positions[name]):
+                del self._ids[name][p]
         self.DG = self._build_graph(self.model)
         self._history.append(removed)
         self._regularizer = None  # its groups and importance refer to the old shapes
         self._native = None
-
-    def _optimizer_shadows(
-        self, optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter]
-    ) -> dict[str, tuple[nn.Module, set[str]]]:
-        """Per state name (``momentum_buffer``, ``exp_avg``, ...), a copy of the model whose
-        parameters hold that state tensor, and the names of the parameters that have it.
-
-        Only parameter-shaped tensors are shadowed. ``deepcopy``'s memo swaps each parameter for
-        its state tensor (or a view of the weight where there is none), so no weight is copied and
-        the handlers that slice the model slice the state identically.
-        """
-        per_state: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-        for name, p in params.items():
-            for k, v in optimizer.state.get(p, {}).items():
-                if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape == p.shape:
-                    per_state[k][name] = v
-        shadows: dict[str, tuple[nn.Module, set[str]]] = {}
-        for k, tensors in per_state.items():
-            memo: dict[int, Any] = {}
-            for name, p in params.items():
-                memo[id(p)] = nn.Parameter(tensors.get(name, p).detach(), requires_grad=False)
-            shadows[k] = (copy.deepcopy(self.model, memo), set(tensors))
-        return shadows
-
-    def _rebind_optimizer(
-        self,
-        optimizer: torch.optim.Optimizer,
-        old_params: dict[str, nn.Parameter],
-        shadows: dict[str, tuple[nn.Module, set[str]]],
-    ) -> None:
-        """Point ``optimizer`` at the pruned parameters and give them their sliced state."""
-        new_params = dict(self.model.named_parameters())
-        name_of = {id(p): n for n, p in old_params.items()}
-        sliced = {k: dict(s.named_parameters()) for k, (s, _) in shadows.items()}
-        for group in optimizer.param_groups:
-            group["params"] = [new_params[name_of[id(p)]] if id(p) in name_of else p for p in group["params"]]
-        new_state: dict[torch.Tensor, Any] = {}
-        for p, state in optimizer.state.items():
-            name = name_of.get(id(p))
-            if name is None or new_params[name] is p:  # not the model's, or not pruned
-                new_state[p] = state
-                continue
-            new_state[new_params[name]] = {
-                k: sliced[k][name].detach() if k in shadows and name in shadows[k][1] else v for k, v in state.items()
-            }
-        optimizer.state.clear()
-        optimizer.state.update(new_state)
 
     # ------------------------------------------------------------------ sparse learning, counts, state
     def regularize(self, model: nn.Module) -> None:
