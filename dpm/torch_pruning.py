@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from typing import Any, Hashable, Iterable
+from typing import Any, Callable, Hashable, Iterable
 
 import torch
 import torch_pruning as tp
@@ -196,6 +196,8 @@ class SmoothPruner:
         rectify: a :class:`dpm.core.RectifyConfig` to turn Self-Rectifying on (``budget="strict"``
             replaces each released channel by the next-least-important one of its group).
         interval, schedule, include_consumers, track: as in :class:`dpm.core.DecayController`.
+        on_remove: called after every physical removal, for what a Torch-Pruning loop does after
+            ``pruner.step()`` (e.g. a ViT's ``attn.num_heads = pruner.num_heads[attn.qkv]``).
 
     ``step()`` may be called once the previous selection is gone (:attr:`done`), as Torch-Pruning
     computes each step's selection on the model as the previous step left it.
@@ -212,6 +214,7 @@ class SmoothPruner:
         schedule: str = "linear",
         include_consumers: bool = False,
         track: int | None = 8,
+        on_remove: Callable[[], None] | None = None,
     ) -> None:
         if not isinstance(pruner, tp.pruner.BasePruner):
             raise TypeError(
@@ -222,6 +225,7 @@ class SmoothPruner:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.pruner, self.model, self.DG = pruner, pruner.model, pruner.DG
         self.optimizer = optimizer
+        self.on_remove = on_remove
         self.include_consumers = bool(include_consumers)
         strict = rectify is not None and rectify.budget == "strict"
         self.controller = DecayController(
@@ -235,6 +239,7 @@ class SmoothPruner:
             replacement=self.replacement if strict else None,
             track=track,
         )
+        self._roots: dict[str, tuple[Any, Any]] = {}  # root name -> (its layer, the pruning function)
         self._ids: dict[str, list[int]] = {}  # root name -> original index of each current channel
         self._batch: list[str] = []  # roots of the selection awaiting removal, in selection order
         self._checked: tuple[int, ...] | None = None
@@ -264,7 +269,7 @@ class SmoothPruner:
         for group in list(self.pruner.step(interactive=True)):
             root, fn = group[0].dep.target.module, group[0].dep.handler
             name = self._root_name(root, fn)
-            ids = self._ids_of(name, root, fn)
+            ids = self._ids[name]
             positions = sorted(int(i) for i in group[0].idxs)
             keep = [p for p in positions if (name, ids[p]) not in excluded]
             if not keep:
@@ -292,27 +297,29 @@ class SmoothPruner:
 
     # ------------------------------------------------------------------ channels
     def _root_name(self, root: Any, fn: Any) -> str:
-        if not self.DG.is_out_channel_pruning_fn(fn):
-            raise NotImplementedError(
-                f"Torch-Pruning ranked a group from the input channels of {type(root).__name__}: "
-                "SmoothPruner supports groups rooted at output channels"
-            )
-        return self.DG._module2name[root]
+        """The name of a group's root: its layer's name, ``:in`` appended where Torch-Pruning ranks
+        the group from the layer's input channels (attention groups, rooted at the projection).
+        Its channel ids start on first sight, before any of its channels is removed (only
+        SmoothPruner removes)."""
+        out = self.DG.is_out_channel_pruning_fn(fn)
+        name = self.DG._module2name[root] + ("" if out else ":in")
+        if name not in self._roots:
+            self._roots[name] = (root, fn)
+            width = self.DG.get_out_channels(root) if out else self.DG.get_in_channels(root)
+            self._ids[name] = list(range(width))
+        return name
 
-    def _ids_of(self, name: str, root: Any, fn: Any) -> list[int]:
-        # A root is first seen before any of its channels is removed (only SmoothPruner removes).
-        if name not in self._ids:
-            self._ids[name] = list(range(self.DG.get_out_channels(root)))
-        return self._ids[name]
+    def _group(self, name: str, positions: list[int]) -> Any:
+        """The Torch-Pruning group of root ``name`` at its current channel ``positions``."""
+        root, fn = self._roots[name]
+        return self.DG.get_pruning_group(root, fn, positions)
 
     def candidates(self, root_name: str | None = None) -> dict[Hashable, Target]:
         """Every channel of the groups selected so far (or of ``root_name``'s), by key."""
         out: dict[Hashable, Target] = {}
         for name in [root_name] if root_name is not None else list(self._ids):
-            root = self.DG.model.get_submodule(name)
-            fn = self.DG.get_pruner_of_module(root).prune_out_channels
-            ids = self._ids_of(name, root, fn)
-            slices = group_slices(self.DG.get_pruning_group(root, fn, list(range(len(ids)))), self.include_consumers)
+            ids = self._ids[name]
+            slices = group_slices(self._group(name, list(range(len(ids)))), self.include_consumers)
             out.update(((name, ids[c]), Target((name, ids[c]), name, tuple(s))) for c, s in slices.items())
         return out
 
@@ -323,10 +330,8 @@ class SmoothPruner:
         taken = set(excluded) | {t.key for t in released}
         for t in released:
             name = t.family
-            root = self.DG.model.get_submodule(name)
-            fn = self.DG.get_pruner_of_module(root).prune_out_channels
             ids = self._ids[name]
-            imp = self.pruner.estimate_importance(self.DG.get_pruning_group(root, fn, list(range(len(ids)))))
+            imp = self.pruner.estimate_importance(self._group(name, list(range(len(ids)))))
             if imp is None or len(imp) != len(ids):
                 continue  # no per-channel score for this group (e.g. channel groups): no substitute
             free = [c for c in torch.argsort(imp.detach().cpu(), stable=True).tolist() if (name, ids[c]) not in taken]
@@ -350,8 +355,7 @@ class SmoothPruner:
         def groups() -> Iterable[Any]:
             # Each group derived after the previous one is pruned, as pruner.step() does.
             for name, positions in plan:
-                root = self.DG.model.get_submodule(name)
-                yield self.DG.get_pruning_group(root, self.DG.get_pruner_of_module(root).prune_out_channels, positions)
+                yield self._group(name, positions)
 
         prune_groups(self.model, groups(), self.optimizer)
         for name, positions in plan:
@@ -361,6 +365,8 @@ class SmoothPruner:
         self.controller.bind(self.model)
         self._batch = []
         self._checked = None
+        if self.on_remove is not None:
+            self.on_remove()
 
     def _check_optimizer(self) -> None:
         # Checked again whenever the optimizer object or the model's parameters change (a removal).
@@ -393,6 +399,11 @@ class SmoothPruner:
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"SmoothPruner state version {state.get('version')!r}, expected {_STATE_VERSION}")
         self._ids = {k: list(v) for k, v in state["ids"].items()}
+        self._roots = {}
+        for name in self._ids:
+            layer = self.DG.model.get_submodule(name.removesuffix(":in"))
+            fns = self.DG.get_pruner_of_module(layer)
+            self._roots[name] = (layer, fns.prune_in_channels if name.endswith(":in") else fns.prune_out_channels)
         self._batch = list(state["batch"])
         self.pruner.current_step = int(state["current_step"])
         self.controller.bind(self.model)

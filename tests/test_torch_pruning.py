@@ -221,3 +221,113 @@ def test_bad_input_is_one_clear_line():
     smooth.step()
     with pytest.raises(RuntimeError, match="still decaying: call step\\(\\) once smooth.done"):
         smooth.step()
+
+
+# ------------------------------------------------------------------------------------ a small ViT
+class Attention(nn.Module):
+    """timm's attention: one qkv Linear, heads split by reshape (Torch-Pruning prunes heads through num_heads)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.qkv, self.proj = nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        a = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+        return self.proj((a.softmax(-1) @ v).transpose(1, 2).reshape(B, N, -1))
+
+
+class ViT(nn.Module):
+    def __init__(self, dim: int = 32, heads: int = 4, depth: int = 2) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 8, 8)
+        self.pos = nn.Parameter(torch.randn(1, 16, dim) * 0.02)
+        self.blocks = nn.ModuleList()
+        for _ in range(depth):
+            b = nn.Module()
+            b.norm1, b.attn, b.norm2 = nn.LayerNorm(dim), Attention(dim, heads), nn.LayerNorm(dim)
+            b.fc1, b.fc2 = nn.Linear(dim, dim * 2), nn.Linear(dim * 2, dim)
+            self.blocks.append(b)
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        for b in self.blocks:
+            x = x + b.attn(b.norm1(x))
+            x = x + b.fc2(F.gelu(b.fc1(b.norm2(x))))
+        return self.head(self.norm(x).mean(1))
+
+
+def vit_pruner(model: ViT):
+    """Torch-Pruning's ViT recipe: half the heads and half the MLP width, the embedding kept."""
+    return tp.pruner.MagnitudePruner(
+        model,
+        X[:1],
+        importance=tp.importance.GroupMagnitudeImportance(p=2),
+        pruning_ratio=0.5,
+        ignored_layers=[model.head, model.patch],
+        num_heads={b.attn.qkv: b.attn.num_heads for b in model.blocks},
+        prune_num_heads=True,
+        prune_head_dims=False,
+        head_pruning_ratio=0.5,
+        unwrapped_parameters=[(model.pos, 2)],
+        in_channel_groups={},
+        out_channel_groups={},
+        channel_groups={},
+    )
+
+
+def update_heads(model: ViT, pruner) -> None:
+    for b in model.blocks:  # what Torch-Pruning's ViT example does after pruner.step()
+        b.attn.num_heads = pruner.num_heads[b.attn.qkv]
+
+
+@pytest.mark.parametrize("N", [1, 3])
+def test_vit_attention_heads_decay_and_go_as_the_pruner_removes_them(N, monkeypatch):
+    torch.manual_seed(0)
+    model = ViT()
+    twin = copy.deepcopy(model)
+    pruner, reference = vit_pruner(model), vit_pruner(twin)
+    outputs = []
+    smooth = SmoothPruner(
+        pruner,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        N=N,
+        on_remove=lambda: (update_heads(model, pruner), outputs.append(model.eval()(X)), model.train()),
+    )
+    real = dpm.torch_pruning.prune_groups
+
+    def watched(m, groups, opt=None):
+        outputs.append(model.eval()(X))
+        model.train()
+        real(m, groups, opt)
+
+    monkeypatch.setattr(dpm.torch_pruning, "prune_groups", watched)
+    reference.step()
+    update_heads(twin, reference)
+    smooth.step()
+    train_steps(model, smooth, N - 1)
+    assert smooth.done and [b.attn.num_heads for b in model.blocks] == [2, 2]
+    if N == 1:
+        assert_same_model(model, twin)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in twin.state_dict().items()}
+    before, after = outputs
+    assert torch.allclose(before, after, atol=1e-5, rtol=0)
+    train_steps(model, smooth, 1)
+
+
+@pytest.mark.slow
+def test_released_channels_stay_out_of_the_next_selection_for_the_cooldown():
+    """+SR (budget=base, cooldown 2 selections): the channels the gradient defended are not what the
+    pruner's next step selects, though their half-decayed weights rank them low."""
+    (model, pruner), _ = pair("resnet18", "l2", True, steps=2)
+    cfg = RectifyConfig(release_cooldown=2)
+    smooth = SmoothPruner(pruner, torch.optim.SGD(model.parameters(), lr=0.01), N=4, rectify=cfg)
+    smooth.step()
+    train_steps(model, smooth, 3)
+    released = smooth.controller.released
+    assert smooth.done and released
+    second = smooth.step()
+    assert second and not released & set(second) and not smooth.controller.log.readmissions
