@@ -1,7 +1,13 @@
 """What several test files share: a one-thread fixture for tiny tensors, the optimizers every DPM
-invariant is checked under, a tiny conv/BN net, and bit-for-bit equality of float32 tensors."""
+invariant is checked under, a tiny conv/BN net, bit-for-bit equality of float32 tensors, and the
+README's examples run as code."""
 
 from __future__ import annotations
+
+import contextlib
+import io
+import pathlib
+import re
 
 import pytest
 import torch
@@ -41,3 +47,22 @@ def tiny_net(seed: int = 0) -> nn.Sequential:
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal in every bit (float32): +0.0 differs from -0.0, a NaN equals the same NaN."""
     return a.dtype == b.dtype and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def run_readme_example(name: str) -> tuple[dict, str]:
+    """Run the one python block between README's ``<!-- {name}:start -->`` and ``:end`` markers;
+    returns its namespace and what it printed."""
+    text = README.read_text()
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    assert start in text and end in text, f"README.md lost its {name} markers"
+    section = text[text.index(start) + len(start) : text.index(end)]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 1, f"expected one python block between the {name} markers, found {len(blocks)}"
+    ns: dict = {}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(blocks[0], f"README.md:{name}", "exec"), ns)
+    return ns, out.getvalue()

@@ -1,35 +1,16 @@
 """The README's dpm.core example is real code: extract it and run it."""
 
-import contextlib
-import io
-import pathlib
-import re
-
 import torch
 
 from dpm.core import DecayController, RectifyConfig
-
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-START, END = "<!-- core-example:start -->", "<!-- core-example:end -->"
-
-
-def core_example() -> str:
-    text = README.read_text()
-    assert START in text and END in text, "README.md lost its core-example markers"
-    section = text[text.index(START) + len(START) : text.index(END)]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert len(blocks) == 1, f"expected one python block between the markers, found {len(blocks)}"
-    return blocks[0]
+from helpers import run_readme_example
 
 
 def test_readme_example_runs_and_prunes():
-    ns: dict = {}
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(compile(core_example(), "README.md:core-example", "exec"), ns)
+    ns, printed = run_readme_example("core-example")
     ctl, chosen, conv, bn = ns["ctl"], ns["chosen"], ns["conv"], ns["bn"]
     assert isinstance(ctl, DecayController)
-    assert str(ctl.counts()) in out.getvalue()
+    assert str(ctl.counts()) in printed
     chosen_keys = {t.key for t in chosen}
     # Every admitted channel ended its decay: pruned (exactly zero) or released (still alive).
     assert ctl.decaying == frozenset()
