@@ -275,7 +275,7 @@ class SmoothPruner:
             if not keep:
                 continue
             if keep != positions:
-                group = self.DG.get_pruning_group(root, fn, keep)
+                group = self._group(name, keep)
                 if not self.DG.check_pruning_group(group):
                     continue
             slices = group_slices(group, self.include_consumers)
@@ -328,17 +328,26 @@ class SmoothPruner:
         by the wrapped pruner's own importance."""
         out: list[Target] = []
         taken = set(excluded) | {t.key for t in released}
+        # Per family once per call (the weights do not change within it): keys by importance, and
+        # the family's targets; several channels of one group are often released together.
+        ranked: dict[str, tuple[list[Key], dict[Hashable, Target]] | None] = {}
         for t in released:
             name = t.family
-            ids = self._ids[name]
-            imp = self.pruner.estimate_importance(self._group(name, list(range(len(ids)))))
-            if imp is None or len(imp) != len(ids):
-                continue  # no per-channel score for this group (e.g. channel groups): no substitute
-            free = [c for c in torch.argsort(imp.detach().cpu(), stable=True).tolist() if (name, ids[c]) not in taken]
-            if free:
-                key = (name, ids[free[0]])
+            if name not in ranked:
+                ids = self._ids[name]
+                imp = self.pruner.estimate_importance(self._group(name, list(range(len(ids)))))
+                if imp is None or len(imp) != len(ids):
+                    ranked[name] = None  # no per-channel score for this group (e.g. channel groups)
+                else:
+                    order = torch.argsort(imp.detach().cpu(), stable=True).tolist()
+                    ranked[name] = ([(name, ids[c]) for c in order], self.candidates(name))
+            if ranked[name] is None:
+                continue  # no substitute
+            keys, targets = ranked[name]
+            key = next((k for k in keys if k not in taken), None)
+            if key is not None:
                 taken.add(key)
-                out.append(self.candidates(name)[key])
+                out.append(targets[key])
         return out
 
     def _remove_if_done(self) -> None:

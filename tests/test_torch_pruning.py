@@ -27,8 +27,13 @@ IMPORTANCE = {
     "taylor": lambda: tp.importance.TaylorImportance(),
     "group_l2": lambda: tp.importance.GroupMagnitudeImportance(p=2, normalizer="max"),
 }
-PRUNER = {"l1": "MagnitudePruner", "l2": "MagnitudePruner", "bn_scale": "BNScalePruner", "taylor": "MagnitudePruner"}
-PRUNER["group_l2"] = "GroupNormPruner"
+PRUNER = {
+    "l1": "MagnitudePruner",
+    "l2": "MagnitudePruner",
+    "bn_scale": "BNScalePruner",
+    "taylor": "MagnitudePruner",
+    "group_l2": "GroupNormPruner",
+}
 
 
 class MLPBlock(nn.Module):

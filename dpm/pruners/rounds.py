@@ -16,8 +16,7 @@ from typing import Hashable
 import torch
 
 from dpm import distributed
-from dpm.core import DecayController, RectifyConfig
-from dpm.core.targets import Target
+from dpm.core import DecayController, RectifyConfig, Target
 from dpm.faults import fault_point
 from dpm.pruners.protocol import RoundPruner
 
