@@ -1,5 +1,6 @@
-"""The CPU controller's grouped row sums (one op per shape group instead of one per tensor), on
-NCHW and channels_last weights. DPM's invariants 1-3 on the fast path: test_core_decay.py."""
+"""The CPU controller's grouped row sums (one op per shape group instead of one per tensor), from
+concatenations or from packed parameters (dpm.core.packing), on NCHW and channels_last weights.
+DPM's invariants 1-3 on the fast path: test_core_decay.py."""
 
 import pytest
 import torch
@@ -9,11 +10,12 @@ from dpm.core import DecayController, channel_targets
 from helpers import bitwise_equal, one_thread  # noqa: F401  (one_thread is an autouse fixture)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["concatenated", "packed"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_grouped_row_sums_equal_the_per_tensor_path_bit_for_bit(channels_last, monkeypatch):
+def test_grouped_row_sums_equal_the_per_tensor_path_bit_for_bit(channels_last, packed, monkeypatch):
     """The CPU controller's grouped row sums (one op per shape group) against one op per tensor:
     the same weights, logs and releases, to the bit, over a SR run with releases and prunings
-    (channels_last: the same releases and prunings, weights to float32 rounding)."""
+    (channels_last rows are summed in memory order on both paths)."""
     from dpm.core import RectifyConfig, segments
     from dpm.models import build_model
 
@@ -24,14 +26,8 @@ def test_grouped_row_sums_equal_the_per_tensor_path_bit_for_bit(channels_last, m
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-        # channels_last sums rows in another order: borderline release decisions could flip, so
-        # there the thresholds are infinite (C_rate, C_len and the logs are still computed).
-        rectify = (
-            RectifyConfig(t_rate=float("inf"), t_len=float("inf"))
-            if channels_last
-            else RectifyConfig(t_rate=0.0, t_len=1.2)
-        )
-        ctl = DecayController(net, N=5, optimizer=opt, rectify=rectify)
+        rectify = RectifyConfig(t_rate=0.0, t_len=1.2)
+        ctl = DecayController(net, N=5, optimizer=opt, rectify=rectify, pack_rows=packed)
         targets = []
         convs = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
         bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -52,14 +48,13 @@ def test_grouped_row_sums_equal_the_per_tensor_path_bit_for_bit(channels_last, m
         return net, ctl
 
     (n0, c0), (n1, c1) = run(False), run(True)
-    assert c1._decays.plan._rows, "the grouped path did not run"
-    assert c0.counts() == c1.counts() and c0.pruned and (c0.released or channels_last)
+    if packed:
+        assert c1._decays.plan._packed and c1._decays.plan._packed[1], "the packed path did not run"
+        assert c1._families.plan._packed and c1._families.plan._packed[1], "the packed SR sums did not run"
+    else:
+        assert c1._decays.plan._rows, "the grouped path did not run"
+    assert c0.counts() == c1.counts() and c0.pruned and c0.released
     assert c0.pruned == c1.pruned and c0.released == c1.released
-    if channels_last:
-        # Rows of channels_last tensors are summed in memory order: the same elements, another order.
-        for (name, a), b in zip(n0.state_dict().items(), n1.state_dict().values()):
-            assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5), (name, (a - b).abs().max())
-        return
     assert c0.log.history == c1.log.history and c0.log.releases == c1.log.releases
     for (name, a), b in zip(n0.state_dict().items(), n1.state_dict().values()):
         assert bitwise_equal(a, b) if a.is_floating_point() else torch.equal(a, b), name

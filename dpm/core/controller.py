@@ -38,6 +38,7 @@ import torch
 from . import schedules as _schedules
 from .log import QUANTILES, DecayLog
 from .masks import PrunedMasks
+from .packing import Packing, RowPack
 from .params import ParamIndex, ParamsLike, TensorMap
 from .rectify import PreStep, RectifyConfig, grad_sq, record_pre, rectify_step, unpack_check
 from .registry import DECAYING, PRUNED, RELEASED, TargetRegistry
@@ -50,6 +51,12 @@ __all__ = ["DecayController"]
 Replacement = Callable[[list[Target], frozenset], Iterable[Target]]
 
 _STATE_VERSION = 1
+
+
+def _integer(name: str, value: Any, minimum: int, other: str = "") -> int:
+    if isinstance(value, bool) or int(value) != value or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}{other}, got {value}")
+    return int(value)
 
 
 class DecayController:
@@ -73,6 +80,8 @@ class DecayController:
             their place.
         track: number of targets (the first admitted) whose norm trajectory is logged; None logs
             every admitted target's (to see released ones: the first few are rarely among them).
+        pack_rows: on CPU, keep the targets' parameters in one buffer per row shape
+            (:mod:`dpm.core.packing`: same Parameter objects and values, no copies per step).
     """
 
     def __init__(
@@ -87,11 +96,10 @@ class DecayController:
         optimizer: torch.optim.Optimizer | None = None,
         replacement: Replacement | None = None,
         track: int | None = 8,
+        pack_rows: bool = True,
     ) -> None:
-        self.N = self._check_N(N)
-        if int(interval) != interval or interval < 1:
-            raise ValueError(f"interval must be an integer >= 1, got {interval}")
-        self.interval = int(interval)
+        self.N = _integer("N", N, 1)
+        self.interval = _integer("interval", interval, 1)
         _schedules.schedule(schedule, 0.0, 1.0)  # validates the name with a clear message
         self.schedule = schedule
         if rectify is not None and not isinstance(rectify, RectifyConfig):
@@ -101,14 +109,13 @@ class DecayController:
         self.rectify = rectify
         self.include_consumers = bool(include_consumers)
         self.replacement = replacement
-        if track is not None and (int(track) != track or track < 0):
-            raise ValueError(f"track must be an integer >= 0 or None (every target), got {track}")
-        self.track = None if track is None else int(track)
+        self.track = None if track is None else _integer("track", track, 0, " or None (every target)")
         self._optimizer = optimizer
 
         self.log = DecayLog()
         self._index = ParamIndex(params)
         self._registry = TargetRegistry(self._index, rectify.release_cooldown if rectify is not None else 1)
+        self._packing = Packing(bool(pack_rows), self._index, self._registry.row_positions)
         self._prune_at: dict[int, list[Hashable]] = {}
         self._tracked: dict[Hashable, None] = {}  # an ordered set: admission order, O(1) lookups
         self._step = 0
@@ -121,12 +128,6 @@ class DecayController:
         self._rebuild_all()
 
     # ------------------------------------------------------------------ parameters
-    @staticmethod
-    def _check_N(N: Any) -> int:
-        if isinstance(N, bool) or int(N) != N or N < 1:
-            raise ValueError(f"N must be an integer >= 1, got {N}")
-        return int(N)
-
     def bind(self, params: ParamsLike) -> None:
         """Re-point the controller at a (physically pruned) model's new parameters.
 
@@ -178,7 +179,7 @@ class DecayController:
         targets = list(targets)
         if not targets:
             return
-        N = self.N if N is None else self._check_N(N)
+        N = self.N if N is None else _integer("N", N, 1)
         reg = self._registry
         reg.check_new(targets, admitting=True)
         reg.check_overlap(targets)
@@ -276,6 +277,7 @@ class DecayController:
             functools.partial(self._index.grad, grads=grads),
             self._index.learning_rates(self._optimizer, lr) if radial else None,
             self._index.device,
+            self._packing.current(),
         )
 
     @torch.no_grad()
@@ -305,7 +307,7 @@ class DecayController:
         record: dict[str, Any] | None = None
         released_now: list[Hashable] = []
         if decaying_before > 0:
-            record, released_now = self._decay_step(k, get)
+            record, released_now = self._decay_step(k, get, self._packing.current())
         pre_released = [reg.targets[key] for key in released_now if key in reg.targets]
         self._pre = None
 
@@ -325,9 +327,12 @@ class DecayController:
         self._step += 1
         self._in_step = False
 
-    def _decay_step(self, k: int, get: Callable[[int], torch.Tensor]) -> tuple[dict[str, Any], list[Hashable]]:
+    def _decay_step(
+        self, k: int, get: Callable[[int], torch.Tensor], pack: RowPack | None
+    ) -> tuple[dict[str, Any], list[Hashable]]:
         table = self._decays
-        norm_after = segment_sum(table.plan, lambda pos: (get(pos), get(pos)), torch.float64, self._index.device).sqrt()
+        device = self._index.device
+        norm_after = segment_sum(table.plan, lambda pos: (get(pos), get(pos)), torch.float64, device, pack=pack).sqrt()
         since = k - table.first
         due = table.active & (since >= 0) & (since.remainder(self.interval) == 0)
         n = (2 + torch.div(since, self.interval, rounding_mode="floor")).to(torch.float64)
@@ -350,7 +355,7 @@ class DecayController:
                 quantiles=self._quantiles,
             )
         factor = torch.where(due, factor, 1.0)
-        apply_factors(table.full_plan, factor, get)
+        apply_factors(table.full_plan, factor, get, pack)
         tracked = (norm_after * factor.abs()).index_select(0, table.track_rows)
         # One device->host transfer per step for everything the host needs (logs, releases).
         host = torch.cat([tracked] + sr_pack).tolist()
@@ -414,6 +419,7 @@ class DecayController:
         # descriptions' own order can differ from it, and C_len's family sums follow the rows.
         rows = [reg.targets[k] for k in reg.status if k in reg.targets] if self.rectify is not None else []
         self._families = FamilyTable.build(rows, reg.keys(PRUNED), self._index.position, self._index.device)
+        self._packing.invalidate()  # the registered set changed: the next step packs it
         if self._pre is not None and self.rectify is not None:
             # Registered mid-step (inside a custom optimizer): their gradients are still at hand.
             self._pre.gg = grad_sq(self._families, self._pre.grad, self._index.device)

@@ -14,6 +14,7 @@ from typing import Callable, Hashable
 import torch
 
 from .log import QUANTILES
+from .packing import RowPack
 from .segments import pre_step_sums, segment_sum
 from .tables import DecayTable, FamilyTable
 
@@ -198,8 +199,10 @@ def record_pre(
     grad: Grad,
     lr_of: Callable[[int], float] | None,
     device: torch.device,
+    pack: RowPack | None = None,
 ) -> PreStep:
-    """The pre-update sums of one step (``lr_of``: the learning rate per position, radial C_rate only)."""
+    """The pre-update sums of one step (``lr_of``: the learning rate per position, radial C_rate
+    only; ``pack``: where the parameters are packed, see :mod:`dpm.core.packing`)."""
     fused = pre_step_sums(
         families.plan,
         decays.plan,
@@ -207,11 +210,12 @@ def record_pre(
         [grad(pos) for pos, _ in families.plan.entries],
         torch.float64,
         lr_of,
+        pack,
     )
     if fused is not None:  # CPU: one concatenation of x and one of g serve all three sums
         xx, gx, gg = fused
         return PreStep(xx, gx, gg, grad)
-    xx = segment_sum(decays.plan, lambda pos: (params[pos], params[pos]), torch.float64, device)
+    xx = segment_sum(decays.plan, lambda pos: (params[pos], params[pos]), torch.float64, device, pack=pack)
     gx = None
     if form == "radial":
 
@@ -262,9 +266,10 @@ def rectify_step(
     factor = torch.where(release, 1.0, factor)
     nan = torch.full_like(rate, math.nan)
     released_rows = release.nonzero().flatten()
+    # Both quantile sets from one call (one sort of a (2, rows) stack, per row as two calls give).
+    quantiled = torch.nanquantile(torch.where(check, torch.stack([rate, lens]), nan), quantiles, dim=1)
     pack = [
-        torch.nanquantile(torch.where(check, rate, nan), quantiles),
-        torch.nanquantile(torch.where(check, lens, nan), quantiles),
+        quantiled.t().reshape(-1),
         rate.index_select(0, released_rows),
         lens.index_select(0, released_rows),
         released_rows.to(torch.float64),

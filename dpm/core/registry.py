@@ -49,6 +49,11 @@ class TargetRegistry:
             return False
         return self.round < self.released_round[key] + self.cooldown
 
+    def row_positions(self) -> set[int]:
+        """Positions of the parameters the targets slice along dim 0 (what a RowPack packs)."""
+        position = self.index.position
+        return {position(s.param) for t in self.targets.values() for s in t.producers if s.dim == 0}
+
     def excluded(self) -> frozenset:
         """Keys the base method must not select: decaying, pruned and cooling-down released."""
         return frozenset(

@@ -13,6 +13,9 @@ global ops, whatever the number of targets:
   ``index_reduce_('prod')`` where an index repeats, so an element in several targets gets the
   product of their factors), ``split`` it per pair and multiply each parameter by its broadcast
   (one ``_foreach_mul_`` call).
+
+On CPU, parameters packed by a :class:`~dpm.core.packing.RowPack` are read and scaled in their
+buffers: one op per shape group and no copy (``pack=`` of the functions below).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .packing import PackGroup, RowPack, is_channels_last, rows_of
 from .targets import Target
 
 __all__ = [
@@ -71,8 +75,9 @@ class Plan:
     _weights: tuple[list[float], torch.Tensor] | None = None
     _weights_sel: tuple[list[float], torch.Tensor] | None = None
     _weights_sub: tuple[list[float], torch.Tensor] | None = None
-    _sub: tuple["Plan", tuple[torch.Tensor, torch.Tensor]] | None = None  # pre_step_sums' row map
+    _sub: "tuple[_RowLayout, tuple[torch.Tensor, torch.Tensor]] | None" = None  # pre_step_sums' row map
     _rows: "_RowLayout | None | bool" = None  # False: the plan has no row layout (see _row_layout)
+    _packed: "tuple[RowPack, _RowLayout | bool] | None" = None  # its layout over a pack (or False)
     # apply_factors' kept buffer: (tensors it was built for, ones buffer, tensors, scale views).
     _scales: tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor], list[torch.Tensor]] | None = None
 
@@ -136,10 +141,15 @@ def build_plan(
 
 
 def rowdot(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
-    """``sum`` of ``a * b`` over every dim but ``dim``: one vector of length ``shape[dim]``."""
+    """``sum`` of ``a * b`` over every dim but ``dim``: one vector of length ``shape[dim]``.
+
+    The rows of a channels_last ``a`` are summed in its memory order, (H, W, I), as the grouped
+    path sums them (:class:`_RowLayout`), so both give the same bits."""
     if a.dim() <= 1:
         return (a * b).reshape(-1)
-    if dim != 0:
+    if dim == 0 and is_channels_last(a):
+        a, b = rows_of(a, True), rows_of(b, True)
+    elif dim != 0:
         a, b = a.movedim(dim, 0), b.movedim(dim, 0)
     n = a.shape[0]
     return torch.linalg.vecdot(a.reshape(n, -1), b.reshape(n, -1))
@@ -173,10 +183,10 @@ class _RowLayout:
     nhwc: list[bool]  # per entry: a channels_last 4-d tensor, its rows read in memory order
     cat_start: list[int]  # per entry: its first row in the groups' concatenation
     buffers: dict = field(default_factory=dict)  # (group, operand) -> reused concatenation buffer
-
-
-def _is_channels_last(t: torch.Tensor) -> bool:
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    # Over a RowPack: each group is a pack buffer (every row of it, members outside the plan
+    # too), read and scaled in place; `complete`: every member of those buffers is an entry.
+    packed: list[PackGroup] | None = None
+    complete: bool = False
 
 
 def _row_layout(plan: Plan, tensors: list[torch.Tensor]) -> "_RowLayout | None":
@@ -192,46 +202,92 @@ def _row_layout(plan: Plan, tensors: list[torch.Tensor]) -> "_RowLayout | None":
     for e, ((_, dim), t) in enumerate(zip(plan.entries, tensors)):
         if dim != 0 or t.dim() == 0 or t.dtype != torch.float32:
             return None
-        nhwc.append(_is_channels_last(t))
-        shape = tuple(t.permute(0, 2, 3, 1).shape[1:]) if nhwc[-1] else tuple(t.shape[1:])
-        by_shape.setdefault((nhwc[-1], shape), []).append(e)
+        nhwc.append(is_channels_last(t))
+        by_shape.setdefault((nhwc[-1], tuple(rows_of(t, nhwc[-1]).shape[1:])), []).append(e)
     groups = list(by_shape.values())
-    # Row r of entry e sits at flat_start[e] + r in `flat` and at cat_start[e] + r in the groups' cat.
-    flat_start, cat_start = [], [0] * len(plan.entries)
-    offset = 0
-    for size in plan.sizes:
-        flat_start.append(offset)
-        offset += size
-    at = 0
+    cat_start, at = [0] * len(plan.entries), 0
     for group in groups:
         for e in group:
             cat_start[e] = at
             at += plan.sizes[e]
+    plan._rows = _layout(plan, groups, nhwc, cat_start)
+    return plan._rows
+
+
+def _packed_layout(plan: Plan, pack: RowPack | None, tensors: list[torch.Tensor]) -> "_RowLayout | None":
+    """The plan's layout over ``pack`` (built once per pack), or None where it does not apply:
+    ``tensors`` are not the packed parameters themselves, or a slice is outside the pack."""
+    if not pack or plan.sel.device.type != "cpu" or STACK_ON_CPU or not ROW_GROUPS_ON_CPU:
+        return None
+    if any(pack.members.get(pos) is not t for (pos, _), t in zip(plan.entries, tensors)):
+        return None  # not the live parameters (a trial point, gradients) or not all packed
+    if plan._packed is not None and plan._packed[0] is pack:
+        return plan._packed[1] or None
+    plan._packed = (pack, False)
+    by_group: dict[int, list[int]] = {}
+    for e, ((pos, dim), size) in enumerate(zip(plan.entries, plan.sizes)):
+        g, m = pack.where[pos]
+        if dim != 0 or pack.groups[g].rows[m] != size:
+            return None
+        by_group.setdefault(g, []).append(e)
+    used = sorted(by_group)
+    groups = [by_group[g] for g in used]
+    packed = [pack.groups[g] for g in used]
+    cat_start, nhwc, base = [0] * len(plan.entries), [False] * len(plan.entries), 0
+    for group, pg in zip(groups, packed):
+        for e in group:
+            m = pack.where[plan.entries[e][0]][1]
+            cat_start[e], nhwc[e] = base + pg.start[m], pg.nhwc
+        base += pg.buffer.shape[0]
+    layout = _layout(plan, groups, nhwc, cat_start)
+    layout.packed = packed
+    layout.complete = all(len(group) == len(pg.members) for group, pg in zip(groups, packed))
+    plan._packed = (pack, layout)
+    return layout
+
+
+def _layout(plan: Plan, groups: list[list[int]], nhwc: list[bool], cat_start: list[int]) -> _RowLayout:
+    # Row r of entry e sits at flat_start[e] + r in `flat` and at cat_start[e] + r in the groups' rows.
+    flat_start, offset = [], 0
+    for size in plan.sizes:
+        flat_start.append(offset)
+        offset += size
     flat_to_cat = torch.empty(offset, dtype=torch.long)
     entry_of = torch.empty(offset, dtype=torch.long)
     for e, size in enumerate(plan.sizes):
         flat_to_cat[flat_start[e] : flat_start[e] + size] = torch.arange(cat_start[e], cat_start[e] + size)
         entry_of[flat_start[e] : flat_start[e] + size] = e
     sel = plan.sel.cpu()
-    layout = _RowLayout(groups, flat_to_cat.index_select(0, sel), entry_of.index_select(0, sel), nhwc, cat_start)
-    plan._rows = layout
-    return layout
+    return _RowLayout(groups, flat_to_cat.index_select(0, sel), entry_of.index_select(0, sel), nhwc, cat_start)
 
 
 def _group_rowdots(plan: Plan, layout: _RowLayout, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Every row sum of every group, groups one after the other. ``vecdot`` is a multiply and a
     row sum; done here as ``cat`` into a buffer kept with the plan, an in-place multiply and the
-    same row sum, so no multi-MB temporary is allocated (and page-faulted in) every step."""
+    same row sum, so no multi-MB temporary is allocated (and page-faulted in) every step. A packed
+    group (``a is b``, the parameters) is multiplied straight from its buffer: no copy."""
     parts = []
     for i, group in enumerate(layout.groups):
+        if layout.packed is not None:
+            parts.append(_rowsum(layout, i, layout.packed[i].buffer, layout.packed[i].buffer))
+            continue
         same = all(pairs[e][0] is pairs[e][1] for e in group)
-        A = _cat_into(layout, (i, 0), [_rows_of(pairs[e][0], layout.nhwc[e]) for e in group])
+        A = _cat_into(layout, (i, 0), [rows_of(pairs[e][0], layout.nhwc[e]) for e in group])
         if same:
             A.mul_(A)
         else:
-            A.mul_(_cat_into(layout, (i, 1), [_rows_of(pairs[e][1], layout.nhwc[e]) for e in group]))
+            A.mul_(_cat_into(layout, (i, 1), [rows_of(pairs[e][1], layout.nhwc[e]) for e in group]))
         parts.append(A.view(A.shape[0], -1).sum(1) if A.dim() > 1 else A)
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _rowsum(layout: _RowLayout, i: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row sums of ``a * b`` (group ``i``'s rows), the product in a buffer kept with the layout."""
+    prod = layout.buffers.get((i, "p"))
+    if prod is None:
+        prod = layout.buffers[(i, "p")] = torch.empty_like(a)
+    torch.mul(a, b, out=prod)
+    return prod.view(prod.shape[0], -1).sum(1) if prod.dim() > 1 else prod.clone()
 
 
 def pre_step_sums(
@@ -241,16 +297,21 @@ def pre_step_sums(
     g: list[torch.Tensor | None],
     dtype: torch.dtype,
     weights: Callable[[int], float] | None,
+    pack: RowPack | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
     """Self-Rectifying's pre-step sums from one concatenation of the parameters and one of the
     gradients (``x`` and ``g``: one tensor per entry of ``registered``): ``x . x`` and (with
     ``weights``, the learning rate per parameter) ``lr g . x`` per row of ``decaying``, ``g . g``
     per row of ``registered``. Each equals ``segment_sum`` of the same pair bit for bit (the same
-    row sums, selected and accumulated in the same order). None where the CPU fast path does not
-    apply (a missing gradient, another dtype, a decaying entry outside ``registered``, off the CPU)."""
+    row sums, selected and accumulated in the same order). With ``x`` packed in ``pack`` the
+    parameters are read in their buffers (only ``g`` is concatenated). None where the CPU fast
+    path does not apply (a missing gradient, another dtype, a decaying entry outside
+    ``registered``, off the CPU)."""
     if not registered or not decaying or any(t is None for t in g):
         return None
-    layout = _row_layout(registered, x)
+    layout = _packed_layout(registered, pack, x)
+    if layout is None or not layout.complete:
+        layout = _row_layout(registered, x)
     if layout is None or any(t.dtype != torch.float32 for t in g):
         return None
     sub = _sub_rows(decaying, registered, layout)
@@ -259,16 +320,14 @@ def pre_step_sums(
     d_perm, d_entry = sub
     xx_rows, gx_rows, gg_rows = [], [], []
     for i, group in enumerate(layout.groups):
-        X = _cat_into(layout, (i, "x"), [_rows_of(x[e], layout.nhwc[e]) for e in group])
-        G = _cat_into(layout, (i, "g"), [_rows_of(g[e], layout.nhwc[e]) for e in group])
+        if layout.packed is not None:
+            X = layout.packed[i].buffer
+        else:
+            X = _cat_into(layout, (i, "x"), [rows_of(x[e], layout.nhwc[e]) for e in group])
+        G = _cat_into(layout, (i, "g"), [rows_of(g[e], layout.nhwc[e]) for e in group])
         for out, (a, b) in ((xx_rows, (X, X)), (gx_rows, (G, X)), (gg_rows, (G, G))):
-            if out is gx_rows and weights is None:
-                continue
-            prod = layout.buffers.get((i, "p"))
-            if prod is None:
-                prod = layout.buffers[(i, "p")] = torch.empty_like(X)
-            torch.mul(a, b, out=prod)
-            out.append(prod.view(prod.shape[0], -1).sum(1) if prod.dim() > 1 else prod.clone())
+            if out is not gx_rows or weights is not None:
+                out.append(_rowsum(layout, i, a, b))
     xx_all = torch.cat(xx_rows).to(dtype)
     xx = torch.zeros(decaying.num_rows, dtype=dtype, device=xx_all.device)
     xx.index_add_(0, decaying.seg, xx_all.index_select(0, d_perm))
@@ -288,7 +347,7 @@ def pre_step_sums(
 def _sub_rows(sub: Plan, sup: Plan, layout: _RowLayout) -> tuple[torch.Tensor, torch.Tensor] | None:
     """For each element of ``sub.sel``: its row in ``sup``'s groups' concatenation, and its entry
     in ``sub`` (built once per pair of plans)."""
-    if sub._sub is not None and sub._sub[0] is sup:
+    if sub._sub is not None and sub._sub[0] is layout:
         return sub._sub[1]
     where = {key: e for e, key in enumerate(sup.entries)}
     if any(key not in where or sup.sizes[where[key]] != size for key, size in zip(sub.entries, sub.sizes)):
@@ -300,14 +359,8 @@ def _sub_rows(sub: Plan, sup: Plan, layout: _RowLayout) -> tuple[torch.Tensor, t
         entry_of.append(torch.full((size,), e, dtype=torch.long))
     sel = sub.sel.cpu()
     found = (torch.cat(to_cat).index_select(0, sel), torch.cat(entry_of).index_select(0, sel))
-    sub._sub = (sup, found)
+    sub._sub = (layout, found)
     return found
-
-
-def _rows_of(t: torch.Tensor, nhwc: bool) -> torch.Tensor:
-    # A channels_last tensor's rows in memory order (O, H, W, I): a plain copy into the buffer
-    # instead of a transposing one (the row sums then add the same elements in that order).
-    return t.permute(0, 2, 3, 1) if nhwc else t
 
 
 def _cat_into(layout: _RowLayout, slot: tuple[int, int], tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -328,18 +381,24 @@ def segment_sum(
     dtype: torch.dtype,
     device: torch.device,
     weights: Callable[[int], float] | None = None,
+    pack: RowPack | None = None,
 ) -> torch.Tensor:
     """Per-row sums of ``a * b`` over the planned slices (``a is b``: squared norms).
 
     ``pair(pos)`` returns ``(a, b)`` for the parameter at registry position ``pos``, or None when
     it contributes nothing (e.g. no gradient). ``weights(pos)``, when given, scales a parameter's
-    contribution (the per-parameter learning rate of the radial C_rate).
+    contribution (the per-parameter learning rate of the radial C_rate). Squared norms of
+    parameters packed in ``pack`` are summed in their buffers.
     """
     out = torch.zeros(plan.num_rows, dtype=dtype, device=device)
     if not plan:
         return out
     pairs_all = [pair(pos) for pos, _ in plan.entries]
-    layout = _row_layout(plan, [ab[0] for ab in pairs_all]) if all(ab is not None for ab in pairs_all) else None
+    layout = None
+    if all(ab is not None for ab in pairs_all):
+        if all(a is b for a, b in pairs_all):
+            layout = _packed_layout(plan, pack, [a for a, _ in pairs_all])
+        layout = layout or _row_layout(plan, [ab[0] for ab in pairs_all])
     if layout is not None and all(a.dtype == b.dtype == torch.float32 for a, b in pairs_all):
         vals = _group_rowdots(plan, layout, pairs_all).to(dtype).index_select(0, layout.perm)
         if weights is not None:
@@ -382,8 +441,10 @@ def apply_factors(
     plan: Plan,
     factors: torch.Tensor,
     tensor: Callable[[int], torch.Tensor],
+    pack: RowPack | None = None,
 ) -> None:
-    """Multiply every planned slice by its row's factor, in place (one multiply per parameter).
+    """Multiply every planned slice by its row's factor, in place (one multiply per parameter, or
+    per buffer of ``pack`` where the tensors are parameters packed in it).
 
     An element covered by several rows (only possible with consumer slices) gets the product of
     their factors; elements covered by no row are multiplied by exactly 1.
@@ -393,6 +454,18 @@ def apply_factors(
     # float32 factors unless a planned tensor is float64 (the factor is cast to the parameter's
     # dtype by the in-place multiply either way).
     tensors = [tensor(pos) for pos, _ in plan.entries]
+    layout = _packed_layout(plan, pack, tensors) if plan.unique else None
+    if layout is not None:
+        full = layout.buffers.get("scale")
+        if full is None:  # one factor per row of the buffers; rows outside the plan stay 1
+            full = layout.buffers["scale"] = torch.ones(sum(pg.buffer.shape[0] for pg in layout.packed))
+        full.index_copy_(0, layout.perm, factors.index_select(0, plan.seg).to(full.dtype))
+        at = 0
+        for pg in layout.packed:
+            rows = pg.buffer.shape[0]
+            pg.buffer.mul_(full[at : at + rows].view(rows, *[1] * (pg.buffer.dim() - 1)))
+            at += rows
+        return
     cached = plan._scales
     if cached is not None and len(cached[0]) == len(tensors) and all(a is b for a, b in zip(cached[0], tensors)):
         # The same tensors as last step (the live parameters): the scale views of the kept buffer
