@@ -1,5 +1,5 @@
-"""The throughput benchmark's smoke mode runs end to end and writes its JSON and Markdown
-(timings are recorded, never asserted)."""
+"""The benchmarks run end to end at tiny sizes and write their JSON (and Markdown): timings are
+recorded, never asserted."""
 
 from __future__ import annotations
 
@@ -14,10 +14,16 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow
 
 
+def benchmark(name: str):
+    """experiments/benchmarks/<name>.py as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_throughput_benchmark_smoke_writes_json_and_markdown(tmp_path):
-    spec = importlib.util.spec_from_file_location("throughput", ROOT / "experiments" / "benchmarks" / "throughput.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark("throughput")
     import torch
 
     from dpm.train import resolve_speed
@@ -45,10 +51,7 @@ def test_throughput_benchmark_smoke_writes_json_and_markdown(tmp_path):
 
 
 def test_torch_pruning_overhead_benchmark_runs_and_writes_json(tmp_path):
-    path = ROOT / "experiments" / "benchmarks" / "torch_pruning_overhead.py"
-    spec = importlib.util.spec_from_file_location("torch_pruning_overhead", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark("torch_pruning_overhead")
     out = tmp_path / "tp.json"
     bench.main(["--batch", "4", "--repeats", "2", "--warmup", "0", "--out", str(out)])
     written = json.loads(out.read_text())
@@ -56,3 +59,13 @@ def test_torch_pruning_overhead_benchmark_runs_and_writes_json(tmp_path):
     for c in written["cases"]:
         assert c["channels_decaying"] > 0 and c["plain_step_s_median"] > 0
         assert c["overhead_s"] == c["smooth_optimizer_step_s_median"] - c["optimizer_step_s_median"]
+
+
+def test_step_breakdown_benchmark_writes_json_and_markdown(tmp_path):
+    args = ["--model", "resnet20", "--batch", "4", "--repeats", "1", "--out-dir", str(tmp_path)]
+    benchmark("step_breakdown").main(args)
+    written = json.loads((tmp_path / "step_breakdown_cpu.json").read_text())
+    assert set(written["step_s_median"]) == {"fp32 NCHW", "fp32 channels_last", "bf16 NCHW", "bf16 channels_last"}
+    assert all(v > 0 for v in written["step_s_median"].values()) and written["fp32_nchw_over_fast"] > 0
+    assert 0 < written["conv_share"] <= 1 and len(written["fast_profile_top"]) == 8
+    assert "| bf16 channels_last |" in (tmp_path / "step_breakdown_cpu.md").read_text()
