@@ -183,6 +183,22 @@ def test_seed_statistics_pair_by_seed_and_flag_intervals_with_zero(runs_dir):
     np.testing.assert_allclose(sr["mean_diff"], 0.45)
 
 
+def test_seed_statistics_count_the_seeds_where_the_variant_beat_its_base(runs_dir):
+    """Issue 23: per comparison the share of paired seeds where the variant beat its base (a tie is
+    not a win), from the same per-seed differences the intervals use."""
+    runs = rp.load_runs([runs_dir])
+    s = rp.seed_statistics(runs)
+    final = s[s["metric"] == "top1_final"].set_index("comparison")
+    assert final.loc["+SP - base", "wins"] == 3 and final.loc["+SP - base", "win_share"] == 1.0
+    assert final.loc["+SR - base", "wins"] == 2 and final.loc["+SR - base", "win_share"] == 1.0
+    d = rp.paired_differences(runs)
+    sp = d[(d["comparison"] == "+SP - base") & (d["metric"] == "top1_final")].sort_values("seed")
+    assert sp["seed"].tolist() == [0, 1, 2]
+    np.testing.assert_allclose(sp["diff"], [0.2, 0.1, 0.4], atol=1e-9)
+    shown = rp.stats_display(s)
+    assert shown.loc[shown["comparison"] == "+SP - base", "beat base"].iloc[0] == "3/3"
+
+
 def test_paired_interval_matches_scipy_and_the_mdd_formula():
     from scipy import stats as st
 
@@ -237,11 +253,11 @@ def test_write_report_outputs_parse_back(runs_dir, tmp_path):
 def test_plots_are_written_and_non_empty(runs_dir, tmp_path):
     report = rp.write_report([runs_dir], tmp_path / "rep")
     plots = tmp_path / "rep" / "plots"
-    for name in ("accuracy_vs_flops", "trajectories_5_sp_2"):
+    for name in ("accuracy_vs_flops", "paired_differences", "trajectories_5_sp_2"):
         assert (plots / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (plots / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
         assert (plots / f"{name}.png").stat().st_size > 5000
-    assert len([p for p in report.files if p.parent == plots]) == 4
+    assert len([p for p in report.files if p.parent == plots]) == 6
 
 
 @pytest.mark.slow
@@ -299,6 +315,8 @@ def test_multirun_callback_writes_the_sweep_report(tmp_path):
     assert list(table["variant"]) == ["base", "sp", "sr"]
     assert (sweep / "report" / "report.md").read_text().count("complete") >= 1
     assert (sweep / "report" / "plots" / "accuracy_vs_flops.png").stat().st_size > 0
+    # Issue 23: per base the paired differences seed by seed with their interval.
+    assert (sweep / "report" / "plots" / "paired_differences.png").stat().st_size > 0
     records = offline_records(sweep / "report")  # with logger=wandb the report is logged too
     assert b"paper_table" in records and b"report" in records
 

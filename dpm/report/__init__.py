@@ -14,7 +14,8 @@ statistics) build on `runs_frame`:
 - `paper_table(frame, reference)`: mean / std / n over seeds per (table, model, dataset, pruner,
   sparse_learning, variant), deltas against base, the paper's numbers beside ours.
 - `seed_statistics(frame)`: paired-by-seed 95% t-intervals of +SP / +SR minus base, n, the minimum
-  detectable difference, a bootstrap interval when n >= 10.
+  detectable difference, a bootstrap interval when n >= 10, the seeds won;
+  `paired_differences(frame)`: the per-seed differences they come from.
 - `write_report(dirs, out)`: all of it as Markdown, CSV, LaTeX and plots (PNG + PDF), atomically.
 - `log_report_to_wandb(report)`: the tables as W&B Tables and the plots as images, one W&B run.
 """
@@ -81,7 +82,7 @@ from dpm.report.render import (
     stats_display,
     write_report,
 )
-from dpm.report.statistics import PairedInterval, paired_interval, seed_statistics
+from dpm.report.statistics import PairedInterval, paired_differences, paired_interval, seed_statistics
 from dpm.report.tables import BASE_TOLERANCE, base_checks, load_reference, match_reference, paper_table
 from dpm.report.wandb_log import log_report_to_wandb
 
@@ -118,6 +119,7 @@ __all__ = [
     "BASE_TOLERANCE",
     "base_checks",
     "PairedInterval",
+    "paired_differences",
     "paired_interval",
     "seed_statistics",
     "PAPER_TABLE_COLUMNS",

@@ -1,4 +1,5 @@
-"""Plots (PNG + PDF): accuracy vs FLOPs against the paper, norm trajectories, ablations, releases."""
+"""Plots (PNG + PDF): accuracy vs FLOPs against the paper, paired differences by seed, norm trajectories,
+ablations, releases."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import numpy as np
 import pandas as pd
 
 from dpm.checkpoint import atomic_write_bytes
-from dpm.report.frame import GROUP_KEYS, VARIANT_LABEL
+from dpm.report.frame import BLOCK_KEYS, GROUP_KEYS, VARIANT_LABEL
 from dpm.report.loading import aggregated_runs
+from dpm.report.statistics import paired_differences, seed_statistics
 from dpm.report.tables import paper_table
 
 
@@ -93,6 +95,48 @@ def plot_accuracy_vs_flops(table: pd.DataFrame, ref: pd.DataFrame, path_stem: Pa
         ax.set_title(pruner)
         ax.set_xlabel("FLOPs remaining (%)")
         ax.set_ylabel("top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    try:
+        return _save(fig, path_stem)
+    finally:
+        plt.close(fig)
+
+
+def plot_paired_differences(
+    diffs: pd.DataFrame, stats: pd.DataFrame, path_stem: Path, metric: str = "top1_final"
+) -> list[Path]:
+    """One panel per block (base pruner, model, data set, table): each comparison's difference to
+    its base seed by seed (variant - base), its mean and 95% t-interval as a band, and zero."""
+    plt = pyplot()
+    diffs = diffs[diffs["metric"] == metric]
+    stats = stats[stats["metric"] == metric]
+    blocks = list(diffs.groupby(BLOCK_KEYS, dropna=False, sort=True))
+    if not blocks:
+        return []
+    fig, axes = plt.subplots(1, len(blocks), figsize=(5.5 * len(blocks), 4.2), squeeze=False)
+    colors = ["tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink"]
+    for ax, (key, block) in zip(axes[0], blocks):
+        keys = dict(zip(BLOCK_KEYS, key))
+        comparisons = list(dict.fromkeys(block["comparison"]))
+        for i, (comparison, color) in enumerate(zip(comparisons, colors)):
+            rows = block[block["comparison"] == comparison]
+            ax.scatter(rows["seed"] + 0.12 * (i - (len(comparisons) - 1) / 2), rows["diff"], color=color, s=22)
+            match = stats[(stats["comparison"] == comparison)]
+            for k, v in keys.items():
+                match = match[match[k].isna()] if pd.isna(v) else match[match[k] == v]
+            if len(match):
+                st = match.iloc[0]
+                label = f"{comparison}: {st['mean_diff']:+.2f}"
+                if not pd.isna(st["ci_low"]):
+                    ax.axhspan(st["ci_low"], st["ci_high"], color=color, alpha=0.15)
+                    label += f" [{st['ci_low']:+.2f}, {st['ci_high']:+.2f}], won {int(st['wins'])}/{int(st['n'])}"
+                ax.axhline(st["mean_diff"], color=color, linewidth=1.2, label=label)
+        ax.axhline(0.0, color="black", linestyle="--", linewidth=0.8)
+        title = f"{keys.get('pruner')} {keys.get('model')}/{keys.get('dataset')}"
+        ax.set_title(title + (f" ({keys['table']})" if keys.get("table") else ""), fontsize=9)
+        ax.set_xlabel("seed")
+        ax.set_ylabel(f"{metric}: variant - base (points)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     try:
@@ -293,12 +337,13 @@ def run_labels(runs: pd.DataFrame, run_dirs: Iterable[str]) -> dict[str, str]:
 
 
 def write_plots(runs: pd.DataFrame, ref: pd.DataFrame, out: Path) -> list[Path]:
-    """accuracy_vs_flops, ablation_<facet> (facets with >= 2 values), released_over_training and
+    """accuracy_vs_flops, paired_differences, ablation_<facet> (facets with >= 2 values), released_over_training and
     trajectories_<run> for every complete run with a dpm_log.json; each as .png and .pdf."""
     written: list[Path] = []
     table = paper_table(runs, ref)
     if len(table):
         written += plot_accuracy_vs_flops(table, ref, out / "accuracy_vs_flops")
+    written += plot_paired_differences(paired_differences(runs), seed_statistics(runs), out / "paired_differences")
     for facet in ablation_facets(runs):
         written += plot_ablation(runs, facet, out / f"ablation_{facet}")
     ok = aggregated_runs(runs)

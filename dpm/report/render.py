@@ -129,6 +129,7 @@ def stats_display(stats: pd.DataFrame) -> pd.DataFrame:
             "MDD (80%)": stats["mdd"].map(_fmt),
             "bootstrap 95%": [interval(lo, hi) for lo, hi in zip(stats["boot_low"], stats["boot_high"])],
             "includes 0": stats["includes_zero"].map({True: "YES", False: "no"}).fillna("n < 2"),
+            "beat base": [f"{int(w)}/{int(n)}" for w, n in zip(stats["wins"], stats["n"])],
             "unpaired seeds": stats["unpaired_seeds"].replace("", "-"),
         }
     )

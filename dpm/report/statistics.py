@@ -1,10 +1,11 @@
-"""Seed statistics: paired-by-seed intervals of +SP / +SR minus base, the minimum detectable difference, a bootstrap."""
+"""Seed statistics: paired-by-seed intervals of +SP / +SR minus base, the minimum detectable difference, a
+bootstrap, the share of seeds won; and the per-seed differences they come from."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -85,35 +86,17 @@ def paired_interval(
     return out
 
 
-def seed_statistics(frame: pd.DataFrame, metrics: Sequence[str] = STAT_METRICS) -> pd.DataFrame:
-    """For every +SP / +SR group against its block's base: the paired (by seed) difference of each
-    metric, n, its 95% t-interval, the MDD, a bootstrap interval when n >= 10, the seeds that had no
-    partner, and `includes_zero`."""
+def _comparisons(frame: pd.DataFrame, metrics: Sequence[str]) -> Iterator[tuple[dict, str, str, list, list, list]]:
+    """Every +SP / +SR group against its block's base, per metric: (block keys, comparison label,
+    metric, paired seeds, their differences variant - base, unpaired seeds)."""
     runs = aggregated_runs(frame).copy()
-    columns = [
-        *BLOCK_KEYS,
-        "comparison",
-        "metric",
-        "n",
-        "mean_diff",
-        "sd_diff",
-        "ci_low",
-        "ci_high",
-        "half_width",
-        "mdd",
-        "boot_low",
-        "boot_high",
-        "includes_zero",
-        "unpaired_seeds",
-    ]
     if runs.empty or "variant" not in runs:
-        return pd.DataFrame(columns=columns)
+        return
     runs["table"] = runs.get("table", pd.Series(index=runs.index, dtype=object)).fillna("")
     for key in BLOCK_KEYS:
         if key not in runs:
             runs[key] = None
     runs["setting"] = run_settings(runs)
-    rows = []
     for block_key, block in runs.groupby(BLOCK_KEYS, dropna=False, sort=True):
         bases = block[block["variant"] == "base"]
         if bases.empty or bases["seed"].duplicated().any():
@@ -130,23 +113,65 @@ def seed_statistics(frame: pd.DataFrame, metrics: Sequence[str] = STAT_METRICS) 
             unpaired = sorted(set(base.index) ^ set(other.index))
             for m in metrics:
                 diffs = [float(other.at[s, m]) - float(base.at[s, m]) for s in seeds]
-                iv = paired_interval(diffs)
-                rows.append(
-                    {
-                        **dict(zip(BLOCK_KEYS, block_key)),
-                        "comparison": f"{label} - base",
-                        "metric": m,
-                        "n": iv.n,
-                        "mean_diff": iv.mean,
-                        "sd_diff": iv.sd,
-                        "ci_low": iv.low,
-                        "ci_high": iv.high,
-                        "half_width": iv.half_width,
-                        "mdd": iv.mdd,
-                        "boot_low": iv.boot_low,
-                        "boot_high": iv.boot_high,
-                        "includes_zero": iv.includes_zero,
-                        "unpaired_seeds": ",".join(str(int(s)) for s in unpaired),
-                    }
-                )
+                yield dict(zip(BLOCK_KEYS, block_key)), f"{label} - base", m, seeds, diffs, unpaired
+
+
+def paired_differences(frame: pd.DataFrame, metrics: Sequence[str] = STAT_METRICS) -> pd.DataFrame:
+    """The per-seed differences the intervals of :func:`seed_statistics` come from: one row per
+    block, comparison, metric and paired seed (``diff`` = variant - base)."""
+    rows = [
+        {**block, "comparison": label, "metric": m, "seed": seed, "diff": d}
+        for block, label, m, seeds, diffs, _ in _comparisons(frame, metrics)
+        for seed, d in zip(seeds, diffs)
+    ]
+    return pd.DataFrame(rows, columns=[*BLOCK_KEYS, "comparison", "metric", "seed", "diff"])
+
+
+def seed_statistics(frame: pd.DataFrame, metrics: Sequence[str] = STAT_METRICS) -> pd.DataFrame:
+    """For every +SP / +SR group against its block's base: the paired (by seed) difference of each
+    metric, n, its 95% t-interval, the MDD, a bootstrap interval when n >= 10, how many seeds the
+    variant beat its base on (``wins``, a tie is not a win; ``win_share`` of n), the seeds that had
+    no partner, and `includes_zero`."""
+    columns = [
+        *BLOCK_KEYS,
+        "comparison",
+        "metric",
+        "n",
+        "mean_diff",
+        "sd_diff",
+        "ci_low",
+        "ci_high",
+        "half_width",
+        "mdd",
+        "boot_low",
+        "boot_high",
+        "includes_zero",
+        "wins",
+        "win_share",
+        "unpaired_seeds",
+    ]
+    rows = []
+    for block, label, m, _, diffs, unpaired in _comparisons(frame, metrics):
+        iv = paired_interval(diffs)
+        wins = sum(d > 0 for d in diffs)
+        rows.append(
+            {
+                **block,
+                "comparison": label,
+                "metric": m,
+                "n": iv.n,
+                "mean_diff": iv.mean,
+                "sd_diff": iv.sd,
+                "ci_low": iv.low,
+                "ci_high": iv.high,
+                "half_width": iv.half_width,
+                "mdd": iv.mdd,
+                "boot_low": iv.boot_low,
+                "boot_high": iv.boot_high,
+                "includes_zero": iv.includes_zero,
+                "wins": wins,
+                "win_share": wins / iv.n if iv.n else float("nan"),
+                "unpaired_seeds": ",".join(str(int(s)) for s in unpaired),
+            }
+        )
     return pd.DataFrame(rows, columns=columns)
