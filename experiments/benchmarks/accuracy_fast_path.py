@@ -1,6 +1,6 @@
 """Accuracy of the CPU fast path (bf16 autocast + channels_last) against fp32 NCHW, per seed.
 
-The fp32 NCHW side is the archived CPU-scale baselines (results/cpu_scale/runs/pretrain/<seed>/,
+The fp32 NCHW side is the archived CPU-scale baselines (results/cpu_scale/five_seed/runs/pretrain/<seed>/,
 ResNet-20 on the real CIFAR-10, made with `trainer.fast=null`, which then meant fp32 NCHW on CPU).
 This script makes the fast-path side with the same recipe (`experiment=cpu_scale/pretrain`) and
 `trainer.fast=true`, one seed after another, then writes the comparison:
@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-ARCHIVE = ROOT / "results" / "cpu_scale" / "runs" / "pretrain"
+ARCHIVE = ROOT / "results" / "cpu_scale" / "five_seed" / "runs" / "pretrain"
 OUT = ROOT / "results" / "benchmarks"
 RECIPE = ["experiment=cpu_scale/pretrain", "trainer.fast=true"]
 

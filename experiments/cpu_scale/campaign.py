@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "results" / "cpu_scale"
 BASES = ("depgraph", "otov2", "gate_decorator")
-SEEDS = "0,1,2,3,4"
+SEEDS = ",".join(str(s) for s in range(15))  # issue 23: 15 paired seeds (the five-seed campaign: 0-4)
 SELECT_SEED = 0
 N_GRID = {"depgraph": (0.1, 0.5, 1.5), "otov2": (0.1, 0.25, 1.0), "gate_decorator": (0.1, 0.5, 1.0)}
 # SR's two thresholds at two values each (radial C_rate, release rule `and`): 4 runs a base, sized
