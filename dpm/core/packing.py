@@ -90,7 +90,7 @@ class RowPack:
         with torch.no_grad():
             for (nhwc, shape), members in by_key.items():
                 rows = [params[pos].shape[0] for pos in members]
-                buffer = torch.empty((sum(rows), *shape), dtype=torch.float32)
+                buffer = torch.empty((sum(rows), *shape), dtype=torch.float32, device="cpu")
                 start, at = [], 0
                 for i, (pos, n) in enumerate(zip(members, rows)):
                     p = params[pos]
