@@ -31,17 +31,19 @@ def file_label(label: str, limit: int = 120) -> str:
 
 
 def _save(fig, path_stem: Path) -> list[Path]:
-    """PNG and PDF of a figure, each written atomically."""
-
-    paths = []
-    for ext in ("png", "pdf"):
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format=ext, dpi=120, bbox_inches="tight")
-        # Not with_suffix: run labels hold dots (Hydra's `dpm.N=10` sweep dirs) that it would cut.
-        path = path_stem.parent / f"{path_stem.name}.{ext}"
-        atomic_write_bytes(path, buffer.getvalue())
-        paths.append(path)
-    return paths
+    """PNG and PDF of a figure, each written atomically; the figure is closed either way."""
+    try:
+        paths = []
+        for ext in ("png", "pdf"):
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format=ext, dpi=120, bbox_inches="tight")
+            # Not with_suffix: run labels hold dots (Hydra's `dpm.N=10` sweep dirs) that it would cut.
+            path = path_stem.parent / f"{path_stem.name}.{ext}"
+            atomic_write_bytes(path, buffer.getvalue())
+            paths.append(path)
+        return paths
+    finally:
+        pyplot().close(fig)
 
 
 def pyplot():
@@ -97,10 +99,7 @@ def plot_accuracy_vs_flops(table: pd.DataFrame, ref: pd.DataFrame, path_stem: Pa
         ax.set_ylabel("top-1 (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    try:
-        return _save(fig, path_stem)
-    finally:
-        plt.close(fig)
+    return _save(fig, path_stem)
 
 
 def plot_paired_differences(
@@ -139,10 +138,7 @@ def plot_paired_differences(
         ax.set_ylabel(f"{metric}: variant - base (points)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    try:
-        return _save(fig, path_stem)
-    finally:
-        plt.close(fig)
+    return _save(fig, path_stem)
 
 
 def trajectories_to_draw(dpm_log: dict, limit: int = 8) -> list:
@@ -205,10 +201,7 @@ def plot_trajectories(dpm_log: dict, title: str, path_stem: Path, limit: int = 8
     ax.grid(alpha=0.3)
     if drawn:
         ax.legend(fontsize=6, ncol=2)
-    try:
-        return _save(fig, path_stem)
-    finally:
-        plt.close(fig)
+    return _save(fig, path_stem)
 
 
 #: Facets of the ablation plots: metrics.json field -> axis label.
@@ -286,10 +279,7 @@ def plot_ablation(runs: pd.DataFrame, facet: str, path_stem: Path) -> list[Path]
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.suptitle(f"ablation: {facet} (mean ± std over seeds)")
-    try:
-        return _save(fig, path_stem)
-    finally:
-        plt.close(fig)
+    return _save(fig, path_stem)
 
 
 def plot_released(logs: dict[str, dict], path_stem: Path) -> list[Path]:
@@ -319,10 +309,7 @@ def plot_released(logs: dict[str, dict], path_stem: Path) -> list[Path]:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6)
     fig.suptitle("DPM counters over training")
-    try:
-        return _save(fig, path_stem)
-    finally:
-        plt.close(fig)
+    return _save(fig, path_stem)
 
 
 def run_labels(runs: pd.DataFrame, run_dirs: Iterable[str]) -> dict[str, str]:
