@@ -16,7 +16,7 @@ import pandas as pd
 from dpm.checkpoint import atomic_write_bytes
 from dpm.report.frame import BLOCK_KEYS, GROUP_KEYS, VARIANT_LABEL
 from dpm.report.loading import aggregated_runs
-from dpm.report.statistics import paired_differences, seed_statistics
+from dpm.report.statistics import paired_differences, paired_interval
 from dpm.report.tables import paper_table
 
 
@@ -102,14 +102,12 @@ def plot_accuracy_vs_flops(table: pd.DataFrame, ref: pd.DataFrame, path_stem: Pa
     return _save(fig, path_stem)
 
 
-def plot_paired_differences(
-    diffs: pd.DataFrame, stats: pd.DataFrame, path_stem: Path, metric: str = "top1_final"
-) -> list[Path]:
+def plot_paired_differences(diffs: pd.DataFrame, path_stem: Path, metric: str = "top1_final") -> list[Path]:
     """One panel per block (base pruner, model, data set, table): each comparison's difference to
-    its base seed by seed (variant - base), its mean and 95% t-interval as a band, and zero."""
+    its base seed by seed (variant - base, :func:`paired_differences`), its mean and 95% t-interval
+    (:func:`paired_interval`, as in the seed statistics) as a band, and zero."""
     plt = pyplot()
     diffs = diffs[diffs["metric"] == metric]
-    stats = stats[stats["metric"] == metric]
     blocks = list(diffs.groupby(BLOCK_KEYS, dropna=False, sort=True))
     if not blocks:
         return []
@@ -121,16 +119,12 @@ def plot_paired_differences(
         for i, (comparison, color) in enumerate(zip(comparisons, colors)):
             rows = block[block["comparison"] == comparison]
             ax.scatter(rows["seed"] + 0.12 * (i - (len(comparisons) - 1) / 2), rows["diff"], color=color, s=22)
-            match = stats[(stats["comparison"] == comparison)]
-            for k, v in keys.items():
-                match = match[match[k].isna()] if pd.isna(v) else match[match[k] == v]
-            if len(match):
-                st = match.iloc[0]
-                label = f"{comparison}: {st['mean_diff']:+.2f}"
-                if not pd.isna(st["ci_low"]):
-                    ax.axhspan(st["ci_low"], st["ci_high"], color=color, alpha=0.15)
-                    label += f" [{st['ci_low']:+.2f}, {st['ci_high']:+.2f}], won {int(st['wins'])}/{int(st['n'])}"
-                ax.axhline(st["mean_diff"], color=color, linewidth=1.2, label=label)
+            iv = paired_interval(rows["diff"])
+            label = f"{comparison}: {iv.mean:+.2f}"
+            if not np.isnan(iv.low):
+                ax.axhspan(iv.low, iv.high, color=color, alpha=0.15)
+                label += f" [{iv.low:+.2f}, {iv.high:+.2f}], won {int((rows['diff'] > 0).sum())}/{iv.n}"
+            ax.axhline(iv.mean, color=color, linewidth=1.2, label=label)
         ax.axhline(0.0, color="black", linestyle="--", linewidth=0.8)
         title = f"{keys.get('pruner')} {keys.get('model')}/{keys.get('dataset')}"
         ax.set_title(title + (f" ({keys['table']})" if keys.get("table") else ""), fontsize=9)
@@ -330,7 +324,7 @@ def write_plots(runs: pd.DataFrame, ref: pd.DataFrame, out: Path) -> list[Path]:
     table = paper_table(runs, ref)
     if len(table):
         written += plot_accuracy_vs_flops(table, ref, out / "accuracy_vs_flops")
-    written += plot_paired_differences(paired_differences(runs), seed_statistics(runs), out / "paired_differences")
+    written += plot_paired_differences(paired_differences(runs), out / "paired_differences")
     for facet in ablation_facets(runs):
         written += plot_ablation(runs, facet, out / f"ablation_{facet}")
     ok = aggregated_runs(runs)
