@@ -458,7 +458,8 @@ def apply_factors(
     if layout is not None:
         full = layout.buffers.get("scale")
         if full is None:  # one factor per row of the buffers; rows outside the plan stay 1
-            full = layout.buffers["scale"] = torch.ones(sum(pg.buffer.shape[0] for pg in layout.packed))
+            rows_total = sum(pg.buffer.shape[0] for pg in layout.packed)
+            full = layout.buffers["scale"] = torch.ones(rows_total, device=factors.device)  # as below
         full.index_copy_(0, layout.perm, factors.index_select(0, plan.seg).to(full.dtype))
         at = 0
         for pg in layout.packed:
