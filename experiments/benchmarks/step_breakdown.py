@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,9 @@ from dpm.models import build_model
 from dpm.train import resolve_speed
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from core_overhead import git_sha  # noqa: E402  (a sibling script, not a package)
+
 CONFIGS = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
 
 
@@ -74,10 +76,11 @@ def main(argv: list[str] | None = None) -> dict:
                 times[c].append(time.perf_counter() - t0)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step("bf16", True)
-    total = sum(e.self_cpu_time_total for e in prof.key_averages())
-    top = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+    averages = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in averages)
+    top = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
     fast = statistics.median(times[("bf16", True)])
-    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    sha = git_sha() or "unknown"
     result = {
         "benchmark": "step_breakdown",
         "model": args.model,
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "fp32_nchw_over_fast": statistics.median(times[("fp32", False)]) / fast,
         "fast_profile_top": [{"op": e.key, "share": e.self_cpu_time_total / total} for e in top],
-        "conv_share": sum(e.self_cpu_time_total for e in prof.key_averages() if "conv" in e.key) / total,
+        "conv_share": sum(e.self_cpu_time_total for e in averages if "conv" in e.key) / total,
         "load_avg_1m_before": load_before,
         "load_avg_1m_after": os.getloadavg()[0],
         "git_sha": sha,
