@@ -43,6 +43,8 @@ def write_run(
     metrics: bool = True,
     run_id: str = "r",
     hydra_only: bool = False,
+    extra: dict | None = None,
+    pruner: dict | None = None,
 ) -> Path:
     """A run dir as the runner leaves it: config.yaml (or only .hydra/config.yaml) and metrics.json."""
     run_dir.mkdir(parents=True)
@@ -54,7 +56,7 @@ def write_run(
         "output_root": "outputs",
         "model": {"name": "resnet56"},
         "dataset": {"name": "cifar10"},
-        "pruner": {"name": "depgraph"},
+        "pruner": {"name": "depgraph", **(pruner or {})},
         "dpm": {"variant": variant, "N": 1 if variant == "base" else 195},
         "trainer": {"device": "auto", "sparse": {"epochs": 100}},
     }
@@ -78,6 +80,7 @@ def write_run(
             m.update(top1_final=top1, top1_best=top1 + 0.2, flops_remaining_pct=47.0, params_remaining_pct=50.0 + seed)
         else:
             m["error"] = "RuntimeError: boom"
+        m.update(extra or {})
         (run_dir / "metrics.json").write_text(json.dumps(m))
     return run_dir
 
@@ -199,6 +202,38 @@ def test_seed_statistics_count_the_seeds_where_the_variant_beat_its_base(runs_di
     assert shown.loc[shown["comparison"] == "+SP - base", "beat base"].iloc[0] == "3/3"
 
 
+def test_each_pruning_target_is_its_own_block_and_the_flops_gap_says_whether_cost_was_equal(tmp_path):
+    """Issue 23: DepGraph at 2x and 4x in one sweep are two blocks (each paired with its own base),
+    the table says which target a row ran at, and every comparison states its paired FLOPs gap and
+    whether the variant ran at equal cost (within EQUAL_COST_POINTS of its base's FLOPs %)."""
+    flops = {2.0: {"base": 50.0, "sp": 49.5, "sr": 52.0}, 4.0: {"base": 25.0, "sp": 25.2, "sr": 25.4}}
+    for speedup, per_variant in flops.items():
+        for variant, pct in per_variant.items():
+            for seed in range(3):
+                write_run(
+                    tmp_path / f"{speedup:g}x_{variant}_{seed}",
+                    variant,
+                    seed,
+                    90.0 - speedup + (0.1 * seed if variant != "base" else 0.0),
+                    extra={"speedup_target": speedup, "flops_remaining_pct": pct + 0.1 * seed * (variant == "sr")},
+                    pruner={"speedup": speedup},
+                )
+    runs = rp.load_runs([tmp_path])
+    table = rp.paper_table(runs)
+    assert table["target"].tolist() == ["2x MACs"] * 3 + ["4x MACs"] * 3
+    assert table["n"].tolist() == [3] * 6
+    s = rp.seed_statistics(runs)
+    final = s[s["metric"] == "top1_final"].set_index(["target", "comparison"])
+    assert final["n"].tolist() == [3] * 4  # paired within a target, never across
+    np.testing.assert_allclose(final.loc[("4x MACs", "+SP - base"), "mean_diff"], 0.1)
+    np.testing.assert_allclose(final.loc[("2x MACs", "+SR - base"), "flops_gap"], 2.1)
+    np.testing.assert_allclose(final.loc[("4x MACs", "+SP - base"), "flops_gap"], 0.2, atol=1e-9)
+    assert not final.loc[("2x MACs", "+SR - base"), "equal_cost"]  # 2.1 points more FLOPs than base
+    assert final.loc[("2x MACs", "+SP - base"), "equal_cost"] and final.loc[("4x MACs", "+SR - base"), "equal_cost"]
+    shown = rp.stats_display(s)
+    assert "FLOPs gap" in shown and "target" in shown
+
+
 def test_paired_interval_matches_scipy_and_the_mdd_formula():
     from scipy import stats as st
 
@@ -236,10 +271,11 @@ def test_write_report_outputs_parse_back(runs_dir, tmp_path):
     section = md.split("## Paper table")[1].split("##")[0]
     rows = [line for line in section.splitlines() if line.startswith("|")]
     header = [c.strip() for c in rows[0].strip("|").split("|")]
-    assert header[:8] == ["table", "model", "dataset", "pruner", "SL", "variant", "n", "top1 %"]
+    assert header[:9] == ["table", "model", "dataset", "pruner", "target", "SL", "variant", "n", "top1 %"]
     body = [[c.strip() for c in r.strip("|").split("|")] for r in rows[2:]]
-    assert [r[5] for r in body] == ["base", "+SP", "+SR"]
-    assert body[0][7] == "93.50 ± 0.50" and body[2][8] == "+0.20"
+    assert [r[6] for r in body] == ["base", "+SP", "+SR"]
+    assert body[0][4] == "-"  # these runs name no pruning target
+    assert body[0][8] == "93.50 ± 0.50" and body[2][9] == "+0.20"
     assert body[0][header.index("paper top1")] == "93.84"
     for heading in ("## Seed statistics", "## Failed and incomplete runs", "## Duplicates"):
         assert heading in md

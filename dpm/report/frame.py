@@ -31,8 +31,9 @@ RUN_COLUMNS = {
 }
 
 REFERENCE_CSV = Path(__file__).resolve().parents[2] / "results" / "paper" / "reference_results.csv"
-# What makes a paper-table row: one group of seeds.
-GROUP_KEYS = ["table", "model", "dataset", "pruner", "sparse_learning", "variant"]
+# What makes a paper-table row: one group of seeds. `target` is the pruning target a run aimed at
+# (dpm.report.loading.pruning_target): one pruner at two compressions is two blocks.
+GROUP_KEYS = ["table", "model", "dataset", "pruner", "target", "sparse_learning", "variant"]
 BLOCK_KEYS = GROUP_KEYS[:-1]
 # Aggregated over seeds; top1_final is the headline, top1_best is what Torch-Pruning reports.
 AGG_METRICS = ["top1_final", "top1_best", "flops_remaining_pct", "params_remaining_pct"]
@@ -43,6 +44,8 @@ VARIANT_LABEL = {"base": "base", "sp": "+SP", "sr": "+SR"}
 COMPLETE = "complete"
 TARGET_MISSED = "target_missed"  # finished, but short of its pruning target: listed as a problem
 MISSING = "missing"
+# A variant ran at equal cost when its mean paired FLOPs % is within this many points of its base's.
+EQUAL_COST_POINTS = 1.5
 CONFIDENCE = 0.95
 POWER = 0.80
 BOOTSTRAP_MIN_N = 10

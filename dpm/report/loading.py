@@ -129,6 +129,7 @@ def load_run(run_dir: Path) -> dict:
         if "sparse_learning" not in row and isinstance(cfg.get("trainer"), dict):
             row["sparse_learning"] = (cfg["trainer"].get("sparse") or {}).get("epochs", 0) > 0
         row.update(_choice_facets(cfg, row))
+    row["target"] = pruning_target(metrics, cfg or {})
     if not metrics_path.is_file():
         problem = "config.yaml but no metrics.json (killed, or never started)"
     status = metrics.get("status") if metrics else MISSING
@@ -141,6 +142,25 @@ def load_run(run_dir: Path) -> dict:
     row["dup_key"] = _dup_key(cfg, metrics)
     row["mtime"] = (metrics_path if metrics_path.is_file() else run_dir).stat().st_mtime
     return row
+
+
+#: Each base pruner's target field (metrics.json, then its config `pruner.<field>`) and its wording.
+TARGET_FIELDS = (
+    ("speedup_target", "speedup", "{:g}x MACs"),  # DepGraph
+    ("flops_target", "flops_target", "<= {:g}% FLOPs"),  # Gate Decorator (a fraction, shown in %)
+    ("target_group_sparsity", "target_group_sparsity", "group sparsity {:g}"),  # OTOv2
+)
+
+
+def pruning_target(metrics: dict, cfg: dict) -> str:
+    """The pruning target a run aimed at, in words ("2x MACs", "<= 50% FLOPs", "group sparsity
+    0.5"); "" for a run without a pruner. A failed run says it from its config."""
+    pruner_cfg = cfg.get("pruner") if isinstance(cfg.get("pruner"), dict) else {}
+    for metric_key, cfg_key, text in TARGET_FIELDS:
+        value = metrics.get(metric_key, pruner_cfg.get(cfg_key))
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return text.format(value * 100 if metric_key == "flops_target" else value)
+    return ""
 
 
 #: DPM options an ablation sweeps that metrics.json does not record, read from the run's config

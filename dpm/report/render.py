@@ -47,6 +47,7 @@ PAPER_TABLE_COLUMNS = [
     "model",
     "dataset",
     "pruner",
+    "target",
     "SL",
     "variant",
     "n",
@@ -78,6 +79,7 @@ def paper_table_display(table: pd.DataFrame) -> pd.DataFrame:
             "model": table["model"],
             "dataset": table["dataset"],
             "pruner": table["pruner"],
+            "target": table["target"].fillna("").replace("", "-"),
             "SL": table["sparse_learning"].map({True: "yes", False: "no"}).fillna("-"),
             "variant": table["variant"].map(lambda v: VARIANT_LABEL.get(v, v)),
             "n": table["n"],
@@ -119,6 +121,7 @@ def stats_display(stats: pd.DataFrame) -> pd.DataFrame:
             "model": stats["model"],
             "dataset": stats["dataset"],
             "pruner": stats["pruner"],
+            "target": stats["target"].fillna("").replace("", "-"),
             "SL": stats["sparse_learning"].map({True: "yes", False: "no"}).fillna("-"),
             "comparison": stats["comparison"],
             "metric": stats["metric"],
@@ -131,6 +134,9 @@ def stats_display(stats: pd.DataFrame) -> pd.DataFrame:
             "includes 0": stats["includes_zero"].map({True: "YES", False: "no"}).fillna("n < 2"),
             "beat base": [f"{int(w)}/{int(n)}" for w, n in zip(stats["wins"], stats["n"])],
             "unpaired seeds": stats["unpaired_seeds"].replace("", "-"),
+            "FLOPs gap": stats["flops_gap"].map(lambda v: _fmt(v, True)),
+            "equal cost": stats["equal_cost"].map({True: "yes", False: "NO"}).fillna("-"),
+            "budget": stats["budget"].fillna("-"),
         }
     )
 

@@ -15,6 +15,7 @@ from dpm.report.frame import (
     BOOTSTRAP_MIN_N,
     BOOTSTRAP_RESAMPLES,
     CONFIDENCE,
+    EQUAL_COST_POINTS,
     POWER,
     STAT_METRICS,
     VARIANT_LABEL,
@@ -86,9 +87,12 @@ def paired_interval(
     return out
 
 
-def _comparisons(frame: pd.DataFrame, metrics: Sequence[str]) -> Iterator[tuple[dict, str, str, list, list, list]]:
+def _comparisons(
+    frame: pd.DataFrame, metrics: Sequence[str]
+) -> Iterator[tuple[dict, str, str, list, list, list, dict]]:
     """Every +SP / +SR group against its block's base, per metric: (block keys, comparison label,
-    metric, paired seeds, their differences variant - base, unpaired seeds)."""
+    metric, paired seeds, their differences variant - base, unpaired seeds, cost: the group's
+    `budget` and its paired FLOPs % differences)."""
     runs = aggregated_runs(frame).copy()
     if runs.empty or "variant" not in runs:
         return
@@ -111,9 +115,24 @@ def _comparisons(frame: pd.DataFrame, metrics: Sequence[str]) -> Iterator[tuple[
             label = VARIANT_LABEL.get(variant, variant) + (f" ({setting})" if setting else "")
             seeds = sorted(set(base.index) & set(other.index))
             unpaired = sorted(set(base.index) ^ set(other.index))
+            flops = "flops_remaining_pct"
+            cost = {
+                "budget": _one_value(group.get("budget")),
+                "flops_gaps": [float(other.at[s, flops]) - float(base.at[s, flops]) for s in seeds]
+                if flops in block
+                else [],
+            }
             for m in metrics:
                 diffs = [float(other.at[s, m]) - float(base.at[s, m]) for s in seeds]
-                yield dict(zip(BLOCK_KEYS, block_key)), f"{label} - base", m, seeds, diffs, unpaired
+                yield dict(zip(BLOCK_KEYS, block_key)), f"{label} - base", m, seeds, diffs, unpaired, cost
+
+
+def _one_value(values: pd.Series | None):
+    """A group's value of a setting when all its runs share it (None where unset or mixed)."""
+    if values is None:
+        return None
+    distinct = values.dropna().unique()
+    return distinct[0] if len(distinct) == 1 else None
 
 
 def paired_differences(frame: pd.DataFrame, metrics: Sequence[str] = STAT_METRICS) -> pd.DataFrame:
@@ -121,7 +140,7 @@ def paired_differences(frame: pd.DataFrame, metrics: Sequence[str] = STAT_METRIC
     block, comparison, metric and paired seed (``diff`` = variant - base)."""
     rows = [
         {**block, "comparison": label, "metric": m, "seed": seed, "diff": d}
-        for block, label, m, seeds, diffs, _ in _comparisons(frame, metrics)
+        for block, label, m, seeds, diffs, *_ in _comparisons(frame, metrics)
         for seed, d in zip(seeds, diffs)
     ]
     return pd.DataFrame(rows, columns=[*BLOCK_KEYS, "comparison", "metric", "seed", "diff"])
@@ -131,7 +150,9 @@ def seed_statistics(frame: pd.DataFrame, metrics: Sequence[str] = STAT_METRICS) 
     """For every +SP / +SR group against its block's base: the paired (by seed) difference of each
     metric, n, its 95% t-interval, the MDD, a bootstrap interval when n >= 10, how many seeds the
     variant beat its base on (``wins``, a tie is not a win; ``win_share`` of n), the seeds that had
-    no partner, and `includes_zero`."""
+    no partner, and `includes_zero`; and the cost it ran at: ``flops_gap`` (mean paired FLOPs %
+    difference, variant - base), ``equal_cost`` (its size within EQUAL_COST_POINTS) and the variant's
+    ``budget`` (how +SR made up for releases)."""
     columns = [
         *BLOCK_KEYS,
         "comparison",
@@ -149,9 +170,13 @@ def seed_statistics(frame: pd.DataFrame, metrics: Sequence[str] = STAT_METRICS) 
         "wins",
         "win_share",
         "unpaired_seeds",
+        "flops_gap",
+        "equal_cost",
+        "budget",
     ]
     rows = []
-    for block, label, m, _, diffs, unpaired in _comparisons(frame, metrics):
+    for block, label, m, _, diffs, unpaired, cost in _comparisons(frame, metrics):
+        gap = float(np.mean(cost["flops_gaps"])) if cost["flops_gaps"] else float("nan")
         iv = paired_interval(diffs)
         wins = sum(d > 0 for d in diffs)
         rows.append(
@@ -172,6 +197,9 @@ def seed_statistics(frame: pd.DataFrame, metrics: Sequence[str] = STAT_METRICS) 
                 "wins": wins,
                 "win_share": wins / iv.n if iv.n else float("nan"),
                 "unpaired_seeds": ",".join(str(int(s)) for s in unpaired),
+                "flops_gap": gap,
+                "equal_cost": None if math.isnan(gap) else bool(abs(gap) <= EQUAL_COST_POINTS),
+                "budget": cost["budget"],
             }
         )
     return pd.DataFrame(rows, columns=columns)
