@@ -115,16 +115,14 @@ def _comparisons(
             label = VARIANT_LABEL.get(variant, variant) + (f" ({setting})" if setting else "")
             seeds = sorted(set(base.index) & set(other.index))
             unpaired = sorted(set(base.index) ^ set(other.index))
+
+            def paired(m: str, other=other) -> list[float]:
+                return [float(other.at[s, m]) - float(base.at[s, m]) for s in seeds]
+
             flops = "flops_remaining_pct"
-            cost = {
-                "budget": _one_value(group.get("budget")),
-                "flops_gaps": [float(other.at[s, flops]) - float(base.at[s, flops]) for s in seeds]
-                if flops in block
-                else [],
-            }
+            cost = {"budget": _one_value(group.get("budget")), "flops_gaps": paired(flops) if flops in block else []}
             for m in metrics:
-                diffs = [float(other.at[s, m]) - float(base.at[s, m]) for s in seeds]
-                yield dict(zip(BLOCK_KEYS, block_key)), f"{label} - base", m, seeds, diffs, unpaired, cost
+                yield dict(zip(BLOCK_KEYS, block_key)), f"{label} - base", m, seeds, paired(m), unpaired, cost
 
 
 def _one_value(values: pd.Series | None):
