@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import sys
 from pathlib import Path
 
@@ -38,6 +39,11 @@ HELP_GROUPS = ("experiment", "model", "dataset", "pruner", "dpm", "trainer", "lo
 def main(argv: list[str] | None = None) -> None:
     """Dispatch the command line (see the module docstring)."""
     args = sys.argv[1:] if argv is None else list(argv)
+    if argv is None:
+        # A crash in native code (a segfault, glibc aborting on a corrupted heap) kills the process
+        # without a Python traceback; this prints every thread's Python stack to stderr first, so
+        # a crash seen on one host only still names the line that was running.
+        faulthandler.enable()
     if any(a in ("--help", "-h") for a in args):
         print(help_text())
         return

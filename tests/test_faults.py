@@ -327,6 +327,16 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert_no_data_lost(run_dir)
 
 
+def test_a_native_crash_prints_the_python_stack_where_it_happened(tmp_path):
+    # A crash inside native code (glibc's "double free or corruption" aborts the process) must say
+    # which Python line was running, or a crash seen only on another host cannot be located.
+    args = ["experiment=smoke", "trainer.progress=false", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = run_cli(args, env={"DPM_FAULT_AT": "pretrain:abort_step3", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -6, proc.stderr[-2000:]  # SIGABRT
+    assert "Fatal Python error: Aborted" in proc.stderr, proc.stderr[-2000:]
+    assert 'dpm/train.py", line' in proc.stderr.replace("\\", "/"), proc.stderr[-2000:]
+
+
 def test_on_nan_skip_step_skips_and_counts(tmp_path):
     dpm.faults.install(EnvFaults("pretrain:nan_step10"))  # isolated_env removes it afterwards
     metrics = run(

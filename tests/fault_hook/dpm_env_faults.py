@@ -4,7 +4,8 @@ reaches every process a test starts: `python -m dpm`, torchrun's ranks, SLURM jo
 `DPM_FAULT_AT=<point>` (e.g. `pretrain:epoch2`, right after that epoch's checkpoint) makes the
 process SIGKILL itself there, so a test can prove that a killed run resumes exactly;
 `<phase>:kill_step<k>` kills at step k of a phase (mid-epoch, e.g. mid-decay) and
-`<phase>:nan_step<k>` makes step k's loss NaN. `DPM_FAULT_SLEEP_S=<s>` sleeps that long after every
+`<phase>:nan_step<k>` makes step k's loss NaN and `<phase>:abort_step<k>` aborts the process there
+(SIGABRT, as glibc does on a corrupted heap). `DPM_FAULT_SLEEP_S=<s>` sleeps that long after every
 epoch's checkpoint, so a SLURM test can pre-empt a job between two known epochs.
 """
 
@@ -33,6 +34,8 @@ class EnvFaults:
     def step(self, phase: str, step: int, loss):
         if self.at == f"{phase}:kill_step{step}":
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.at == f"{phase}:abort_step{step}":
+            os.abort()
         if self.at == f"{phase}:nan_step{step}":
             return loss * float("nan")
         return loss
