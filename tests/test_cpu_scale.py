@@ -40,10 +40,14 @@ def test_campaign_selects_on_validation_then_reports_paired_seeds():
     assert sorted(m["seed"] for m in pretrains) == [0, 1]
     table_runs = [json.loads(p.read_text()) for p in (root / "table_depgraph").rglob("metrics.json")]
     assert {m["pretrain_source"] for m in table_runs} == {"cache"}
-    # Each stage pins its thread count (bitwise reproducible only at one): baselines 2, the rest 1.
+    # Every stage pins one thread (bitwise reproducible only at one thread count).
     selection_runs = [json.loads(p.read_text()) for p in root.glob("select_depgraph_*/*/metrics.json")]
-    assert selection_runs and {m["threads"] for m in selection_runs + table_runs} == {1}
-    assert {m["threads"] for m in pretrains} == {2}
+    assert selection_runs and {m["threads"] for m in selection_runs + table_runs + pretrains} == {1}
+    # A table run's folder is its seed and variant, a baseline's its seed.
+    assert sorted(p.parent.name for p in (root / "table_depgraph").glob("*/metrics.json")) == [
+        f"s{s}_{v}" for s in (0, 1) for v in ("base", "sp", "sr")
+    ]
+    assert sorted(p.parent.name for p in (root / "pretrain").glob("*/metrics.json")) == ["s0", "s1"]
     # The selection read validation accuracy only and chose from its grid; the table used the choice.
     selection = pd.read_csv(root / "results_smoke" / "selection" / "selection_depgraph.csv")
     choice = json.loads((root / "results_smoke" / "selection" / "chosen_depgraph.json").read_text())
@@ -94,7 +98,8 @@ def test_campaign_selects_on_validation_then_reports_paired_seeds():
 
 def test_a_later_sitting_continues_from_the_committed_records():
     """A fresh checkout has the committed results but no output tree and no baseline checkpoints:
-    the archived runs are restored and skipped, the baselines are re-made and must match."""
+    a seed whose table runs are all archived is skipped; in a seed cut short the archived runs are
+    restored and skipped, the baseline is re-made and must match."""
     done = campaign("all", "--bases", "depgraph", "--seeds", "0")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     root = Path(os.environ["DPM_OUTPUT_ROOT"]) / "cpu_scale"
@@ -105,28 +110,41 @@ def test_a_later_sitting_continues_from_the_committed_records():
     assert [r.relative_to(archived) for r in records] == [r.relative_to(root) for r in runs]
     assert all((r / "config.yaml").exists() for r in records)
     assert not any(p.suffix == ".pt" for p in archived.rglob("*"))
-    assert (archived / "table_depgraph" / "1" / "dpm_log.json.gz").exists()
+    assert (archived / "table_depgraph" / "s0_sp" / "dpm_log.json.gz").exists()
     first = {r.relative_to(root): json.loads((r / "metrics.json").read_text()) for r in runs}
 
-    # The next sitting: only the results survive (and the data cache).
-    for path in root.iterdir():
-        if path.name != "results_smoke":
-            shutil.rmtree(path)
-    shutil.rmtree(Path(os.environ["DPM_CACHE_DIR"]) / "pretrained")
+    def next_sitting():  # only the results survive (and the data cache)
+        for path in root.iterdir():
+            if path.name != "results_smoke":
+                shutil.rmtree(path)
+        shutil.rmtree(Path(os.environ["DPM_CACHE_DIR"]) / "pretrained", ignore_errors=True)  # none if none made
+
+    # A seed whose table runs are all archived is done: its baseline is not re-made.
+    next_sitting()
     again = campaign("all", "--bases", "depgraph", "--seeds", "0")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     log = again.stdout + again.stderr
-    assert "depgraph: selection done" in log
-    assert log.count("run already finished (complete)") == 3  # the table's three runs; the baseline is re-made
-    for rel, metrics in first.items():  # the selection is not re-run: its choice is committed
-        if rel.parts[0] in ("pretrain", "table_depgraph"):
-            now = json.loads((root / rel / "metrics.json").read_text())
-            assert now["top1_final"] == metrics["top1_final"], rel
-    assert (root / "report" / "runs.csv").exists()
+    assert "depgraph: selection done" in log and "seed 0: every table run is archived" in log
+    assert "run already finished" not in log and not (root / "pretrain").exists()
+    for rel, metrics in first.items():  # the report restored the table's records as they were
+        if rel.parts[0] == "table_depgraph":
+            assert json.loads((root / rel / "metrics.json").read_text()) == metrics, rel
     assert len(pd.read_csv(root / "results_smoke" / "report" / "runs.csv")) == 3
 
+    # A seed block cut short: its baseline is re-made (it must come out the same) and only the
+    # missing run runs, to the same record.
+    shutil.rmtree(archived / "table_depgraph" / "s0_sr")
+    next_sitting()
+    again = campaign("all", "--bases", "depgraph", "--seeds", "0")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert (again.stdout + again.stderr).count("run already finished (complete)") == 2
+    for rel in (Path("pretrain/s0"), Path("table_depgraph/s0_sr")):
+        now = json.loads((root / rel / "metrics.json").read_text())
+        assert now["top1_final"] == first[rel]["top1_final"] and now["threads"] == 1, rel
+    assert (root / "report" / "runs.csv").exists()
+
     # A baseline that does not come out the same stops the campaign before any table.
-    record = archived / "pretrain" / "0" / "metrics.json"
+    record = archived / "pretrain" / "s0" / "metrics.json"
     metrics = json.loads(record.read_text())
     record.write_text(json.dumps({**metrics, "top1_final": metrics["top1_final"] + 1.0}))
     shutil.rmtree(root / "pretrain")

@@ -44,3 +44,10 @@ def test_the_smoke_campaign_and_the_report_run_on_any_cpu(monkeypatch):
     monkeypatch.setattr(campaign, "report", lambda bases, smoke: reported.append(bases))
     campaign.main(["report", "--bases", "depgraph"])
     assert reported == [["depgraph"]]
+
+
+def test_seeds_that_are_not_integers_are_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        load_campaign().main(["table", "--seeds", "0,one", "--smoke"])
+    assert stop.value.code == 2
+    assert "--seeds '0,one': give comma-separated integers, e.g. --seeds 0,1,2" in capsys.readouterr().err

@@ -15,7 +15,8 @@ Selection (never on the test set): on seed SELECT_SEED's validation split (5,000
 images), +SP picks N from N_GRID by `val_top1_final`; then +SR, at that N, picks (T_rate, T_len)
 from SR_GRID_OF[base]; only runs that met their pruning target are eligible. `selection_<base>.csv`
 records every point; the chosen values feed the table, which
-runs base / +SP / +SR over SEEDS and reports test accuracy.
+runs base / +SP / +SR over SEEDS and reports test accuracy. `all` runs the tables one seed at a
+time (the seed's baseline, then every base's runs from it: see seed_blocks).
 """
 
 from __future__ import annotations
@@ -31,10 +32,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "results" / "cpu_scale"
-BASES = ("depgraph", "otov2", "gate_decorator")
+# depgraph_4x: the compression facet, DepGraph at 4x MACs (conf/experiment/cpu_scale/depgraph_4x.yaml),
+# a base of its own here: its own selection, base runs and report block.
+BASES = ("depgraph", "otov2", "gate_decorator", "depgraph_4x")
+FACETS = ("depgraph_4x",)  # kept out of the SR defaults, which describe the three pruners
 SEEDS = ",".join(str(s) for s in range(15))  # issue 23: 15 paired seeds (the five-seed campaign: 0-4)
 SELECT_SEED = 0
-N_GRID = {"depgraph": (0.1, 0.5, 1.5), "otov2": (0.1, 0.25, 1.0), "gate_decorator": (0.1, 0.5, 1.0)}
+N_GRID = {
+    "depgraph": (0.1, 0.5, 1.5),
+    "otov2": (0.1, 0.25, 1.0),
+    "gate_decorator": (0.1, 0.5, 1.0),
+    "depgraph_4x": (0.1, 0.5, 1.5),
+}
 # SR's two thresholds at two values each (radial C_rate, release rule `and`): 4 runs a base, sized
 # so that the campaign fits a few sittings on 2 cores. T_len from a DepGraph pilot on seed 0 (N = 0.5
 # epoch, T_rate 0): T_len 1 released 259 of 278 admitted channels, 2 released 13 of 128, 4 none.
@@ -48,6 +57,7 @@ SR_GRID_OF = {
     "depgraph": SR_GRID,
     "otov2": SR_GRID,
     "gate_decorator": {"dpm.T_rate": (0.0, 1e-3), "dpm.T_len": (4.0, 6.0)},
+    "depgraph_4x": SR_GRID,
 }
 # Smoke mode (tests): a tiny slice of the same data and recipe, seconds per run.
 SMOKE = [
@@ -153,17 +163,17 @@ def check_baselines(smoke: bool) -> None:
         if differ:
             raise SystemExit(
                 f"seed {new['seed']}: the re-made baseline differs from the archived one ({'; '.join(differ)}): "
-                f"re-make it on the same torch build and thread count (OMP_NUM_THREADS, "
-                f"CAMPAIGN_LAUNCHER) as the archived runs, or move {archive_dir('', smoke)} aside to "
-                f"start the campaign over"
+                f"re-make it on the kind of host (CPU model, bf16 support), torch build and thread "
+                f"count (OMP_NUM_THREADS, CAMPAIGN_LAUNCHER) of the archived runs, or move "
+                f"{archive_dir('', smoke)} aside to start the campaign over"
             )
 
 
-def stage_threads(stage: str) -> int:
-    """The thread count a stage's runs train with: the baselines 2 (one at a time, nothing else
-    running), every other stage 1 (two stages side by side use both cores). Seed 0's DepGraph and
-    OTOv2 base came out different in the selection (a 2-thread process) and the table (1 thread)."""
-    return 2 if stage == "pretrain" else 1
+# Every stage trains on one thread: CPU runs are bitwise reproducible only at one thread count, so a
+# selection run and the table run of the same config, seed and baseline are the same run; and two
+# campaign processes (two seed ranges) side by side use both cores, where a 2-thread run beside a
+# 1-thread one spins (README: 115-143 s a baseline epoch instead of 30 s).
+THREADS = 1
 
 
 def require_native_bf16() -> None:
@@ -181,12 +191,15 @@ def require_native_bf16() -> None:
         )
 
 
-def multirun(stage: str, overrides: list[str], smoke: bool, allow_failed: bool = False) -> Path:
+def multirun(
+    stage: str, overrides: list[str], smoke: bool, allow_failed: bool = False, subdir: str = "${hydra.job.num}"
+) -> Path:
     """One resumable sweep; returns its dir. A failed point fails the stage (after the others ran),
     unless `allow_failed` (a selection grid: a point that failed, e.g. never reached its pruning
     target, is simply not eligible). Archived runs are restored first (except the baselines: their
     checkpoints are re-made, and check_baselines compares them), and every run that completes is
-    archived as soon as it does."""
+    archived as soon as it does. `subdir` names each run's folder (Hydra interpolation): the job
+    number where the grid is fixed, the seed (and variant) where sittings run different seeds."""
     out = sweep_dir(stage)
     if stage != "pretrain" and (n := restore(stage, smoke)):
         print(f"{stage}: {n} finished run(s) restored from {archive_dir(stage, smoke)}", flush=True)
@@ -204,14 +217,11 @@ def multirun(stage: str, overrides: list[str], smoke: bool, allow_failed: bool =
         *extra,
         "run_id=campaign",
         f"hydra.sweep.dir={out}",
-        "hydra.sweep.subdir=${hydra.job.num}",
+        f"hydra.sweep.subdir={subdir}",
         *os.environ.get("CAMPAIGN_LAUNCHER", "").split(),
     ]
-    # CPU runs are bitwise reproducible only at one thread count: every stage pins its own, so a
-    # selection run and the table run of the same config, seed and baseline are the same run.
-    threads = stage_threads(stage)
-    print(f"+ OMP_NUM_THREADS={threads}", " ".join(cmd), flush=True)
-    sweep = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    print(f"+ OMP_NUM_THREADS={THREADS}", " ".join(cmd), flush=True)
+    sweep = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
     while sweep.poll() is None:
         time.sleep(1 if smoke else 30)
         archive(stage, smoke)
@@ -245,7 +255,7 @@ def select(base: str, smoke: bool) -> dict:
     """+SP's N, then +SR's thresholds at that N, on the validation split of SELECT_SEED. A base whose
     choice is already in the results is not selected again (delete its chosen_<base>.json to redo it):
     its table must keep using the choice it was given."""
-    path = results_dir(smoke) / "selection" / f"chosen_{base}.json"
+    path = chosen_path(base, smoke)
     if path.exists():
         print(f"{base}: selection done, keeping {path}", flush=True)
         return json.loads(path.read_text())
@@ -390,8 +400,13 @@ def sr_defaults(bases: list[str], smoke: bool) -> dict:
     return result
 
 
+def chosen_path(base: str, smoke: bool) -> Path:
+    """Where `base`'s selection keeps its choice (its table's N and thresholds)."""
+    return results_dir(smoke) / "selection" / f"chosen_{base}.json"
+
+
 def chosen(base: str, smoke: bool) -> dict:
-    path = results_dir(smoke) / "selection" / f"chosen_{base}.json"
+    path = chosen_path(base, smoke)
     if not path.exists():
         raise SystemExit(f"{path} is missing: run `campaign.py select --bases {base}` first")
     return json.loads(path.read_text())
@@ -408,8 +423,47 @@ def table_overrides(base: str, smoke: bool) -> list[str]:
     ]
 
 
+VARIANTS = ("base", "sp", "sr")
+# A run's folder is its seed and variant (not its job number): sittings may run different seeds.
+TABLE_SUBDIR = "s${seed}_${dpm.variant}"
+PRETRAIN_SUBDIR = "s${seed}"
+
+
 def table(base: str, seeds: str, smoke: bool) -> Path:
-    return multirun(f"table_{base}", [*table_overrides(base, smoke), "dpm=base,sp,sr", f"seed={seeds}"], smoke)
+    return multirun(
+        f"table_{base}",
+        [*table_overrides(base, smoke), f"dpm={','.join(VARIANTS)}", f"seed={seeds}"],
+        smoke,
+        subdir=TABLE_SUBDIR,
+    )
+
+
+def pretrain(seeds: str, smoke: bool) -> None:
+    """The baselines of `seeds` (made again where only their record survives), each compared with its
+    archived record."""
+    multirun("pretrain", ["experiment=cpu_scale/pretrain", f"seed={seeds}"], smoke, subdir=PRETRAIN_SUBDIR)
+    check_baselines(smoke)
+
+
+def table_done(base: str, seed: int, smoke: bool) -> bool:
+    """Whether every variant of `base` at `seed` has a finished record in the archive."""
+    return all((archive_dir(f"table_{base}", smoke) / f"s{seed}_{v}" / "metrics.json").exists() for v in VARIANTS)
+
+
+def seed_blocks(bases: list[str], seeds: list[int], smoke: bool) -> None:
+    """`all`'s tables, one seed at a time: a seed's baseline and every table run that starts from it
+    in one sitting, so a later sitting (another host, maybe another torch build) never has to
+    re-make a baseline its archived runs started from. A seed whose table runs are all archived is
+    skipped without re-making its baseline; one interrupted inside its block re-makes it, and the
+    baseline check refuses to go on if it came out different."""
+    for seed in seeds:
+        todo = [b for b in bases if not table_done(b, seed, smoke)]
+        if not todo:
+            print(f"seed {seed}: every table run is archived", flush=True)
+            continue
+        pretrain(str(seed), smoke)
+        for base in todo:
+            table(base, str(seed), smoke)
 
 
 def trajectories(base: str, smoke: bool) -> dict:
@@ -497,13 +551,18 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown base(s) {sorted(unknown)}; valid: {', '.join(BASES)}")
     if not args.smoke and args.stage != "report":
         require_native_bf16()
-    if args.stage in ("pretrain", "all"):
-        seeds = ",".join(sorted(set(args.seeds.split(",")) | {str(SELECT_SEED)}, key=int))
-        multirun("pretrain", ["experiment=cpu_scale/pretrain", f"seed={seeds}"], args.smoke)
-        check_baselines(args.smoke)
+    try:
+        seeds = sorted({int(s) for s in args.seeds.split(",") if s})
+    except ValueError:
+        parser.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. --seeds 0,1,2")
+    if args.stage == "pretrain":
+        pretrain(",".join(map(str, sorted({*seeds, SELECT_SEED}))), args.smoke)
     # Every selection before any table: the SR defaults (conf/dpm/sr.yaml) need all bases' choices,
     # and a sitting that ends mid-campaign leaves complete selections rather than one finished base.
+    # The selection starts from SELECT_SEED's baseline: `all` makes it only while a choice is missing.
     failed: dict[str, str] = {}
+    if args.stage == "all" and any(not chosen_path(b, args.smoke).exists() for b in bases):
+        pretrain(str(SELECT_SEED), args.smoke)
     if args.stage in ("select", "all"):
         for base in bases:
             try:
@@ -511,11 +570,13 @@ def main(argv: list[str] | None = None) -> None:
             except SystemExit as err:  # one base's selection must not hold up the others'
                 failed[base] = str(err)
                 print(f"{base}: selection failed: {err}", flush=True)
-        sr_defaults([b for b in BASES if b not in failed], args.smoke)  # every base selected so far
-    if args.stage in ("table", "all"):
+        sr_defaults([b for b in BASES if b not in failed and b not in FACETS], args.smoke)  # selected so far
+    if args.stage == "table":
         for base in bases:
             if base not in failed:
-                table(base, args.seeds, args.smoke)
+                table(base, ",".join(map(str, seeds)), args.smoke)
+    if args.stage == "all":
+        seed_blocks([b for b in bases if b not in failed], seeds, args.smoke)
     if args.stage in ("report", "all"):
         report(bases, args.smoke)
     if args.stage == "trajectories":  # extra runs, so not part of `all`
