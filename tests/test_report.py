@@ -19,6 +19,7 @@ from test_loggers import offline_records
 
 from conftest import ROOT, run_cli
 from dpm import report as rp
+from dpm.report import plots as report_plots
 
 TABLE = "depgraph_resnet56_cifar10"
 # (variant, seed) -> top1_final; best = final + 0.2, FLOPs 47 %, params 50 + seed.
@@ -532,3 +533,33 @@ def test_trajectory_plots_draw_released_targets_first(tmp_path):
     assert trajectories_to_draw({"trajectories": [], "releases": []}) == []
     written = plot_trajectories(dpm_log, "toy", tmp_path / "toy")
     assert [p.suffix for p in written] == [".png", ".pdf"] and all(p.stat().st_size > 0 for p in written)
+
+
+def test_plots_tell_two_pruning_targets_of_one_pruner_apart(monkeypatch, tmp_path):
+    # The CPU-scale facet runs DepGraph at 2x and 4x: each point and each paired block must say which.
+    figs = []
+    monkeypatch.setattr(report_plots, "_save", lambda fig, stem: figs.append(fig) or [])
+    keys = {"table": "cpu_scale", "model": "resnet20", "dataset": "cifar10", "pruner": "depgraph"}
+    keys["sparse_learning"] = None
+    table = pd.DataFrame(
+        [
+            {**keys, "target": t, "variant": v, "flops_remaining_pct_mean": f, "flops_remaining_pct_std": 0.1}
+            | {"top1_final_mean": a, "top1_final_std": 0.2}
+            for t, f in (("2x MACs", 50.0), ("4x MACs", 25.0))
+            for v, a in (("base", 77.0), ("sp", 77.2))
+        ]
+    )
+    ref = pd.DataFrame(columns=["base_pruner", "model", "dataset", "flops_remaining_pct", "top1", "table", "variant"])
+    report_plots.plot_accuracy_vs_flops(table, ref, tmp_path / "a")
+    labels = [t.get_text() for t in figs[0].axes[0].get_legend().get_texts()]
+    assert len(set(labels)) == 4 and sum("4x MACs" in label for label in labels) == 2
+    diffs = pd.DataFrame(
+        [
+            {**keys, "target": t, "comparison": "+SP - base", "seed": s, "diff": d, "metric": "top1_final"}
+            for t in ("2x MACs", "4x MACs")
+            for s, d in ((0, 0.1), (1, 0.3))
+        ]
+    )
+    report_plots.plot_paired_differences(diffs, tmp_path / "p")
+    titles = [ax.get_title() for ax in figs[1].axes]
+    assert len(set(titles)) == 2 and sum("4x MACs" in title for title in titles) == 1

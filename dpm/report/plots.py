@@ -71,6 +71,8 @@ def plot_accuracy_vs_flops(table: pd.DataFrame, ref: pd.DataFrame, path_stem: Pa
             label = f"ours {row['model']}/{row['dataset']} {VARIANT_LABEL.get(row['variant'], row['variant'])}"
             if row["sparse_learning"] is not None and not pd.isna(row["sparse_learning"]):
                 label += " SL" if row["sparse_learning"] else " no-SL"
+            if ours.get("target", pd.Series(dtype=object)).nunique() > 1:  # one pruner at two targets
+                label += f" ({row['target']})"
             ax.errorbar(
                 row["flops_remaining_pct_mean"],
                 row["top1_final_mean"],
@@ -127,6 +129,8 @@ def plot_paired_differences(diffs: pd.DataFrame, path_stem: Path, metric: str = 
             ax.axhline(iv.mean, color=color, linewidth=1.2, label=label)
         ax.axhline(0.0, color="black", linestyle="--", linewidth=0.8)
         title = f"{keys.get('pruner')} {keys.get('model')}/{keys.get('dataset')}"
+        if isinstance(keys.get("target"), str) and keys["target"]:  # NaN or "" where runs name none
+            title += f" at {keys['target']}"
         ax.set_title(title + (f" ({keys['table']})" if keys.get("table") else ""), fontsize=9)
         ax.set_xlabel("seed")
         ax.set_ylabel(f"{metric}: variant - base (points)")
