@@ -36,7 +36,7 @@ from dpm.measure import compare_models, count_macs_params, native_macs_params
 from dpm.stages import stage_for
 from dpm.stages.base import CHECKPOINT, RunContext, build_configured_model
 from dpm.stages.baseline import PRETRAIN_PROGRESS, pretrain_key_fields, pretrained_baseline
-from dpm.train import recalibrate_bn, resolve_device, resolve_speed
+from dpm.train import onednn_conv_safe, recalibrate_bn, resolve_device, resolve_speed
 
 log = logging.getLogger("dpm")
 
@@ -276,6 +276,7 @@ def execute(cfg: DictConfig, run_dir: Path, log_metrics) -> dict:
     tcfg = cfg.trainer
     device = distributed.device_for(resolve_device(tcfg.device))
     speed = resolve_speed(tcfg, device)
+    onednn = onednn_conv_safe() if device.type == "cpu" else None
     if tcfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -317,6 +318,7 @@ def execute(cfg: DictConfig, run_dir: Path, log_metrics) -> dict:
             "channels_last": speed.channels_last,
             "compile": speed.compile,
             "fast_basis": speed.basis,
+            "onednn_conv": onednn,  # False: an AVX2 CPU, whose oneDNN 1x1 kernel overflows (onednn_conv_safe)
             "train_size": len(data.train) if hasattr(data.train, "__len__") else None,
             "val_size": len(data.val) if data.val is not None else 0,
         }

@@ -66,6 +66,22 @@ class Speed:
     basis: str = ""
 
 
+def onednn_conv_safe() -> bool:
+    """Turn oneDNN's convolutions off on a CPU whose best kernels are AVX2 (no AVX-512); returns
+    whether they stay on.
+
+    There, torch 2.14.1's oneDNN runs 1x1 convolutions' weight gradient in its AVX2 1x1 kernel, which
+    writes past the end of the gradient for pruned channel counts (valgrind over a DepGraph ResNet-20
+    run: jit_avx2_1x1_convolution_bwd_weights_t, up to 16 bytes after a 5,248-byte block); glibc then
+    aborts with "double free or corruption" or the process segfaults, at a later step than the
+    write. torch's own convolution kernels are slower there, and correct."""
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()  # torch >= 2.1
+    if capability == "AVX2" and torch.backends.mkldnn.enabled:
+        torch.backends.mkldnn.enabled = False
+        log.warning("oneDNN convolutions off on this AVX2 CPU: its 1x1 weight-gradient kernel overflows (dpm.train)")
+    return bool(torch.backends.mkldnn.enabled)
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_bf16_native() -> tuple[bool, str]:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), and how that was found out.

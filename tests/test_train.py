@@ -189,3 +189,21 @@ def test_checkpoint_every_minutes_reads_the_clock_only_on_poll_steps():
     assert not checkpoint_due(CHECKPOINT_POLL, now, 0, 5.0)  # not yet 5 minutes
     assert checkpoint_due(6, now, 3, 0.0) and not checkpoint_due(7, now, 3, 0.0)
     assert not checkpoint_due(CHECKPOINT_POLL, long_ago, 0, 0.0)  # off
+
+
+def test_onednn_convolutions_are_turned_off_on_an_avx2_only_cpu(monkeypatch):
+    # torch 2.14.1's oneDNN AVX2 1x1 backward-weights kernel writes past the weight gradient for
+    # pruned channel counts (valgrind; CI died of it with "double free or corruption").
+    from dpm.train import onednn_conv_safe
+
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", True)  # put back as it was afterwards
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert onednn_conv_safe() and torch.backends.mkldnn.enabled
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not onednn_conv_safe() and not torch.backends.mkldnn.enabled
+    # Convolutions still train, on torch's own kernels: a pruned 1x1 conv's weight gradient.
+    conv = torch.nn.Conv2d(32, 41, 1, stride=2, bias=False)
+    x = torch.randn(4, 32, 8, 8)
+    conv(x).sum().backward()
+    expected = x[:, :, ::2, ::2].sum(dim=(0, 2, 3)).expand(41, 32).reshape(41, 32, 1, 1)
+    assert torch.allclose(conv.weight.grad, expected, atol=1e-4)
