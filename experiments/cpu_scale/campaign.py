@@ -317,7 +317,7 @@ def write_selection(base: str, runs: list[dict], choice: dict, smoke: bool) -> N
     ]
     frame = pd.DataFrame(rows)
     frame.to_csv(out / f"selection_{base}.csv", index=False)
-    (out / f"chosen_{base}.json").write_text(json.dumps(choice, indent=2) + "\n")
+    chosen_path(base, smoke).write_text(json.dumps(choice, indent=2) + "\n")
     plot_selection(base, frame, choice, out / f"selection_{base}.png")
     print(f"{base}: chose {choice}")
 
