@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from torch import nn
 
 from dpm.core import DecayController, RectifyConfig, Target, channel_targets
 from dpm.models import build_model
+from dpm.run import git_sha
 from dpm.train import autocast, resolve_speed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,15 +65,6 @@ def conv_bn_targets(model: nn.Module) -> list[Target]:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def git_sha() -> str | None:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def measure(args, device: torch.device, batch: int, sr: bool, speed) -> dict:

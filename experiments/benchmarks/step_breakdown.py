@@ -27,11 +27,10 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from dpm.models import build_model
+from dpm.run import git_sha
 from dpm.train import resolve_speed
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from core_overhead import git_sha  # noqa: E402  (a sibling script, not a package)
 
 CONFIGS = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
 

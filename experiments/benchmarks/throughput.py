@@ -43,6 +43,7 @@ from dpm.config import PhaseConfig
 from dpm.data.loaders import SplitLoader
 from dpm.data.sources import ImageSplit
 from dpm.models import build_model
+from dpm.run import git_sha
 from dpm.train import resolve_speed, train_phase
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -501,17 +502,6 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def git_sha() -> str | None:
-    import subprocess
-
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 if __name__ == "__main__":

@@ -28,11 +28,10 @@ import torch_pruning as tp
 from torchvision.models import resnet18
 
 from dpm.core import RectifyConfig
+from dpm.run import git_sha
 from dpm.torch_pruning import SmoothPruner
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from core_overhead import git_sha  # noqa: E402  (a sibling script, not a package)
 
 
 def measure(args, sr: bool) -> dict:
