@@ -424,8 +424,15 @@ def table_overrides(base: str, smoke: bool) -> list[str]:
 
 
 VARIANTS = ("base", "sp", "sr")
-# A run's folder is its seed and variant (not its job number): sittings may run different seeds.
-TABLE_SUBDIR = "s${seed}_${dpm.variant}"
+
+
+def table_run_name(seed: int | str, variant: str) -> str:
+    """A table run's folder: its seed and variant (not its job number), since sittings may run
+    different seeds. Spelled once: with Hydra interpolations it is the sweep's subdir."""
+    return f"s{seed}_{variant}"
+
+
+TABLE_SUBDIR = table_run_name("${seed}", "${dpm.variant}")
 PRETRAIN_SUBDIR = "s${seed}"
 
 
@@ -447,7 +454,8 @@ def pretrain(seeds: str, smoke: bool) -> None:
 
 def table_done(base: str, seed: int, smoke: bool) -> bool:
     """Whether every variant of `base` at `seed` has a finished record in the archive."""
-    return all((archive_dir(f"table_{base}", smoke) / f"s{seed}_{v}" / "metrics.json").exists() for v in VARIANTS)
+    archived = archive_dir(f"table_{base}", smoke)
+    return all((archived / table_run_name(seed, v) / "metrics.json").exists() for v in VARIANTS)
 
 
 def seed_blocks(bases: list[str], seeds: list[int], smoke: bool) -> None:
