@@ -164,3 +164,25 @@ def test_pack_rows_false_and_shared_storage_are_left_alone():
     pack = RowPack([a, b, tied], [0, 1, 2])
     assert storage(a) == storage(b) and tied.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
     assert pack.positions == {0, 1}
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["concatenated", "packed"])
+def test_a_default_device_set_by_the_user_does_not_leak_into_the_controller(packed, monkeypatch):
+    """A user's `torch.set_default_device(...)` (common on GPU hosts) must not move the controller's
+    own bookkeeping: every tensor it makes lives on its parameters' device. Here the default is
+    `meta` while the model stays on the CPU (a stand-in for `cuda` that a CPU-only host can run):
+    a tensor made without an explicit device would be meta and fail to mix with the CPU ones, or
+    change the run. The run must be the plain run, bit for bit."""
+
+    def under_meta(method):
+        def call(*args, **kwargs):
+            with torch.device("meta"):
+                return method(*args, **kwargs)
+
+        return call
+
+    plain = run(pack_rows=packed, channels_last=False)
+    for name, method in vars(DecayController).items():
+        if not name.startswith("_") and callable(method):
+            monkeypatch.setattr(DecayController, name, under_meta(method))
+    assert_same_run(plain, run(pack_rows=packed, channels_last=False))

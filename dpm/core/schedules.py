@@ -49,8 +49,11 @@ def schedule(name: str, n: torch.Tensor | float, N: torch.Tensor | float) -> tor
         fn = SCHEDULES[name]
     except KeyError:
         raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}") from None
-    n = torch.as_tensor(n, dtype=torch.float64)
-    N = torch.as_tensor(N, dtype=torch.float64, device=n.device)
+    # The tensors' device, never torch's default one (a user's set_default_device must not move it);
+    # plain numbers are computed on the CPU.
+    device = next((t.device for t in (n, N) if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    n = torch.as_tensor(n, dtype=torch.float64, device=device)
+    N = torch.as_tensor(N, dtype=torch.float64, device=device)
     u = (n / N).clamp(0.0, 1.0)
     s = fn(u)
     s = torch.where(n >= N, torch.zeros_like(s), s)

@@ -252,11 +252,13 @@ def _layout(plan: Plan, groups: list[list[int]], nhwc: list[bool], cat_start: li
     for size in plan.sizes:
         flat_start.append(offset)
         offset += size
-    flat_to_cat = torch.empty(offset, dtype=torch.long)
-    entry_of = torch.empty(offset, dtype=torch.long)
+    # CPU index maps, whatever torch's default device (explicit device= throughout dpm.core).
+    flat_to_cat = torch.empty(offset, dtype=torch.long, device="cpu")
+    entry_of = torch.empty(offset, dtype=torch.long, device="cpu")
     for e, size in enumerate(plan.sizes):
-        flat_to_cat[flat_start[e] : flat_start[e] + size] = torch.arange(cat_start[e], cat_start[e] + size)
-        entry_of[flat_start[e] : flat_start[e] + size] = e
+        rows = slice(flat_start[e], flat_start[e] + size)
+        flat_to_cat[rows] = torch.arange(cat_start[e], cat_start[e] + size, device="cpu")
+        entry_of[rows] = e
     sel = plan.sel.cpu()
     return _RowLayout(groups, flat_to_cat.index_select(0, sel), entry_of.index_select(0, sel), nhwc, cat_start)
 
@@ -355,8 +357,8 @@ def _sub_rows(sub: Plan, sup: Plan, layout: _RowLayout) -> tuple[torch.Tensor, t
     to_cat, entry_of = [], []
     for e, (key, size) in enumerate(zip(sub.entries, sub.sizes)):
         start = layout.cat_start[where[key]]
-        to_cat.append(torch.arange(start, start + size))
-        entry_of.append(torch.full((size,), e, dtype=torch.long))
+        to_cat.append(torch.arange(start, start + size, device="cpu"))
+        entry_of.append(torch.full((size,), e, dtype=torch.long, device="cpu"))
     sel = sub.sel.cpu()
     found = (torch.cat(to_cat).index_select(0, sel), torch.cat(entry_of).index_select(0, sel))
     sub._sub = (layout, found)
