@@ -51,3 +51,37 @@ def test_seeds_that_are_not_integers_are_refused_in_one_line(capsys):
         load_campaign().main(["table", "--seeds", "0,one", "--smoke"])
     assert stop.value.code == 2
     assert "--seeds '0,one': give comma-separated integers, e.g. --seeds 0,1,2" in capsys.readouterr().err
+
+
+def test_status_says_what_is_archived_and_what_is_left_without_running_anything(monkeypatch, tmp_path, capsys):
+    # A campaign spans sittings: `status` reads the archive only (no bf16 needed, no sweep) and says
+    # per base how far its selection and its table are, and how many runs are left.
+    monkeypatch.setenv("DPM_OUTPUT_ROOT", str(tmp_path))
+    monkeypatch.setattr(dpm.train, "cpu_bf16_native", lambda: (False, "cpu capability: no avx512_bf16 or amx"))
+    campaign = load_campaign()
+    monkeypatch.setattr(campaign, "multirun", lambda *a, **k: pytest.fail("a sweep started"))
+
+    def archived(stage: str, name: str, wall: float = 60.0) -> None:
+        run = campaign.archive_dir(stage, True) / name
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(f'{{"status": "complete", "wall_time_s": {wall}}}')
+
+    archived("pretrain", "s0")
+    archived("pretrain", "s1")
+    archived("select_otov2_base", "0")
+    archived("select_otov2_sp", "0")
+    campaign.chosen_path("depgraph", True).parent.mkdir(parents=True, exist_ok=True)
+    campaign.chosen_path("depgraph", True).write_text("{}")
+    for variant in ("base", "sp", "sr"):
+        archived("table_depgraph", campaign.table_run_name(0, variant), wall=120.0)
+    archived("table_depgraph", campaign.table_run_name(1, "base"), wall=120.0)
+
+    campaign.main(["status", "--bases", "depgraph,otov2", "--seeds", "0,1,2", "--smoke"])
+    out = capsys.readouterr().out
+    assert "baselines archived: 2 of 3 seeds (0-1)" in out
+    # Smoke grids: 1 base + 2 N + 2 SR points = 5 selection runs for OTOv2, 2 of them archived.
+    assert "depgraph: selection done; table 4/9 runs, seeds complete: 0, partial: 1" in out
+    assert "otov2: selection 2/5 runs; table 0/9 runs, seeds complete: none" in out
+    # Left: OTOv2's 3 selection runs, 5 + 9 table runs, seed 2's baseline; at the median archived
+    # times (runs: 120 s of [60, 60, 120 x 4]; baselines: 60 s), 17 x 120 + 60 s = 0.58 h.
+    assert "left: 17 runs and 1 baseline, about 0.6 h at one thread" in out

@@ -6,6 +6,7 @@
     python experiments/cpu_scale/campaign.py table --bases depgraph,otov2
     python experiments/cpu_scale/campaign.py report         # results/cpu_scale/ from every finished table
     python experiments/cpu_scale/campaign.py trajectories   # seed 0's +SR again, every norm logged
+    python experiments/cpu_scale/campaign.py status         # what is archived, what is left (runs nothing)
 
 Every stage is a Hydra multirun of `python -m dpm` into a fixed sweep dir under
 `$DPM_OUTPUT_ROOT/cpu_scale/` (run_id=campaign), so re-running a stage skips its complete runs and
@@ -23,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -452,10 +455,15 @@ def pretrain(seeds: str, smoke: bool) -> None:
     check_baselines(smoke)
 
 
+def table_archived(base: str, seed: int, smoke: bool) -> int:
+    """How many variants of `base` at `seed` have a finished record in the archive."""
+    archived = archive_dir(f"table_{base}", smoke)
+    return sum((archived / table_run_name(seed, v) / "metrics.json").exists() for v in VARIANTS)
+
+
 def table_done(base: str, seed: int, smoke: bool) -> bool:
     """Whether every variant of `base` at `seed` has a finished record in the archive."""
-    archived = archive_dir(f"table_{base}", smoke)
-    return all((archived / table_run_name(seed, v) / "metrics.json").exists() for v in VARIANTS)
+    return table_archived(base, seed, smoke) == len(VARIANTS)
 
 
 def seed_blocks(bases: list[str], seeds: list[int], smoke: bool) -> None:
@@ -472,6 +480,60 @@ def seed_blocks(bases: list[str], seeds: list[int], smoke: bool) -> None:
         pretrain(str(seed), smoke)
         for base in todo:
             table(base, str(seed), smoke)
+
+
+def _archived(stage: str, smoke: bool) -> list[Path]:
+    return sorted(archive_dir(stage, smoke).glob("*/metrics.json"))
+
+
+def _seed_list(seeds: list[int]) -> str:
+    """0-4, 7, 9: runs of consecutive seeds shortened."""
+    spans: list[list[int]] = []
+    for s in seeds:
+        if spans and s == spans[-1][1] + 1:
+            spans[-1][1] = s
+        else:
+            spans.append([s, s])
+    return ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in spans) or "none"
+
+
+def status(bases: list[str], seeds: list[int], smoke: bool) -> None:
+    """What the archive holds and what is left (reads records only; no run starts): the baselines,
+    per base its selection and its table, and the runs left with a rough time at the median archived
+    run's wall time (one thread a run; two processes on disjoint seeds take about half)."""
+
+    def wall(paths: list[Path]) -> list[float]:
+        return [json.loads(p.read_text()).get("wall_time_s") or 0.0 for p in paths]
+
+    baselines = sorted(int(p.parent.name[1:]) for p in _archived("pretrain", smoke) if p.parent.name[1:].isdigit())
+    with_baseline = [s for s in seeds if s in baselines]
+    print(f"baselines archived: {len(with_baseline)} of {len(seeds)} seeds ({_seed_list(with_baseline)})")
+    runs_left, run_walls = 0, []
+    for base in bases:
+        n_grid, sr_grid = grids(base, smoke)
+        stages = [f"select_{base}_{v}" for v in VARIANTS] + [f"table_{base}"]
+        run_walls += [w for stage in stages for w in wall(_archived(stage, smoke))]
+        if chosen_path(base, smoke).exists():
+            selection = "selection done"
+        else:
+            points = 1 + len(n_grid) + len(list(itertools.product(*sr_grid.values())))
+            have = sum(len(_archived(stage, smoke)) for stage in stages[:-1])
+            selection = f"selection {have}/{points} runs"
+            runs_left += points - have
+        per_seed = {s: table_archived(base, s, smoke) for s in seeds}
+        complete = [s for s, n in per_seed.items() if n == len(VARIANTS)]
+        partial = [s for s, n in per_seed.items() if 0 < n < len(VARIANTS)]
+        have, total = sum(per_seed.values()), len(seeds) * len(VARIANTS)
+        runs_left += total - have
+        line = f"{base}: {selection}; table {have}/{total} runs, seeds complete: {_seed_list(complete)}"
+        print(line + (f", partial: {_seed_list(partial)}" if partial else ""))
+    baselines_left = len(seeds) - len(with_baseline)
+    seconds = runs_left * statistics.median(run_walls or [0.0])
+    seconds += baselines_left * statistics.median(wall(_archived("pretrain", smoke)) or [0.0])
+    print(
+        f"left: {runs_left} runs and {baselines_left} baseline{'s' if baselines_left != 1 else ''}, "
+        f"about {seconds / 3600:.1f} h at one thread (the median archived run's wall time)"
+    )
 
 
 def trajectories(base: str, smoke: bool) -> dict:
@@ -548,7 +610,7 @@ def report(bases: list[str], smoke: bool) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=["pretrain", "select", "table", "report", "trajectories", "all"])
+    parser.add_argument("stage", choices=["pretrain", "select", "table", "report", "trajectories", "all", "status"])
     parser.add_argument("--bases", default=",".join(BASES))
     parser.add_argument("--seeds", default=SEEDS)
     parser.add_argument("--smoke", action="store_true", help="a tiny slice of the data, seconds per run (tests)")
@@ -557,12 +619,14 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(bases) - set(BASES)
     if unknown:
         parser.error(f"unknown base(s) {sorted(unknown)}; valid: {', '.join(BASES)}")
-    if not args.smoke and args.stage != "report":
+    if not args.smoke and args.stage not in ("report", "status"):
         require_native_bf16()
     try:
         seeds = sorted({int(s) for s in args.seeds.split(",") if s})
     except ValueError:
         parser.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. --seeds 0,1,2")
+    if args.stage == "status":
+        return status(bases, seeds, args.smoke)
     if args.stage == "pretrain":
         pretrain(",".join(map(str, sorted({*seeds, SELECT_SEED}))), args.smoke)
     # Every selection before any table: the SR defaults (conf/dpm/sr.yaml) need all bases' choices,
