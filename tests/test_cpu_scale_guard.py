@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import pytest
 
@@ -59,10 +60,11 @@ def test_status_says_what_is_archived_and_what_is_left_without_running_anything(
     monkeypatch.setenv("DPM_OUTPUT_ROOT", str(tmp_path))
     monkeypatch.setattr(dpm.train, "cpu_bf16_native", lambda: (False, "cpu capability: no avx512_bf16 or amx"))
     campaign = load_campaign()
+    records = sys.modules["campaign_records"]  # the records layer campaign.py imports
     monkeypatch.setattr(campaign, "multirun", lambda *a, **k: pytest.fail("a sweep started"))
 
     def archived(stage: str, name: str, wall: float = 60.0) -> None:
-        run = campaign.archive_dir(stage, True) / name
+        run = records.archive_dir(stage, True) / name
         run.mkdir(parents=True)
         (run / "metrics.json").write_text(f'{{"status": "complete", "wall_time_s": {wall}}}')
 
@@ -70,11 +72,11 @@ def test_status_says_what_is_archived_and_what_is_left_without_running_anything(
     archived("pretrain", "s1")
     archived("select_otov2_base", "0")
     archived("select_otov2_sp", "0")
-    campaign.chosen_path("depgraph", True).parent.mkdir(parents=True, exist_ok=True)
-    campaign.chosen_path("depgraph", True).write_text("{}")
+    records.chosen_path("depgraph", True).parent.mkdir(parents=True, exist_ok=True)
+    records.chosen_path("depgraph", True).write_text("{}")
     for variant in ("base", "sp", "sr"):
-        archived("table_depgraph", campaign.table_run_name(0, variant), wall=120.0)
-    archived("table_depgraph", campaign.table_run_name(1, "base"), wall=120.0)
+        archived("table_depgraph", records.table_run_name(0, variant), wall=120.0)
+    archived("table_depgraph", records.table_run_name(1, "base"), wall=120.0)
 
     campaign.main(["status", "--bases", "depgraph,otov2", "--seeds", "0,1,2", "--smoke"])
     out = capsys.readouterr().out

@@ -23,7 +23,6 @@ time (the seed's baseline, then every base's runs from it: see seed_blocks).
 from __future__ import annotations
 
 import argparse
-import gzip
 import itertools
 import json
 import os
@@ -33,8 +32,29 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "results" / "cpu_scale"
+# The records' layer beside this file; on sys.path also when this file is loaded by path (tests).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from campaign_records import (  # noqa: E402
+    PRETRAIN_SUBDIR,
+    ROOT,
+    TABLE_SUBDIR,
+    VARIANTS,
+    archive,
+    archive_dir,
+    archived_metrics,
+    check_baselines,
+    chosen,
+    chosen_path,
+    pretrain_run_name,
+    restore,
+    results_dir,
+    runs_of,
+    seed_list,
+    sweep_dir,
+    table_archived,
+    table_done,
+)
+
 # depgraph_4x: the compression facet, DepGraph at 4x MACs (conf/experiment/cpu_scale/depgraph_4x.yaml),
 # a base of its own here: its own selection, base runs and report block.
 BASES = ("depgraph", "otov2", "gate_decorator", "depgraph_4x")
@@ -73,19 +93,8 @@ SMOKE = [
 ]
 
 
-# What a finished run's record is (no checkpoints): enough to skip the run when a stage is re-run and
-# to rebuild the report. Large JSON logs are kept gzipped.
-RECORD_FILES = ("metrics.json", "config.yaml")
-RECORD_GZIPPED = ("dpm_log.json", "gate_decorator_ticks.json")
-# Baseline fields that must come out the same when a later sitting re-makes a baseline.
-BASELINE_FIELDS = ("top1_final", "val_top1_final", "test_loss_final")
 # Fields a trajectories replay must share with the table run it repeats (dpm.track only logs).
 REPLAY_FIELDS = ("top1_final", "val_top1_final", "test_loss_final", "released", "flops_remaining_pct")
-
-
-def results_dir(smoke: bool) -> Path:
-    """Committed results for the real campaign; smoke results stay in the output tree."""
-    return output_root() / "cpu_scale" / "results_smoke" if smoke else RESULTS
 
 
 def grids(base: str, smoke: bool) -> tuple[tuple, dict]:
@@ -93,83 +102,6 @@ def grids(base: str, smoke: bool) -> tuple[tuple, dict]:
     if smoke:
         return N_GRID[base][:2], {"dpm.T_rate": (0.0,), "dpm.T_len": (1.0, 2.0)}
     return N_GRID[base], SR_GRID_OF[base]
-
-
-def output_root() -> Path:
-    return Path(os.environ.get("DPM_OUTPUT_ROOT", ROOT / "outputs"))
-
-
-def sweep_dir(stage: str) -> Path:
-    return output_root() / "cpu_scale" / stage
-
-
-def archive_dir(stage: str, smoke: bool) -> Path:
-    """Where the records of a stage's finished runs are kept: committed with the results, so a later
-    sitting (a fresh checkout, no output tree) skips them."""
-    return results_dir(smoke) / "runs" / stage
-
-
-def archive(stage: str, smoke: bool) -> int:
-    """Copy the record of every complete run of `stage` not archived yet into archive_dir; returns
-    how many were added."""
-    added = 0
-    for metrics_path in sorted(sweep_dir(stage).glob("*/metrics.json")):
-        dest = archive_dir(stage, smoke) / metrics_path.parent.name
-        if not (dest / "metrics.json").exists() and _complete(metrics_path):
-            _copy_record(metrics_path.parent, dest, pack=True)
-            added += 1
-    return added
-
-
-def restore(stage: str, smoke: bool) -> int:
-    """Put every archived record of `stage` back into its sweep dir where that run is not complete
-    there (a fresh checkout): the sweep then skips it. Returns how many were restored."""
-    restored = 0
-    for metrics_path in sorted(archive_dir(stage, smoke).glob("*/metrics.json")):
-        run_dir = sweep_dir(stage) / metrics_path.parent.name
-        if not (run_dir / "metrics.json").exists() or not _complete(run_dir / "metrics.json"):
-            _copy_record(metrics_path.parent, run_dir, pack=False)
-            restored += 1
-    return restored
-
-
-def _complete(metrics_path: Path) -> bool:
-    """A finished run (dpm.run.FINISHED): complete, or short of its target (never eligible, but
-    archived like a complete one: re-running it gives the same record)."""
-    return json.loads(metrics_path.read_text()).get("status") in ("complete", "target_missed")
-
-
-def _copy_record(src: Path, dest: Path, pack: bool) -> None:
-    """RECORD_FILES as they are and RECORD_GZIPPED gzipped (`pack`) or back unzipped; each file
-    written whole, metrics.json last, so a kill mid-copy leaves no record that looks done."""
-    from dpm.checkpoint import atomic_write_bytes
-
-    for name in RECORD_GZIPPED:
-        source, target = (src / name, dest / f"{name}.gz") if pack else (src / f"{name}.gz", dest / name)
-        if source.exists():
-            data = source.read_bytes()
-            atomic_write_bytes(target, gzip.compress(data, mtime=0) if pack else gzip.decompress(data))
-    for name in reversed(RECORD_FILES):
-        atomic_write_bytes(dest / name, (src / name).read_bytes())
-
-
-def check_baselines(smoke: bool) -> None:
-    """The baselines a sitting re-makes (checkpoints are not committed) must be the archived ones,
-    or the archived runs of a seed and the new ones would start from different models."""
-    made = {m["seed"]: m for m in runs_of(sweep_dir("pretrain"))}
-    for metrics_path in sorted(archive_dir("pretrain", smoke).glob("*/metrics.json")):
-        old = json.loads(metrics_path.read_text())
-        new = made.get(old["seed"])
-        if new is None:  # a seed this sitting did not ask for
-            continue
-        differ = [f"{k} {old.get(k)} -> {new.get(k)}" for k in BASELINE_FIELDS if old.get(k) != new.get(k)]
-        if differ:
-            raise SystemExit(
-                f"seed {new['seed']}: the re-made baseline differs from the archived one ({'; '.join(differ)}): "
-                f"re-make it on the kind of host (CPU model, bf16 support), torch build and thread "
-                f"count (OMP_NUM_THREADS, CAMPAIGN_LAUNCHER) of the archived runs, or move "
-                f"{archive_dir('', smoke)} aside to start the campaign over"
-            )
 
 
 # Every stage trains on one thread: CPU runs are bitwise reproducible only at one thread count, so a
@@ -234,13 +166,6 @@ def multirun(
             raise subprocess.CalledProcessError(sweep.returncode, cmd)
         print(f"{stage}: some points failed (exit {sweep.returncode}); they are not eligible", flush=True)
     return out
-
-
-def runs_of(directory: Path) -> list[dict]:
-    """The complete runs' metrics, with `run_dir` where each record is now (a restored record names
-    the dir it ran in)."""
-    found = [{**json.loads(p.read_text()), "run_dir": str(p.parent)} for p in sorted(directory.rglob("metrics.json"))]
-    return [m for m in found if m.get("status") == "complete"]
 
 
 def best(runs: list[dict], key: str) -> dict:
@@ -403,18 +328,6 @@ def sr_defaults(bases: list[str], smoke: bool) -> dict:
     return result
 
 
-def chosen_path(base: str, smoke: bool) -> Path:
-    """Where `base`'s selection keeps its choice (its table's N and thresholds)."""
-    return results_dir(smoke) / "selection" / f"chosen_{base}.json"
-
-
-def chosen(base: str, smoke: bool) -> dict:
-    path = chosen_path(base, smoke)
-    if not path.exists():
-        raise SystemExit(f"{path} is missing: run `campaign.py select --bases {base}` first")
-    return json.loads(path.read_text())
-
-
 def table_overrides(base: str, smoke: bool) -> list[str]:
     """A base's table recipe at its chosen N and thresholds (no variant, no seed)."""
     c = chosen(base, smoke)
@@ -424,19 +337,6 @@ def table_overrides(base: str, smoke: bool) -> list[str]:
         f"dpm.T_rate={c['T_rate']}",
         f"dpm.T_len={c['T_len']}",
     ]
-
-
-VARIANTS = ("base", "sp", "sr")
-
-
-def table_run_name(seed: int | str, variant: str) -> str:
-    """A table run's folder: its seed and variant (not its job number), since sittings may run
-    different seeds. Spelled once: with Hydra interpolations it is the sweep's subdir."""
-    return f"s{seed}_{variant}"
-
-
-TABLE_SUBDIR = table_run_name("${seed}", "${dpm.variant}")
-PRETRAIN_SUBDIR = "s${seed}"
 
 
 def table(base: str, seeds: str, smoke: bool) -> Path:
@@ -455,17 +355,6 @@ def pretrain(seeds: str, smoke: bool) -> None:
     check_baselines(smoke)
 
 
-def table_archived(base: str, seed: int, smoke: bool) -> int:
-    """How many variants of `base` at `seed` have a finished record in the archive."""
-    archived = archive_dir(f"table_{base}", smoke)
-    return sum((archived / table_run_name(seed, v) / "metrics.json").exists() for v in VARIANTS)
-
-
-def table_done(base: str, seed: int, smoke: bool) -> bool:
-    """Whether every variant of `base` at `seed` has a finished record in the archive."""
-    return table_archived(base, seed, smoke) == len(VARIANTS)
-
-
 def seed_blocks(bases: list[str], seeds: list[int], smoke: bool) -> None:
     """`all`'s tables, one seed at a time: a seed's baseline and every table run that starts from it
     in one sitting, so a later sitting (another host, maybe another torch build) never has to
@@ -482,21 +371,6 @@ def seed_blocks(bases: list[str], seeds: list[int], smoke: bool) -> None:
             table(base, str(seed), smoke)
 
 
-def _archived(stage: str, smoke: bool) -> list[Path]:
-    return sorted(archive_dir(stage, smoke).glob("*/metrics.json"))
-
-
-def _seed_list(seeds: list[int]) -> str:
-    """0-4, 7, 9: runs of consecutive seeds shortened."""
-    spans: list[list[int]] = []
-    for s in seeds:
-        if spans and s == spans[-1][1] + 1:
-            spans[-1][1] = s
-        else:
-            spans.append([s, s])
-    return ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in spans) or "none"
-
-
 def status(bases: list[str], seeds: list[int], smoke: bool) -> None:
     """What the archive holds and what is left (reads records only; no run starts): the baselines,
     per base its selection and its table, and the runs left with a rough time at the median archived
@@ -505,19 +379,19 @@ def status(bases: list[str], seeds: list[int], smoke: bool) -> None:
     def wall(paths: list[Path]) -> list[float]:
         return [json.loads(p.read_text()).get("wall_time_s") or 0.0 for p in paths]
 
-    baselines = sorted(int(p.parent.name[1:]) for p in _archived("pretrain", smoke) if p.parent.name[1:].isdigit())
-    with_baseline = [s for s in seeds if s in baselines]
-    print(f"baselines archived: {len(with_baseline)} of {len(seeds)} seeds ({_seed_list(with_baseline)})")
+    baselines = {p.parent.name for p in archived_metrics("pretrain", smoke)}
+    with_baseline = [s for s in seeds if pretrain_run_name(s) in baselines]
+    print(f"baselines archived: {len(with_baseline)} of {len(seeds)} seeds ({seed_list(with_baseline)})")
     runs_left, run_walls = 0, []
     for base in bases:
         n_grid, sr_grid = grids(base, smoke)
         stages = [f"select_{base}_{v}" for v in VARIANTS] + [f"table_{base}"]
-        run_walls += [w for stage in stages for w in wall(_archived(stage, smoke))]
+        run_walls += [w for stage in stages for w in wall(archived_metrics(stage, smoke))]
         if chosen_path(base, smoke).exists():
             selection = "selection done"
         else:
             points = 1 + len(n_grid) + len(list(itertools.product(*sr_grid.values())))
-            have = sum(len(_archived(stage, smoke)) for stage in stages[:-1])
+            have = sum(len(archived_metrics(stage, smoke)) for stage in stages[:-1])
             selection = f"selection {have}/{points} runs"
             runs_left += points - have
         per_seed = {s: table_archived(base, s, smoke) for s in seeds}
@@ -525,11 +399,11 @@ def status(bases: list[str], seeds: list[int], smoke: bool) -> None:
         partial = [s for s, n in per_seed.items() if 0 < n < len(VARIANTS)]
         have, total = sum(per_seed.values()), len(seeds) * len(VARIANTS)
         runs_left += total - have
-        line = f"{base}: {selection}; table {have}/{total} runs, seeds complete: {_seed_list(complete)}"
-        print(line + (f", partial: {_seed_list(partial)}" if partial else ""))
+        line = f"{base}: {selection}; table {have}/{total} runs, seeds complete: {seed_list(complete)}"
+        print(line + (f", partial: {seed_list(partial)}" if partial else ""))
     baselines_left = len(seeds) - len(with_baseline)
     seconds = runs_left * statistics.median(run_walls or [0.0])
-    seconds += baselines_left * statistics.median(wall(_archived("pretrain", smoke)) or [0.0])
+    seconds += baselines_left * statistics.median(wall(archived_metrics("pretrain", smoke)) or [0.0])
     print(
         f"left: {runs_left} runs and {baselines_left} baseline{'s' if baselines_left != 1 else ''}, "
         f"about {seconds / 3600:.1f} h at one thread (the median archived run's wall time)"
