@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 
 import pytest
@@ -87,3 +88,33 @@ def test_status_says_what_is_archived_and_what_is_left_without_running_anything(
     # Left: OTOv2's 3 selection runs, 5 + 9 table runs, seed 2's baseline; at the median archived
     # times (runs: 120 s of [60, 60, 120 x 4]; baselines: 60 s), 17 x 120 + 60 s = 0.58 h.
     assert "left: 17 runs and 1 baseline, about 0.6 h at one thread" in out
+
+
+def test_selection_csv_lists_every_finished_point_and_never_chooses_one_that_missed_its_target(monkeypatch, tmp_path):
+    # A grid point that finished short of its pruning target (status target_missed) is not eligible,
+    # but it is part of the selection's evidence: selection_<base>.csv must list it, target_met False.
+    monkeypatch.setenv("DPM_OUTPUT_ROOT", str(tmp_path))
+    campaign = load_campaign()
+    records = sys.modules["campaign_records"]
+    val = {"base": [70.0], "sp": [71.0, 72.0], "sr": [75.0, 71.5]}  # sr point 0: best, but missed
+    missed = {("sr", 0)}
+
+    def fake_multirun(stage, overrides, smoke, allow_failed=False, subdir=""):
+        variant = stage.rsplit("_", 1)[1]
+        out = records.sweep_dir(stage)
+        for i, v in enumerate(val[variant]):
+            run = out / str(i)
+            run.mkdir(parents=True)
+            (run / "config.yaml").write_text(f"dpm:\n  N_epochs: {0.1 * (i + 1)}\n")
+            ok = (variant, i) not in missed
+            metrics = {"status": "complete" if ok else "target_missed", "target_met": ok, "variant": variant}
+            metrics.update(N=i + 1, T_rate=0.0, T_len=2.0 + i, val_top1_final=v, released=i, flops_remaining_pct=50.0)
+            (run / "metrics.json").write_text(json.dumps(metrics))
+        return out
+
+    monkeypatch.setattr(campaign, "multirun", fake_multirun)
+    choice = campaign.select("depgraph", True)
+    assert (choice["T_len"], choice["sr_val_top1"]) == (3.0, 71.5)  # not the missed 75.0
+    rows = (records.results_dir(True) / "selection" / "selection_depgraph.csv").read_text().splitlines()
+    assert len(rows) == 1 + 5
+    assert sum(row.endswith(",False") for row in rows) == 1

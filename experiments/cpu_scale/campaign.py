@@ -252,7 +252,8 @@ def write_selection(base: str, runs: list[dict], choice: dict, smoke: bool) -> N
 
 def plot_selection(base: str, frame, choice: dict, path: Path) -> None:
     """The selection as ablation curves of validation top-1: +SP against N (log scale), +SR against
-    T_len, one line per T_rate, with the base run and the chosen +SP as reference lines."""
+    T_len, one line per T_rate, with the base run and the chosen +SP as reference lines; a point that
+    missed its pruning target (never eligible) is crossed out in red."""
     from dpm.report import pyplot
 
     plt = pyplot()
@@ -267,6 +268,10 @@ def plot_selection(base: str, frame, choice: dict, path: Path) -> None:
         group = group.sort_values("T_len")
         ax_t.plot(group["T_len"], group["val_top1_final"], "o-", label=f"+SR, T_rate = {t_rate:g}")
     ax_t.axhline(choice["sp_val_top1"], color="tab:blue", linestyle=":", label="+SP at the chosen N")
+    for ax, rows, x in ((ax_n, sp, "N_epochs"), (ax_t, sr, "T_len")):
+        missed = rows[rows["target_met"] == False]  # noqa: E712 (NaN: unknown, not missed)
+        if len(missed):
+            ax.plot(missed[x], missed["val_top1_final"], "x", color="tab:red", ms=9, label="missed its target")
     ax_t.set_xlabel(f"T_len (+SR at N = {choice['N_epochs']:g} epochs)")
     for ax in (ax_n, ax_t):
         if choice.get("base_val_top1") is not None:

@@ -54,7 +54,7 @@ def archive(stage: str, smoke: bool) -> int:
     added = 0
     for metrics_path in sorted(sweep_dir(stage).glob("*/metrics.json")):
         dest = archive_dir(stage, smoke) / metrics_path.parent.name
-        if not (dest / "metrics.json").exists() and _complete(metrics_path):
+        if not (dest / "metrics.json").exists() and _finished_record(metrics_path):
             _copy_record(metrics_path.parent, dest, pack=True)
             added += 1
     return added
@@ -66,16 +66,22 @@ def restore(stage: str, smoke: bool) -> int:
     restored = 0
     for metrics_path in sorted(archive_dir(stage, smoke).glob("*/metrics.json")):
         run_dir = sweep_dir(stage) / metrics_path.parent.name
-        if not (run_dir / "metrics.json").exists() or not _complete(run_dir / "metrics.json"):
+        if not (run_dir / "metrics.json").exists() or not _finished_record(run_dir / "metrics.json"):
             _copy_record(metrics_path.parent, run_dir, pack=False)
             restored += 1
     return restored
 
 
-def _complete(metrics_path: Path) -> bool:
-    """A finished run (dpm.run.FINISHED): complete, or short of its target (never eligible, but
-    archived like a complete one: re-running it gives the same record)."""
-    return json.loads(metrics_path.read_text()).get("status") in ("complete", "target_missed")
+def _finished(metrics: dict) -> bool:
+    """A finished run: complete, or short of its target (never eligible, but archived and listed like
+    a complete one: re-running it gives the same record)."""
+    from dpm.run import FINISHED
+
+    return metrics.get("status") in FINISHED
+
+
+def _finished_record(metrics_path: Path) -> bool:
+    return _finished(json.loads(metrics_path.read_text()))
 
 
 def _copy_record(src: Path, dest: Path, pack: bool) -> None:
@@ -112,10 +118,10 @@ def check_baselines(smoke: bool) -> None:
 
 
 def runs_of(directory: Path) -> list[dict]:
-    """The complete runs' metrics, with `run_dir` where each record is now (a restored record names
-    the dir it ran in)."""
+    """The finished runs' metrics (complete or target_missed: `target_met` tells them apart), with
+    `run_dir` where each record is now (a restored record names the dir it ran in)."""
     found = [{**json.loads(p.read_text()), "run_dir": str(p.parent)} for p in sorted(directory.rglob("metrics.json"))]
-    return [m for m in found if m.get("status") == "complete"]
+    return [m for m in found if _finished(m)]
 
 
 def chosen_path(base: str, smoke: bool) -> Path:
