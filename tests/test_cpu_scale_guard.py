@@ -81,13 +81,13 @@ def test_status_says_what_is_archived_and_what_is_left_without_running_anything(
 
     campaign.main(["status", "--bases", "depgraph,otov2", "--seeds", "0,1,2", "--smoke"])
     out = capsys.readouterr().out
-    assert "baselines archived: 2 of 3 seeds (0-1)" in out
+    assert "baselines archived: 2 of 3 seeds (0-1); median run 60 s" in out
     # Smoke grids: 1 base + 2 N + 2 SR points = 5 selection runs for OTOv2, 2 of them archived.
-    assert "depgraph: selection done; table 4/9 runs, seeds complete: 0, partial: 1" in out
-    assert "otov2: selection 2/5 runs; table 0/9 runs, seeds complete: none" in out
-    # Left: OTOv2's 3 selection runs, 5 + 9 table runs, seed 2's baseline; at the median archived
-    # times (runs: 120 s of [60, 60, 120 x 4]; baselines: 60 s), 17 x 120 + 60 s = 0.58 h.
-    assert "left: 17 runs and 1 baseline, about 0.6 h at one thread" in out
+    assert "depgraph: selection done; table 4/9 runs, seeds complete: 0, partial: 1; median run 120 s" in out
+    assert "otov2: selection 2/5 runs; table 0/9 runs, seeds complete: none; median run 60 s" in out
+    # Left: DepGraph's 5 table runs at its median 120 s, OTOv2's 3 selection and 9 table runs at its
+    # 60 s, seed 2's baseline at 60 s: 600 + 720 + 60 s = 0.38 h.
+    assert "left: 17 runs and 1 baseline, about 0.4 h at one thread" in out
 
 
 def test_selection_csv_lists_every_finished_point_and_never_chooses_one_that_missed_its_target(monkeypatch, tmp_path):

@@ -378,40 +378,54 @@ def seed_blocks(bases: list[str], seeds: list[int], smoke: bool) -> None:
 
 def status(bases: list[str], seeds: list[int], smoke: bool) -> None:
     """What the archive holds and what is left (reads records only; no run starts): the baselines,
-    per base its selection and its table, and the runs left with a rough time at the median archived
-    run's wall time (one thread a run; two processes on disjoint seeds take about half)."""
+    per base its selection, its table and the median wall time of its archived runs, and the runs
+    left with a rough time at those medians (one thread a run; two processes on disjoint seeds take
+    about half)."""
 
-    def wall(paths: list[Path]) -> list[float]:
-        return [json.loads(p.read_text()).get("wall_time_s") or 0.0 for p in paths]
+    def median_wall(paths: list[Path]) -> float | None:
+        walls = [json.loads(p.read_text()).get("wall_time_s") for p in paths]
+        walls = [w for w in walls if w]
+        return statistics.median(walls) if walls else None
 
-    baselines = {p.parent.name for p in archived_metrics("pretrain", smoke)}
-    with_baseline = [s for s in seeds if pretrain_run_name(s) in baselines]
-    print(f"baselines archived: {len(with_baseline)} of {len(seeds)} seeds ({seed_list(with_baseline)})")
-    runs_left, run_walls = 0, []
+    def median_text(seconds: float | None) -> str:
+        return f"median run {seconds:.0f} s" if seconds is not None else "no run timed yet"
+
+    baselines = archived_metrics("pretrain", smoke)
+    with_baseline = [s for s in seeds if pretrain_run_name(s) in {p.parent.name for p in baselines}]
+    baseline_wall = median_wall(baselines)
+    print(
+        f"baselines archived: {len(with_baseline)} of {len(seeds)} seeds ({seed_list(with_baseline)}); "
+        + median_text(baseline_wall)
+    )
+    left: dict[str, int] = {}
+    walls: dict[str, float | None] = {}
     for base in bases:
         n_grid, sr_grid = grids(base, smoke)
         stages = [f"select_{base}_{v}" for v in VARIANTS] + [f"table_{base}"]
-        run_walls += [w for stage in stages for w in wall(archived_metrics(stage, smoke))]
+        walls[base] = median_wall([p for stage in stages for p in archived_metrics(stage, smoke)])
+        left[base] = 0
         if chosen_path(base, smoke).exists():
             selection = "selection done"
         else:
             points = 1 + len(n_grid) + len(list(itertools.product(*sr_grid.values())))
             have = sum(len(archived_metrics(stage, smoke)) for stage in stages[:-1])
             selection = f"selection {have}/{points} runs"
-            runs_left += points - have
+            left[base] += points - have
         per_seed = {s: table_archived(base, s, smoke) for s in seeds}
         complete = [s for s, n in per_seed.items() if n == len(VARIANTS)]
         partial = [s for s, n in per_seed.items() if 0 < n < len(VARIANTS)]
         have, total = sum(per_seed.values()), len(seeds) * len(VARIANTS)
-        runs_left += total - have
+        left[base] += total - have
         line = f"{base}: {selection}; table {have}/{total} runs, seeds complete: {seed_list(complete)}"
-        print(line + (f", partial: {seed_list(partial)}" if partial else ""))
+        print(line + (f", partial: {seed_list(partial)}" if partial else "") + "; " + median_text(walls[base]))
+    # A base with no timed run yet is estimated at the median of the others'.
+    fallback = statistics.median([w for w in walls.values() if w is not None] or [0.0])
     baselines_left = len(seeds) - len(with_baseline)
-    seconds = runs_left * statistics.median(run_walls or [0.0])
-    seconds += baselines_left * statistics.median(wall(archived_metrics("pretrain", smoke)) or [0.0])
+    seconds = sum(n * (walls[b] if walls[b] is not None else fallback) for b, n in left.items())
+    seconds += baselines_left * (baseline_wall or 0.0)
     print(
-        f"left: {runs_left} runs and {baselines_left} baseline{'s' if baselines_left != 1 else ''}, "
-        f"about {seconds / 3600:.1f} h at one thread (the median archived run's wall time)"
+        f"left: {sum(left.values())} runs and {baselines_left} baseline{'s' if baselines_left != 1 else ''}, "
+        f"about {seconds / 3600:.1f} h at one thread (each base's median archived run)"
     )
 
 
