@@ -49,7 +49,7 @@ def archive_dir(stage: str, smoke: bool) -> Path:
 
 
 def archive(stage: str, smoke: bool) -> int:
-    """Copy the record of every complete run of `stage` not archived yet into archive_dir; returns
+    """Copy the record of every finished run of `stage` not archived yet into archive_dir; returns
     how many were added."""
     added = 0
     for metrics_path in sorted(sweep_dir(stage).glob("*/metrics.json")):
@@ -61,10 +61,10 @@ def archive(stage: str, smoke: bool) -> int:
 
 
 def restore(stage: str, smoke: bool) -> int:
-    """Put every archived record of `stage` back into its sweep dir where that run is not complete
+    """Put every archived record of `stage` back into its sweep dir where that run is not finished
     there (a fresh checkout): the sweep then skips it. Returns how many were restored."""
     restored = 0
-    for metrics_path in sorted(archive_dir(stage, smoke).glob("*/metrics.json")):
+    for metrics_path in archived_metrics(stage, smoke):
         run_dir = sweep_dir(stage) / metrics_path.parent.name
         if not (run_dir / "metrics.json").exists() or not _finished_record(run_dir / "metrics.json"):
             _copy_record(metrics_path.parent, run_dir, pack=False)
@@ -102,7 +102,7 @@ def check_baselines(smoke: bool) -> None:
     """The baselines a sitting re-makes (checkpoints are not committed) must be the archived ones,
     or the archived runs of a seed and the new ones would start from different models."""
     made = {m["seed"]: m for m in runs_of(sweep_dir("pretrain"))}
-    for metrics_path in sorted(archive_dir("pretrain", smoke).glob("*/metrics.json")):
+    for metrics_path in archived_metrics("pretrain", smoke):
         old = json.loads(metrics_path.read_text())
         new = made.get(old["seed"])
         if new is None:  # a seed this sitting did not ask for
