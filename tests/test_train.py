@@ -11,7 +11,7 @@ from dpm.data.sources import load_synthetic
 from dpm.errors import UserError
 from dpm.models import build_model
 from dpm.run import run
-from dpm.train import make_optimizer, make_scheduler, recalibrate_bn, train_phase
+from dpm.train import make_optimizer, make_scheduler, onednn_conv_safe, recalibrate_bn, train_phase
 
 
 def phase_cfg(**kw):
@@ -194,8 +194,6 @@ def test_checkpoint_every_minutes_reads_the_clock_only_on_poll_steps():
 def test_onednn_convolutions_are_turned_off_on_an_avx2_only_cpu(monkeypatch):
     # torch 2.14.1's oneDNN AVX2 1x1 backward-weights kernel writes past the weight gradient for
     # pruned channel counts (valgrind; CI died of it with "double free or corruption").
-    from dpm.train import onednn_conv_safe
-
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", True)  # put back as it was afterwards
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert onednn_conv_safe() and torch.backends.mkldnn.enabled
