@@ -391,7 +391,8 @@ def status(bases: list[str], seeds: list[int], smoke: bool) -> None:
         return f"median run {seconds:.0f} s" if seconds is not None else "no run timed yet"
 
     baselines = archived_metrics("pretrain", smoke)
-    with_baseline = [s for s in seeds if pretrain_run_name(s) in {p.parent.name for p in baselines}]
+    baseline_names = {p.parent.name for p in baselines}
+    with_baseline = [s for s in seeds if pretrain_run_name(s) in baseline_names]
     baseline_wall = median_wall(baselines)
     print(
         f"baselines archived: {len(with_baseline)} of {len(seeds)} seeds ({seed_list(with_baseline)}); "
@@ -401,16 +402,15 @@ def status(bases: list[str], seeds: list[int], smoke: bool) -> None:
     walls: dict[str, float | None] = {}
     for base in bases:
         n_grid, sr_grid = grids(base, smoke)
-        stages = [f"select_{base}_{v}" for v in VARIANTS] + [f"table_{base}"]
-        walls[base] = median_wall([p for stage in stages for p in archived_metrics(stage, smoke)])
+        selected = [p for v in VARIANTS for p in archived_metrics(f"select_{base}_{v}", smoke)]
+        walls[base] = median_wall(selected + archived_metrics(f"table_{base}", smoke))
         left[base] = 0
         if chosen_path(base, smoke).exists():
             selection = "selection done"
         else:
             points = 1 + len(n_grid) + len(list(itertools.product(*sr_grid.values())))
-            have = sum(len(archived_metrics(stage, smoke)) for stage in stages[:-1])
-            selection = f"selection {have}/{points} runs"
-            left[base] += points - have
+            selection = f"selection {len(selected)}/{points} runs"
+            left[base] += points - len(selected)
         per_seed = {s: table_archived(base, s, smoke) for s in seeds}
         complete = [s for s, n in per_seed.items() if n == len(VARIANTS)]
         partial = [s for s, n in per_seed.items() if 0 < n < len(VARIANTS)]
