@@ -16,7 +16,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from dpm.report import NoRunsError, report_runs
+from dpm.report import NoRunsError, problem_counts, report_runs
 
 log = logging.getLogger(__name__)
 # The report of the last multirun this process ran (dpm.run.sweep_verdict reads it for the exit code).
@@ -56,5 +56,11 @@ class ReportCallback(Callback):
             return
         global LAST_REPORT
         LAST_REPORT = report
-        n_bad = len(report.problems)
-        log.info("report: %s (%d runs, %d failed or incomplete)", report.out / "report.md", len(report.runs), n_bad)
+        _, failed, running = problem_counts(report.problems)
+        log.info(
+            "report: %s (%d runs, %d failed or incomplete, %d running in another process)",
+            report.out / "report.md",
+            len(report.runs),
+            failed,
+            running,
+        )

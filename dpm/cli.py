@@ -27,7 +27,7 @@ from dpm import callbacks
 from dpm.config import CONF_DIR, compose
 from dpm.errors import UserError
 from dpm.quickstart import main as run_main_job
-from dpm.report import format_runs
+from dpm.report import format_runs, problem_counts
 from dpm.run import run
 
 # Run dirs of this process's multirun jobs that stopped with a UserError (sweep_verdict reads them).
@@ -227,12 +227,13 @@ def sweep_verdict() -> None:
     """After a multirun: exit 1 with one line when a run failed or ended short of its target (read
     from the sweep's report, which sees the runs of every launcher, and from this process's jobs)."""
     report, callbacks.LAST_REPORT = callbacks.LAST_REPORT, None
-    statuses = list(report.problems["status"]) if report is not None else []
-    missed = statuses.count("target_missed")
-    failed = max(len(statuses) - missed, len(SWEEP_FAILURES))
+    # A run another process is running (two processes share the sweep dir) is not this sweep's:
+    # the sweep's own jobs have all ended when its report is written.
+    missed, failed, running = problem_counts(report.problems) if report is not None else (0, 0, 0)
+    failed = max(failed, len(SWEEP_FAILURES))
     SWEEP_FAILURES.clear()
     if missed or failed:
-        total = len(report.runs) if report is not None else failed
+        total = len(report.runs) - running if report is not None else failed
         where = f": see {report.out / 'report.md'}" if report is not None else ""
         print(
             f"error: {missed + failed} of {total} runs did not complete ({missed} short of their pruning target, "

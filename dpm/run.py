@@ -10,13 +10,10 @@ Every run ends with `metrics.json` in its run dir, written atomically, `complete
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
-import os
 import platform
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -33,6 +30,7 @@ from dpm.errors import UserError
 from dpm.faults import fault_point
 from dpm.loggers import NullLogger, make_logger
 from dpm.measure import compare_models, count_macs_params, native_macs_params
+from dpm.run_lock import run_dir_lock
 from dpm.stages import stage_for
 from dpm.stages.base import CHECKPOINT, RunContext, build_configured_model
 from dpm.stages.baseline import PRETRAIN_PROGRESS, pretrain_key_fields, pretrained_baseline
@@ -185,37 +183,6 @@ def target_text(metrics: dict) -> str:
         "gate_decorator": lambda: f"{100 * metrics['native_flops_remaining']:.1f}%",
     }.get(pruner)
     return f"{target_goal(metrics)}, reached {reached()}" if reached else f"target_met false ({pruner})"
-
-
-@contextlib.contextmanager
-def run_dir_lock(run_dir: Path):
-    """Hold `run_dir/run.lock` (flock, with pid and host inside) for the run: a second process
-    pointed at the same run dir is refused. A lock left by a dead process is not held by anyone
-    (the kernel drops flocks with their process) and is taken over with a note."""
-    path = run_dir / "run.lock"
-    with open(path, "a+") as f:
-        f.seek(0)
-        holder = f.read().strip()
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(
-                f"{run_dir} is in use by another process ({holder or 'unknown'}): wait for it to finish, "
-                f"or give this run another run_id / hydra.run.dir"
-            ) from None
-        if holder:
-            log.info("taking over the stale lock of a process that is gone (%s)", holder)
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            f.seek(0)
-            f.truncate()
-            f.flush()
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def refuse_changed_config(cfg: DictConfig, run_dir: Path) -> None:

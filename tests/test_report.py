@@ -485,6 +485,34 @@ def test_report_of_only_failed_runs_has_the_header_and_lists_them(tmp_path):
     assert (tmp_path / "report" / "tables.tex").exists()
 
 
+def test_a_run_another_process_holds_is_running_and_fails_no_sweep(tmp_path, capsys):
+    """Two processes share a sweep dir (the CPU-scale campaign runs two side by side): the report of
+    one must list the other's run in flight as running, and its exit code must not count it."""
+    from dpm import callbacks, cli
+    from dpm.run_lock import run_dir_lock
+
+    root = tmp_path / "sweep"
+    write_run(root / "0_base_0", "base", 0, 92.0)
+    busy = write_run(root / "1_sp_0", "sp", 0, None, metrics=False)
+    with run_dir_lock(busy):
+        report = rp.write_report([root], tmp_path / "report", plots=False)
+        callbacks.LAST_REPORT = report
+        cli.sweep_verdict()  # returns: nothing of this sweep failed
+    status = dict(zip(report.runs["run_dir"].map(lambda d: Path(d).name), report.runs["status"]))
+    assert status == {"0_base_0": "complete", "1_sp_0": "running"}
+    problem = report.problems.set_index("status").loc["running", "problem"]
+    assert problem.startswith(f"running in another process (pid {os.getpid()} on ")
+    assert "1 complete, 0 short of their pruning target, 0 failed or incomplete, 1 running" in report.markdown
+    # Once the lock is gone (the process died), the same dir is incomplete and fails the sweep.
+    (busy / "run.lock").write_text("pid 999999 on elsewhere since 2026-01-01 00:00:00\n")
+    callbacks.LAST_REPORT = rp.write_report([root], tmp_path / "report", plots=False)
+    with pytest.raises(SystemExit):
+        cli.sweep_verdict()
+    assert "1 of 2 runs did not complete (0 short of their pruning target, 1 failed or incomplete)" in (
+        capsys.readouterr().err
+    )
+
+
 def test_base_gate_withholds_variants_without_base_and_checks_the_base_row(tmp_path):
     from dpm.config import compose
     from dpm.run import run

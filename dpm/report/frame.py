@@ -44,6 +44,7 @@ VARIANT_LABEL = {"base": "base", "sp": "+SP", "sr": "+SR"}
 COMPLETE = "complete"
 TARGET_MISSED = "target_missed"  # finished, but short of its pruning target: listed as a problem
 MISSING = "missing"
+RUNNING = "running"  # unfinished, and its run.lock is held by a live process: listed, not a failure
 # A variant ran at equal cost when its mean paired FLOPs % is within this many points of its base's.
 EQUAL_COST_POINTS = 1.5
 CONFIDENCE = 0.95

@@ -14,7 +14,8 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from dpm.config import comparable_config
-from dpm.report.frame import COMPLETE, GROUP_KEYS, MISSING, REPORT_DIRNAME, runs_frame
+from dpm.report.frame import COMPLETE, GROUP_KEYS, MISSING, REPORT_DIRNAME, RUNNING, runs_frame
+from dpm.run_lock import lock_holder
 
 
 class NoRunsError(ValueError):
@@ -134,6 +135,11 @@ def load_run(run_dir: Path) -> dict:
         problem = "config.yaml but no metrics.json (killed, or never started)"
     status = metrics.get("status") if metrics else MISSING
     row["status"] = status or MISSING
+    holder = lock_holder(run_dir) if row["status"] != COMPLETE else None
+    if holder:  # another process (a second campaign process sharing this sweep dir) runs it: no failure
+        row["status"], problem = RUNNING, f"running in another process ({holder})"
+    elif row["status"] == RUNNING:  # a record that says running, whose process is gone
+        row["status"] = MISSING
     if problem is None and row["status"] != COMPLETE:
         problem = metrics.get("error") or f"status {row['status']!r}"
     row["problem"] = problem

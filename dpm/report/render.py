@@ -19,6 +19,7 @@ from dpm.report.frame import (
     COMPLETE,
     REFERENCE_CSV,
     REPORT_DIRNAME,
+    RUNNING,
     TARGET_MISSED,
     VARIANT_LABEL,
 )
@@ -151,6 +152,14 @@ def problem_runs(frame: pd.DataFrame) -> pd.DataFrame:
     return bad.reindex(columns=PROBLEM_COLUMNS)
 
 
+def problem_counts(problems: pd.DataFrame) -> tuple[int, int, int]:
+    """(short of their target, failed or incomplete, running in another process) among `problems`
+    (problem_runs). A running run is another process's business: no failure of this report's sweep."""
+    missed = int((problems["status"] == TARGET_MISSED).sum())
+    running = int((problems["status"] == RUNNING).sum())
+    return missed, len(problems) - missed - running, running
+
+
 def duplicate_runs(frame: pd.DataFrame) -> pd.DataFrame:
     """Every run of a config and seed that ran more than once, with the run dir that was kept."""
     groups = frame[frame["duplicate_of"].notna()]["dup_key"].unique()
@@ -196,13 +205,14 @@ def render_markdown(
 ) -> str:
     """The whole report as one Markdown document (also what the CLI prints)."""
     n_ok = int((runs["status"] == COMPLETE).sum())
-    n_missed = int((problems["status"] == TARGET_MISSED).sum())
+    n_missed, n_failed, n_running = problem_counts(problems)
     parts = [
         "# dpm report",
         "",
         f"{len(runs)} run dirs under {', '.join(map(str, dirs))}: {n_ok} complete, {n_missed} short of their "
-        f"pruning target, {len(problems) - n_missed} failed or incomplete, "
-        f"{int(runs['duplicate_of'].notna().sum())} duplicates left out.",
+        f"pruning target, {n_failed} failed or incomplete, "
+        + (f"{n_running} running in another process, " if n_running else "")
+        + f"{int(runs['duplicate_of'].notna().sum())} duplicates left out.",
         "",
         "## Paper table",
         "",
@@ -224,8 +234,9 @@ def render_markdown(
         "",
         "## Failed and incomplete runs",
         "",
-        "Never aggregated: failed, killed or unfinished runs, and runs that ended short of their pruning "
-        "target (status `target_missed`, `problem` says what they reached).",
+        "Never aggregated: failed, killed or unfinished runs, runs that ended short of their pruning "
+        "target (status `target_missed`, `problem` says what they reached), and runs another process "
+        "is still running (status `running`: their run.lock is held).",
         "",
         _markdown(problems),
         "",

@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 
 from dpm.report.frame import COMPLETE, RUN_COLUMNS
-from dpm.report.render import Report, paper_table_display, stats_display
+from dpm.report.render import Report, paper_table_display, problem_counts, stats_display
 
 
 def _wandb_frame(frame: pd.DataFrame) -> pd.DataFrame:
@@ -62,7 +62,7 @@ def log_report_to_wandb(
             {
                 "runs": int(len(report.runs)),
                 "complete": int((report.runs["status"] == COMPLETE).sum()),
-                "failed_or_incomplete": int(len(report.problems)),
+                "failed_or_incomplete": problem_counts(report.problems)[1],
                 "duplicates": int(report.runs["duplicate_of"].notna().sum()),
             }
         )
