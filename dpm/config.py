@@ -173,6 +173,10 @@ class GateDecoratorConfig(PrunerConfig):
     # One SGD momentum through ticks, tocks and drains (the original's single optimizer; false: a
     # fresh optimizer per phase, dpm's earlier ticks).
     carry_momentum: bool = True
+    # The tick that would cross flops_target keeps only the shortest lowest-scored prefix of its
+    # selection that reaches it (false: the whole selection, the original; with a coarse p that
+    # lands up to a whole tick below the target, and base and +SP can land on either side of it).
+    trim_to_target: bool = False
     # T: a tock after every T ticks.
     tock_every: int = 10
     # A tick: Taylor scores |g dL/dg| summed over its steps while everything but the convolutions

@@ -248,6 +248,43 @@ def test_tick_counts_selects_and_lags_as_the_original(net):
         assert masked == set().union(*(e["masked"] for e in expected[:t])), t
 
 
+@pytest.mark.parametrize("tick_rule", ["original", "units"])
+def test_trim_to_target_masks_only_the_lowest_selected_units_the_target_needs(tick_rule):
+    """A coarse tick (p large) can cross the FLOPs target by far: the CPU-scale recipe's p = 12% once
+    left +SP at 21.8% FLOPs where its base stopped at 49.2% (seed 3, target 50%). With trim_to_target
+    the crossing tick keeps the shortest lowest-scored prefix of its selection that reaches the
+    target; without it (the original), the whole selection; a tick short of the target is untouched."""
+    from dpm.models import build_model
+
+    model = randomised(build_model("tiny_cnn", 10))
+    x = torch.randn(2, 3, 8, 8)
+    widths = {n: m.num_features for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    order = torch.randperm(sum(widths.values()), generator=torch.Generator().manual_seed(2)).double().tolist()
+    scores, at = {}, 0
+    for bn, w in widths.items():  # distinct scores: one lowest-first order
+        scores[bn], at = order[at : at + w], at + w
+
+    def first_tick(target: float, trim: bool) -> tuple[GateDecorator, dict]:
+        options = dict(prune_ratio=0.6, flops_target=target, tick_rule=tick_rule, trim_to_target=trim)
+        gd = gated(copy.deepcopy(model), x, **options)
+        gd.begin_phase("tick", 1, steps=1)
+        set_scores(gd, scores)
+        gd.ticks = 1
+        return gd, gd.select()
+
+    whole_gd, whole = first_tick(0.8, trim=False)
+    assert whole_gd.flops_remaining() < 0.7  # the premise: the tick overshoots the target by far
+    trim_gd, trimmed = first_tick(0.8, trim=True)
+    k = len(trimmed["selected"])
+    assert 0 < k < len(whole["selected"]) and trimmed["selected"] == whole["selected"][:k]
+    assert trimmed["trimmed_from"] == len(whole["selected"]) and whole["trimmed_from"] is None
+    last = tuple(trimmed["selected"][-1])
+    assert trim_gd.flops_remaining() <= 0.8 < trim_gd.flops_remaining(trim_gd.removed() - {last})
+    # short of the target: the whole selection either way
+    _, short = first_tick(0.01, trim=True)
+    assert short["selected"] == whole["selected"] and short["trimmed_from"] is None
+
+
 def test_first_tick_counts_bn_channel_entries_of_coupled_layers():
     """p = 0.05 on tiny_resnet (72 BN channels, two coupled stages): num = int(0.05 * 72) = 3, so the
     tick takes the 4 lowest entries; a coupled unit is 2 entries, so 3 units where the units rule

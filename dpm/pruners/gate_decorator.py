@@ -75,6 +75,9 @@ class GateDecorator:
         tick_bn_bias: BN biases train in ticks (the original) or stay frozen (dpm's earlier ticks).
         carry_momentum: one SGD momentum through every tick, tock and drain (the original's single
             optimizer), or a fresh optimizer per phase (dpm's earlier ticks).
+        trim_to_target: the tick whose selection would cross ``flops_target`` keeps only the
+            shortest lowest-scored prefix of it that reaches the target (False: the whole
+            selection, the original, which can land up to a whole tick below the target).
     """
 
     def __init__(
@@ -99,6 +102,7 @@ class GateDecorator:
         floor_rounding: str = "floor",
         tick_bn_bias: bool = True,
         carry_momentum: bool = True,
+        trim_to_target: bool = False,
     ) -> None:
         for name, value, valid in (
             ("decay_vector", decay_vector, DECAY_VECTORS),
@@ -109,6 +113,7 @@ class GateDecorator:
                 raise ValueError(f"{name} must be one of {valid}, got {value!r}")
         self.model, self.units, self.skeleton = model, units, skeleton
         self.tick_rule, self.tick_bn_bias, self.carry_momentum = tick_rule, bool(tick_bn_bias), bool(carry_momentum)
+        self.trim_to_target = bool(trim_to_target)
         self.example = example[:1]
         self.prune_ratio, self.flops_target = float(prune_ratio), float(flops_target)
         self.tock_l1, self.tock_lr_max = float(tock_l1), tock_lr_max
@@ -366,6 +371,9 @@ class GateDecorator:
             basis = remaining
             count = max(1, int(self.prune_ratio * remaining))
             chosen = self._choose(scores, count, excluded)
+        selected = len(chosen)
+        if self.trim_to_target:
+            chosen = self._prefix_to_target(removed, chosen)
         self.controller.admit([self.targets[k] for k in chosen])
         self.admitted += len(chosen)
         self._sync_masks()
@@ -379,6 +387,7 @@ class GateDecorator:
             "count_basis": basis,
             "requested": count,
             "threshold": threshold,
+            "trimmed_from": selected if len(chosen) < selected else None,
             "selected_entries": sum(self.entries[k] for k in chosen),
             "max_selected_score": max((scores[self.row[k]] for k in chosen), default=None),
             "flops_remaining": self.flops_remaining(),
@@ -394,6 +403,21 @@ class GateDecorator:
             record["flops_remaining"],
         )
         return record
+
+    def _prefix_to_target(self, removed: frozenset, chosen: list[Hashable]) -> list[Hashable]:
+        """The shortest prefix of ``chosen`` (lowest score first) whose removal with ``removed`` meets
+        the FLOPs target; all of ``chosen`` when even that does not. MACs fall as units go, so a
+        binary search over the prefix length finds it."""
+        if not chosen or not self.target_met(removed | set(chosen)):
+            return chosen
+        lo, hi = 1, len(chosen)  # hi always meets the target
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.target_met(removed | set(chosen[:mid])):
+                hi = mid
+            else:
+                lo = mid + 1
+        return chosen[:hi]
 
     def candidates(self) -> dict[Hashable, Target]:
         """Every channel unit, as the controller's target (registered at construction)."""

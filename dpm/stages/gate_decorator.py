@@ -159,6 +159,7 @@ def _prune(ctx: RunContext, N: int, loop_ckpt: Path) -> _MeltRecord:
         floor_rounding=p.floor_rounding,
         tick_bn_bias=p.tick_bn_bias,
         carry_momentum=p.carry_momentum,
+        trim_to_target=p.trim_to_target,
     )
     current: tuple[str, int] | None = ("tick", 1)
     if loop_ckpt.exists():
@@ -230,6 +231,7 @@ def _prune(ctx: RunContext, N: int, loop_ckpt: Path) -> _MeltRecord:
         "floor_rounding": p.floor_rounding,
         "tick_bn_bias": p.tick_bn_bias,
         "carry_momentum": p.carry_momentum,
+        "trim_to_target": p.trim_to_target,
         "tick_weight_decay": p.tick.weight_decay,
         "ticks": gd.ticks,
         "rounds_done": gd.ticks,
