@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import statistics
 import sys
 
 import pytest
+from scipy import stats
 
 import dpm.train
 from conftest import ROOT
@@ -64,10 +67,10 @@ def test_status_says_what_is_archived_and_what_is_left_without_running_anything(
     records = sys.modules["campaign_records"]  # the records layer campaign.py imports
     monkeypatch.setattr(campaign, "multirun", lambda *a, **k: pytest.fail("a sweep started"))
 
-    def archived(stage: str, name: str, wall: float = 60.0) -> None:
+    def archived(stage: str, name: str, wall: float = 60.0, **metrics) -> None:
         run = records.archive_dir(stage, True) / name
         run.mkdir(parents=True)
-        (run / "metrics.json").write_text(f'{{"status": "complete", "wall_time_s": {wall}}}')
+        (run / "metrics.json").write_text(json.dumps({"status": "complete", "wall_time_s": wall, **metrics}))
 
     archived("pretrain", "s0")
     archived("pretrain", "s1")
@@ -75,19 +78,34 @@ def test_status_says_what_is_archived_and_what_is_left_without_running_anything(
     archived("select_otov2_sp", "0")
     records.chosen_path("depgraph", True).parent.mkdir(parents=True, exist_ok=True)
     records.chosen_path("depgraph", True).write_text("{}")
-    for variant in ("base", "sp", "sr"):
-        archived("table_depgraph", records.table_run_name(0, variant), wall=120.0)
-    archived("table_depgraph", records.table_run_name(1, "base"), wall=120.0)
+    top1 = {(0, "base"): 70.0, (0, "sp"): 70.5, (0, "sr"): 69.8, (1, "base"): 71.0, (1, "sp"): 71.1}
+    for (seed, variant), acc in top1.items():
+        name = records.table_run_name(seed, variant)
+        archived("table_depgraph", name, wall=120.0, seed=seed, variant=variant, top1_final=acc)
 
     campaign.main(["status", "--bases", "depgraph,otov2", "--seeds", "0,1,2", "--smoke"])
     out = capsys.readouterr().out
     assert "baselines archived: 2 of 3 seeds (0-1); median run 60 s" in out
     # Smoke grids: 1 base + 2 N + 2 SR points = 5 selection runs for OTOv2, 2 of them archived.
-    assert "depgraph: selection done; table 4/9 runs, seeds complete: 0, partial: 1; median run 120 s" in out
+    assert "depgraph: selection done; table 5/9 runs, seeds complete: 0, partial: 1; median run 120 s" in out
+    # Where the seeds paired so far put the MDD (from their spread only, never their mean): +SP has
+    # differences 0.5 and 0.1 (sd 0.283); at that sd the planned 3 seeds detect 0.88 points, and
+    # MDD_GOAL (0.25, issue 23) needs 13 seeds; +SR has one paired seed, no spread yet.
+    sd = statistics.stdev([0.5, 0.1])
+    mdd3 = (stats.t.ppf(0.975, 2) + stats.t.ppf(0.8, 2)) * sd / math.sqrt(3)
+    need = next(
+        n for n in range(2, 1000) if (stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.8, n - 1)) * sd / math.sqrt(n) <= 0.25
+    )
+    assert (round(mdd3, 2), need) == (0.88, 13)
+    assert (
+        f"  depgraph +SP: paired sd 0.28 over 2 seeds; at that sd 3 seeds detect {mdd3:.2f} points (MDD), "
+        f"0.25 needs {need} seeds" in out
+    )
+    assert "  depgraph +SR: 1 paired seed, no spread yet" in out
     assert "otov2: selection 2/5 runs; table 0/9 runs, seeds complete: none; median run 60 s" in out
     # Left: DepGraph's 5 table runs at its median 120 s, OTOv2's 3 selection and 9 table runs at its
     # 60 s, seed 2's baseline at 60 s: 600 + 720 + 60 s = 0.38 h.
-    assert "left: 17 runs and 1 baseline, about 0.4 h at one thread" in out
+    assert "left: 16 runs and 1 baseline, about 0.3 h at one thread" in out
 
 
 def test_selection_csv_lists_every_finished_point_and_never_chooses_one_that_missed_its_target(monkeypatch, tmp_path):

@@ -83,7 +83,13 @@ from dpm.report.render import (
     stats_display,
     write_report,
 )
-from dpm.report.statistics import PairedInterval, paired_differences, paired_interval, seed_statistics
+from dpm.report.statistics import (
+    PairedInterval,
+    minimum_detectable,
+    paired_differences,
+    paired_interval,
+    seed_statistics,
+)
 from dpm.report.tables import BASE_TOLERANCE, base_checks, load_reference, match_reference, paper_table
 from dpm.report.wandb_log import log_report_to_wandb
 
@@ -121,6 +127,7 @@ __all__ = [
     "base_checks",
     "PairedInterval",
     "paired_differences",
+    "minimum_detectable",
     "paired_interval",
     "seed_statistics",
     "PAPER_TABLE_COLUMNS",

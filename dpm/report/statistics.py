@@ -47,6 +47,17 @@ class PairedInterval:
         return not (self.low > 0 or self.high < 0)
 
 
+def minimum_detectable(sd: float, n: int, confidence: float = CONFIDENCE, power: float = POWER) -> float:
+    """MDD = (t_{(1+c)/2, n-1} + t_{power, n-1}) * sd / sqrt(n): the true mean paired difference a
+    two-sided paired t-test at level 1 - c detects with probability `power` over n seeds whose
+    differences spread by `sd` (see :func:`paired_interval`). NaN for n < 2."""
+    from scipy import stats  # deferred: scipy is slow to import and only the intervals need it
+
+    if n < 2:
+        return float("nan")
+    return (float(stats.t.ppf((1 + confidence) / 2, n - 1)) + float(stats.t.ppf(power, n - 1))) * sd / math.sqrt(n)
+
+
 def paired_interval(
     diffs: Sequence[float],
     confidence: float = CONFIDENCE,
@@ -77,7 +88,7 @@ def paired_interval(
     se = sd / math.sqrt(n)
     t_crit = float(stats.t.ppf((1 + confidence) / 2, n - 1))
     half = t_crit * se
-    mdd = (t_crit + float(stats.t.ppf(power, n - 1))) * se
+    mdd = minimum_detectable(sd, n, confidence, power)
     out = PairedInterval(n, mean, sd, mean - half, mean + half, half, mdd)
     if n >= bootstrap_min_n:
         rng = np.random.default_rng(seed)

@@ -376,11 +376,45 @@ def seed_blocks(bases: list[str], seeds: list[int], smoke: bool) -> None:
             table(base, str(seed), smoke)
 
 
+# Issue 23's goal: DepGraph 2x +SP's minimum detectable difference (80% power) at <= 0.25 points.
+MDD_GOAL = 0.25
+
+
+def spread_lines(base: str, planned: int, smoke: bool) -> list[str]:
+    """Per variant, the spread of the paired differences (variant - base, test top-1) of the seeds
+    archived so far, and the MDD `planned` seeds would reach at that spread, with the seeds MDD_GOAL
+    needs: what decides whether the planned seeds suffice. Never the mean difference: choosing how
+    many seeds to run from the spread leaves the test's level intact, from the mean it would not."""
+    from dpm.report import VARIANT_LABEL, minimum_detectable
+
+    top1 = {}
+    for path in archived_metrics(f"table_{base}", smoke):
+        m = json.loads(path.read_text())
+        if m.get("status") == "complete" and m.get("top1_final") is not None:
+            top1[(m["seed"], m["variant"])] = m["top1_final"]
+    lines = []
+    for variant in VARIANTS[1:]:
+        paired = sorted(s for s, v in top1 if v == variant and (s, "base") in top1)
+        label = f"  {base} {VARIANT_LABEL[variant]}"
+        if len(paired) < 2:
+            if paired:
+                lines.append(f"{label}: 1 paired seed, no spread yet")
+            continue
+        sd = statistics.stdev([top1[(s, variant)] - top1[(s, "base")] for s in paired])
+        need = next((n for n in range(2, 10_001) if minimum_detectable(sd, n) <= MDD_GOAL), None)
+        lines.append(
+            f"{label}: paired sd {sd:.2f} over {len(paired)} seeds; at that sd {planned} seeds detect "
+            f"{minimum_detectable(sd, planned):.2f} points (MDD), {MDD_GOAL:g} needs "
+            + (f"{need} seeds" if need else "more than 10,000 seeds")
+        )
+    return lines
+
+
 def status(bases: list[str], seeds: list[int], smoke: bool) -> None:
     """What the archive holds and what is left (reads records only; no run starts): the baselines,
     per base its selection, its table and the median wall time of its archived runs, and the runs
     left with a rough time at those medians (one thread a run; two processes on disjoint seeds take
-    about half)."""
+    about half), and the spread of each comparison's paired differences so far (spread_lines)."""
 
     def median_wall(paths: list[Path]) -> float | None:
         walls = [json.loads(p.read_text()).get("wall_time_s") for p in paths]
@@ -418,6 +452,8 @@ def status(bases: list[str], seeds: list[int], smoke: bool) -> None:
         left[base] += total - have
         line = f"{base}: {selection}; table {have}/{total} runs, seeds complete: {seed_list(complete)}"
         print(line + (f", partial: {seed_list(partial)}" if partial else "") + "; " + median_text(walls[base]))
+        for spread in spread_lines(base, len(seeds), smoke):
+            print(spread)
     # A base with no timed run yet is estimated at the median of the others'.
     fallback = statistics.median([w for w in walls.values() if w is not None] or [0.0])
     baselines_left = len(seeds) - len(with_baseline)
