@@ -32,6 +32,9 @@ from dpm.run import run
 
 # Run dirs of this process's multirun jobs that stopped with a UserError (sweep_verdict reads them).
 SWEEP_FAILURES: list[str] = []
+# Run dirs of the jobs this process ran in the current multirun (the basic launcher runs them here;
+# a remote launcher's jobs run elsewhere and leave it empty): the sweep's exit status is about them.
+SWEEP_RUN_DIRS: list[str] = []
 # Config groups of conf/ a user picks from (hydra/ and recipe/ are chosen for them).
 HELP_GROUPS = ("experiment", "model", "dataset", "pruner", "dpm", "trainer", "logger")
 
@@ -133,6 +136,8 @@ def hydra_entry():
     def hydra_main(cfg: DictConfig) -> None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+        if sweep:
+            SWEEP_RUN_DIRS.append(str(run_dir))
         try:
             metrics = run(cfg, run_dir)
         except UserError as err:
@@ -224,16 +229,25 @@ def composition_error_line(err: Exception) -> str:
 
 
 def sweep_verdict() -> None:
-    """After a multirun: exit 1 with one line when a run failed or ended short of its target (read
-    from the sweep's report, which sees the runs of every launcher, and from this process's jobs)."""
+    """After a multirun: exit 1 with one line when one of its runs failed or ended short of its
+    target, read from the sweep's report. The report covers the whole sweep dir; the verdict covers
+    the sweep's own runs: the jobs this process ran (SWEEP_RUN_DIRS), or with a remote launcher every
+    run in the dir but those another process is still running. A sweep dir shared with another
+    process (the CPU-scale campaign runs two) may hold that process's killed or unfinished runs."""
     report, callbacks.LAST_REPORT = callbacks.LAST_REPORT, None
-    # A run another process is running (two processes share the sweep dir) is not this sweep's:
-    # the sweep's own jobs have all ended when its report is written.
-    missed, failed, running = problem_counts(report.problems) if report is not None else (0, 0, 0)
+    own = {str(Path(d).resolve()) for d in SWEEP_RUN_DIRS}
+    SWEEP_RUN_DIRS.clear()
+    missed = failed = total = 0
+    if report is not None:
+        problems = report.problems
+        if own:
+            problems = problems[problems["run_dir"].map(lambda d: str(Path(d).resolve()) in own)]
+        missed, failed, running = problem_counts(problems)
+        total = len(own) if own else len(report.runs) - running
     failed = max(failed, len(SWEEP_FAILURES))
     SWEEP_FAILURES.clear()
     if missed or failed:
-        total = len(report.runs) - running if report is not None else failed
+        total = max(total, failed)
         where = f": see {report.out / 'report.md'}" if report is not None else ""
         print(
             f"error: {missed + failed} of {total} runs did not complete ({missed} short of their pruning target, "

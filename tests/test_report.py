@@ -513,6 +513,32 @@ def test_a_run_another_process_holds_is_running_and_fails_no_sweep(tmp_path, cap
     )
 
 
+def test_a_sweeps_exit_status_counts_only_the_runs_it_launched(tmp_path, capsys):
+    """A sweep dir shared by two processes holds the other's killed run (config.yaml, no metrics.json,
+    nobody holds its lock): the report lists it, but the exit status of this process's sweep is about
+    its own jobs (seen 2026-12-07: one campaign process stopped on the other's killed run)."""
+    from dpm import callbacks, cli
+
+    root = tmp_path / "sweep"
+    own = write_run(root / "s5_base", "base", 5, 92.0)
+    write_run(root / "s4_sr", "sr", 4, None, metrics=False)  # the other process's, killed
+    report = rp.write_report([root], tmp_path / "report", plots=False)
+    assert "1 failed or incomplete" in report.markdown  # the report lists it
+    callbacks.LAST_REPORT = report
+    cli.SWEEP_RUN_DIRS.append(str(own))
+    cli.sweep_verdict()  # returns: this sweep's one run completed
+    assert not cli.SWEEP_RUN_DIRS  # cleared for the next multirun of this process
+    # One of its own runs failing still fails it, and the count is of its own runs.
+    failed = write_run(root / "s5_sp", "sp", 5, None, status="failed")
+    callbacks.LAST_REPORT = rp.write_report([root], tmp_path / "report", plots=False)
+    cli.SWEEP_RUN_DIRS.extend([str(own), str(failed)])
+    with pytest.raises(SystemExit):
+        cli.sweep_verdict()
+    assert "1 of 2 runs did not complete (0 short of their pruning target, 1 failed or incomplete)" in (
+        capsys.readouterr().err
+    )
+
+
 def test_base_gate_withholds_variants_without_base_and_checks_the_base_row(tmp_path):
     from dpm.config import compose
     from dpm.run import run
