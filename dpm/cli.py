@@ -241,7 +241,8 @@ def sweep_verdict() -> None:
     if report is not None:
         problems = report.problems
         if own:
-            problems = problems[problems["run_dir"].map(lambda d: str(Path(d).resolve()) in own)]
+            # isin: a boolean mask even when there is no problem (an empty map() would select columns)
+            problems = problems[problems["run_dir"].map(lambda d: str(Path(d).resolve())).isin(own)]
         missed, failed, running = problem_counts(problems)
         total = len(own) if own else len(report.runs) - running
     failed = max(failed, len(SWEEP_FAILURES))

@@ -521,6 +521,10 @@ def test_a_sweeps_exit_status_counts_only_the_runs_it_launched(tmp_path, capsys)
 
     root = tmp_path / "sweep"
     own = write_run(root / "s5_base", "base", 5, 92.0)
+    # A sweep without any problem run at all returns too (an empty problems frame).
+    callbacks.LAST_REPORT = rp.write_report([root], tmp_path / "report", plots=False)
+    cli.SWEEP_RUN_DIRS.append(str(own))
+    cli.sweep_verdict()
     write_run(root / "s4_sr", "sr", 4, None, metrics=False)  # the other process's, killed
     report = rp.write_report([root], tmp_path / "report", plots=False)
     assert "1 failed or incomplete" in report.markdown  # the report lists it
