@@ -193,6 +193,17 @@ def count_params(model: nn.Module) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
+def layer_widths(model: nn.Module) -> dict[str, int]:
+    """The pruned architecture: each convolution's output channels and each linear layer's output
+    features, by module name in definition order. Two runs at the same FLOPs % can differ in shape
+    (a global ranking may leave a stage 2 channels wide); this says which shape a number belongs to."""
+    return {
+        name: module.out_channels if isinstance(module, _ConvNd) else module.out_features
+        for name, module in model.named_modules()
+        if isinstance(module, (_ConvNd, nn.Linear))
+    }
+
+
 def compare_models(base: tuple[int, int], pruned: tuple[int, int]) -> dict[str, float]:
     """Relate a pruned model's ``(macs, params)`` to its base model's.
 

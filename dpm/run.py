@@ -29,7 +29,7 @@ from dpm.config import comparable_config, validate
 from dpm.errors import UserError
 from dpm.faults import fault_point
 from dpm.loggers import NullLogger, make_logger
-from dpm.measure import compare_models, count_macs_params, native_macs_params
+from dpm.measure import compare_models, count_macs_params, layer_widths, native_macs_params
 from dpm.run_lock import run_dir_lock
 from dpm.stages import stage_for
 from dpm.stages.base import CHECKPOINT, RunContext, build_configured_model
@@ -323,6 +323,7 @@ def execute(cfg: DictConfig, run_dir: Path, log_metrics) -> dict:
     metrics["top1_best_phase"] = final_phase.get("phase", "pretrain")
     metrics.update(compare_models(base_counts, count_macs_params(model, example)))
     metrics["counter"] = "thop_conv_linear"
+    metrics["widths"] = layer_widths(model)
     counter, native_macs, native_params = native_macs_params(model, example, cfg.pruner.name)
     metrics.update(
         native_counter=counter,

@@ -63,6 +63,11 @@ def test_base_meets_the_speedup_and_records_the_dpm_counters(tmp_path):
     assert m["pruned"] == m["admitted"] > 0 and m["released"] == 0 and m["rounds_done"] == 1
     assert m["native_counter"] == "torch_pruning" and m["native_pruned_macs"] < m["native_base_macs"]
     assert m["epochs"]["finetune"] == 2
+    # widths is the saved model's shape, and some layer is narrower than the unpruned one's.
+    weights = final_weights(tmp_path / "run")
+    assert m["widths"] == {name: weights[f"{name}.weight"].shape[0] for name in m["widths"]}
+    unpruned = run(digits("pruner=none"), tmp_path / "unpruned")["widths"]
+    assert unpruned.keys() == m["widths"].keys() and any(m["widths"][k] < unpruned[k] for k in unpruned)
 
 
 def test_sp_decays_over_N_steps_then_removes(tmp_path):

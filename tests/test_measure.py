@@ -14,6 +14,7 @@ from dpm.measure import (
     conv_linear_macs_params,
     count_macs_params,
     count_params,
+    layer_widths,
     measure_latency,
     native_macs_params,
     thop_default_macs_params,
@@ -136,6 +137,25 @@ def test_channel_pruned_model_counts_less(name):
     result = compare_models(base, pruned)
     assert result["speedup"] > 1.0
     assert 0.0 < result["flops_remaining_pct"] < 100.0
+
+
+def test_layer_widths_name_each_conv_and_linear_with_what_is_left():
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10)
+    x = torch.randn(1, 3, 32, 32)
+    before = layer_widths(model)
+    assert before["conv1"] == 16 and before["layer3.2.conv2"] == 64 and before["fc"] == 10
+    assert len(before) == 22  # 19 3x3 convs, the two 1x1 projection shortcuts and the classifier
+    # Remove 12 of conv1's 16 channels: the stage-1 residual stream coupled to it narrows with it.
+    group = (
+        tp.DependencyGraph()
+        .build_dependency(model, x)
+        .get_pruning_group(model.conv1, tp.prune_conv_out_channels, idxs=list(range(12)))
+    )
+    group.prune()
+    after = layer_widths(model)
+    assert after["conv1"] == 4 and after["layer1.0.conv2"] == 4 and after["layer1.0.conv1"] == 16
+    assert after["layer3.2.conv2"] == 64 and after["fc"] == 10
 
 
 def test_compare_models_arithmetic():

@@ -38,6 +38,7 @@ CONTRACT = [
     "params_remaining_pct",
     "speedup",
     "counter",
+    "widths",
     "epochs",
     "wall_time_s",
     "git_sha",
@@ -57,6 +58,7 @@ def test_run_writes_complete_metrics(tmp_path):
     assert on_disk["status"] == "complete"
     for key in CONTRACT:
         assert key in on_disk, key
+    assert on_disk["widths"] and all(w > 0 for w in on_disk["widths"].values())
     assert on_disk == json.loads(json.dumps(metrics, default=str))
     assert on_disk["base_macs"] == on_disk["pruned_macs"] > 0  # no pruner: nothing removed
     assert on_disk["flops_remaining_pct"] == 100.0 and on_disk["speedup"] == 1.0
