@@ -107,7 +107,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path) -> dict:
         return _run_follower(cfg, run_dir)
     t0 = time.time()
     metrics: dict[str, Any] = identity_fields(cfg)
-    metrics.update(run_dir=str(run_dir), git_sha=git_sha(), status="running")
+    metrics.update(run_dir=str(run_dir), git_sha=CODE_SHA, status="running")
     logger = None
     try:
         validate(cfg)
@@ -391,7 +391,8 @@ def adopt_unfinished_run(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def git_sha() -> str | None:
-    """The commit of the code that ran (with `-dirty` when the tree had uncommitted changes)."""
+    """The commit checked out in dpm's source tree now (with `-dirty` when the tree has uncommitted
+    changes). Records use CODE_SHA, this taken when the process imported the code."""
     here = Path(__file__).resolve().parent
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
@@ -405,3 +406,9 @@ def git_sha() -> str | None:
             ).stdout.strip()
             return sha.stdout.strip() + ("-dirty" if dirty else "")
     return None
+
+
+# The commit of the code this process loaded, taken once at import: a sweep runs its jobs one after
+# another on the modules it imported at its start, so a commit that lands meanwhile must not be
+# credited with the later jobs' results (it was, when each run asked git at its own start).
+CODE_SHA = git_sha()

@@ -69,6 +69,18 @@ def test_run_writes_complete_metrics(tmp_path):
     assert not list((tmp_path / "run").glob(".*.tmp"))  # nothing half-written left behind
 
 
+def test_git_sha_is_the_commit_the_process_loaded_not_the_one_checked_out_at_run_time(tmp_path, monkeypatch):
+    # A sweep imports the code once and runs its jobs one after another: a commit that lands in
+    # between must not be credited with the later jobs' results (their code is still the old one).
+    import dpm.run as run_module
+
+    loaded = run_module.CODE_SHA
+    monkeypatch.setattr(run_module, "git_sha", lambda: "a-commit-that-landed-after-the-import")
+    metrics = run(smoke(), tmp_path / "run")
+    assert metrics["git_sha"] == loaded
+    assert loaded is None or len(loaded.removesuffix("-dirty")) == 40
+
+
 @pytest.mark.slow
 def test_cli_smoke_run_writes_metrics_and_prints_summary(tmp_path):
     out = tmp_path / "cli"

@@ -36,7 +36,7 @@ from torch import nn
 
 from dpm.core import DecayController, RectifyConfig, Target, channel_targets
 from dpm.models import build_model
-from dpm.run import git_sha
+from dpm.run import CODE_SHA
 from dpm.train import autocast, resolve_speed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
         # Other processes on the machine inflate every op; record the load so a reader can judge.
         "load_avg_1m_before": load_before,
         "load_avg_1m_after": load_after,
-        "git_sha": git_sha(),
+        "git_sha": CODE_SHA,
         "python": sys.version.split()[0],
         "command": "python experiments/benchmarks/core_overhead.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),

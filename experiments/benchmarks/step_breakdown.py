@@ -27,7 +27,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from dpm.models import build_model
-from dpm.run import git_sha
+from dpm.run import CODE_SHA
 from dpm.train import resolve_speed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     total = sum(e.self_cpu_time_total for e in averages)
     top = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
     fast = statistics.median(times[("bf16", True)])
-    sha = git_sha() or "unknown"
+    sha = CODE_SHA or "unknown"
     result = {
         "benchmark": "step_breakdown",
         "model": args.model,

@@ -43,7 +43,7 @@ from dpm.config import PhaseConfig
 from dpm.data.loaders import SplitLoader
 from dpm.data.sources import ImageSplit
 from dpm.models import build_model
-from dpm.run import git_sha
+from dpm.run import CODE_SHA
 from dpm.train import resolve_speed, train_phase
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> dict:
         "goals": GOALS,
         "load_avg_1m_before": load_before,
         "load_avg_1m_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "git_sha": git_sha(),
+        "git_sha": CODE_SHA,
         "command": "python experiments/benchmarks/throughput.py " + " ".join(argv or sys.argv[1:]),
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)

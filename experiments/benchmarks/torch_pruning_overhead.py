@@ -28,7 +28,7 @@ import torch_pruning as tp
 from torchvision.models import resnet18
 
 from dpm.core import RectifyConfig
-from dpm.run import git_sha
+from dpm.run import CODE_SHA
 from dpm.torch_pruning import SmoothPruner
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cases": cases,
         "load_avg_1m_before": load_before,
         "load_avg_1m_after": os.getloadavg()[0],
-        "git_sha": git_sha(),
+        "git_sha": CODE_SHA,
         "command": "python experiments/benchmarks/torch_pruning_overhead.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
     }
