@@ -29,9 +29,13 @@ from dpm.errors import UserError
 from dpm.quickstart import main as run_main_job
 from dpm.report import format_runs, problem_counts
 from dpm.run import run
+from dpm.run_lock import RunDirBusy
 
 # Run dirs of this process's multirun jobs that stopped with a UserError (sweep_verdict reads them).
 SWEEP_FAILURES: list[str] = []
+# Run dirs of this process's multirun jobs that another live process holds (RunDirBusy): skipped,
+# not failed; their holder runs them and its exit status covers them.
+SWEEP_BUSY: list[str] = []
 # Run dirs of the jobs this process ran in the current multirun (the basic launcher runs them here;
 # a remote launcher's jobs run elsewhere and leave it empty): the sweep's exit status is about them.
 SWEEP_RUN_DIRS: list[str] = []
@@ -140,6 +144,13 @@ def hydra_entry():
             SWEEP_RUN_DIRS.append(str(run_dir))
         try:
             metrics = run(cfg, run_dir)
+        except RunDirBusy as err:
+            if not sweep:
+                print(f"error: {err}", file=sys.stderr)
+                sys.exit(2)
+            print(f"skipped: {run_dir} is run by another process ({err.holder}), which reports it", file=sys.stderr)
+            SWEEP_BUSY.append(str(run_dir))
+            return
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             if sweep:
@@ -231,28 +242,38 @@ def composition_error_line(err: Exception) -> str:
 def sweep_verdict() -> None:
     """After a multirun: exit 1 with one line when one of its runs failed or ended short of its
     target, read from the sweep's report. The report covers the whole sweep dir; the verdict covers
-    the sweep's own runs: the jobs this process ran (SWEEP_RUN_DIRS), or with a remote launcher every
-    run in the dir but those another process is still running. A sweep dir shared with another
+    the sweep's own runs: the jobs this process ran (SWEEP_RUN_DIRS) but those another live process
+    holds (SWEEP_BUSY: skipped with a line, their holder reports them), or with a remote launcher
+    every run in the dir but those another process is still running. A sweep dir shared with another
     process (the CPU-scale campaign runs two) may hold that process's killed or unfinished runs."""
     report, callbacks.LAST_REPORT = callbacks.LAST_REPORT, None
-    own = {str(Path(d).resolve()) for d in SWEEP_RUN_DIRS}
+    resolved = lambda dirs: {str(Path(d).resolve()) for d in dirs}  # noqa: E731
+    launched, busy = resolved(SWEEP_RUN_DIRS), resolved(SWEEP_BUSY)
+    own = launched - busy
     SWEEP_RUN_DIRS.clear()
+    SWEEP_BUSY.clear()
     missed = failed = total = 0
     if report is not None:
         problems = report.problems
-        if own:
+        if launched:
             # isin: a boolean mask even when there is no problem (an empty map() would select columns)
             problems = problems[problems["run_dir"].map(lambda d: str(Path(d).resolve())).isin(own)]
         missed, failed, running = problem_counts(problems)
-        total = len(own) if own else len(report.runs) - running
+        total = len(own) if launched else len(report.runs) - running
     failed = max(failed, len(SWEEP_FAILURES))
     SWEEP_FAILURES.clear()
+    skipped = f"; {len(busy)} skipped: another process runs them" if busy else ""
     if missed or failed:
         total = max(total, failed)
         where = f": see {report.out / 'report.md'}" if report is not None else ""
         print(
             f"error: {missed + failed} of {total} runs did not complete ({missed} short of their pruning target, "
-            f"{failed} failed or incomplete){where}",
+            f"{failed} failed or incomplete{skipped}){where}",
             file=sys.stderr,
         )
         sys.exit(1)
+    if busy:
+        print(
+            f"sweep: {len(busy)} of {len(launched)} runs skipped: another process runs them and reports them",
+            file=sys.stderr,
+        )

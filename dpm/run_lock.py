@@ -24,11 +24,24 @@ LOCK_NAME = "run.lock"
 LOCK_PATIENCE_S = 2.0
 
 
+class RunDirBusy(UserError):
+    """A live process holds the run dir's lock: `holder` says who ("pid N on HOST since T"). A sweep
+    skips such a run (the holder runs and reports it); a single run stops with the message."""
+
+    def __init__(self, run_dir: Path, holder: str):
+        super().__init__(
+            f"{run_dir} is in use by another process ({holder}): wait for it to finish, "
+            f"or give this run another run_id / hydra.run.dir"
+        )
+        self.run_dir, self.holder = run_dir, holder
+
+
 @contextlib.contextmanager
 def run_dir_lock(run_dir: Path):
     """Hold `run_dir/run.lock` (flock, with pid and host inside) for the run: a second process
     pointed at the same run dir is refused. A lock left by a dead process is not held by anyone
-    (the kernel drops flocks with their process) and is taken over with a note."""
+    (the kernel drops flocks with their process) and is taken over with a note. Raises RunDirBusy
+    when a live process holds it for longer than LOCK_PATIENCE_S."""
     path = run_dir / LOCK_NAME
     with open(path, "a+") as f:
         f.seek(0)
@@ -40,10 +53,7 @@ def run_dir_lock(run_dir: Path):
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise UserError(
-                        f"{run_dir} is in use by another process ({holder or 'unknown'}): wait for it to finish, "
-                        f"or give this run another run_id / hydra.run.dir"
-                    ) from None
+                    raise RunDirBusy(run_dir, holder or "unknown") from None
                 time.sleep(0.05)
         if holder:
             log.info("taking over the stale lock of a process that is gone (%s)", holder)

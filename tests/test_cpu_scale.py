@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from conftest import CIFAR10, ROOT
+from dpm.run_lock import run_dir_lock
 
 # Run-level (minutes on 2 cores: `pytest -m "not slow"` leaves it out) and on the real data.
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("cifar10")]  # no data: skip, or fail under DPM_REQUIRE_DATA=1
@@ -143,6 +144,23 @@ def test_a_later_sitting_continues_from_the_committed_records():
         now = json.loads((root / rel / "metrics.json").read_text())
         assert now["top1_final"] == first[rel]["top1_final"] and now["threads"] == 1, rel
     assert (root / "report" / "runs.csv").exists()
+
+    # Two processes on one seed: the run the other holds is skipped, never a stop (seen 2026-12-07:
+    # a CalledProcessError traceback ended the second process's whole `all`).
+    shutil.rmtree(archived / "table_depgraph" / "s0_sr")
+    next_sitting()
+    held = root / "table_depgraph" / "s0_sr"
+    held.mkdir(parents=True)
+    with run_dir_lock(held):
+        shared = campaign("all", "--bases", "depgraph", "--seeds", "0")
+    assert shared.returncode == 0, shared.stdout[-3000:] + shared.stderr[-3000:]
+    assert f"skipped: {held} is run by another process (pid {os.getpid()} on " in shared.stderr
+    assert "Traceback" not in shared.stderr and not (held / "metrics.json").exists()
+    assert campaign("all", "--bases", "depgraph", "--seeds", "0").returncode == 0  # the other one's turn
+    assert (
+        json.loads((held / "metrics.json").read_text())["top1_final"]
+        == first[Path("table_depgraph/s0_sr")]["top1_final"]
+    )
 
     # A baseline that does not come out the same stops the campaign before any table.
     record = archived / "pretrain" / "s0" / "metrics.json"

@@ -300,6 +300,26 @@ def test_second_process_on_the_same_run_dir_is_refused(tmp_path):
     assert not (run_dir / "metrics.json").exists()
 
 
+@pytest.mark.slow
+def test_a_sweep_skips_the_run_another_process_holds_and_exits_clean(tmp_path):
+    """Two processes of one sweep (the CPU-scale campaign runs two side by side): the run the other
+    holds is skipped with one line, the sweep's own runs complete, and its exit status is about them
+    (before: the refused run counted as failed, exit 1, and the campaign stopped with a traceback)."""
+    sweep = tmp_path / "sweep"
+    held = sweep / "s0"
+    held.mkdir(parents=True)
+    with run_dir_lock(held):
+        proc = run_cli(
+            ["-m", "experiment=smoke", "seed=0,1", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=s${seed}"]
+        )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((sweep / "s1" / "metrics.json").read_text())["status"] == "complete"
+    assert not (held / "metrics.json").exists()
+    assert f"skipped: {held} is run by another process (pid {os.getpid()} on " in proc.stderr
+    assert "1 of 2 runs skipped: another process runs them and reports them" in proc.stderr
+    assert "Traceback" not in proc.stderr and "did not complete" not in proc.stderr
+
+
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -134,7 +134,9 @@ def multirun(
     target, is simply not eligible). Archived runs are restored first (except the baselines: their
     checkpoints are re-made, and check_baselines compares them), and every run that completes is
     archived as soon as it does. `subdir` names each run's folder (Hydra interpolation): the job
-    number where the grid is fixed, the seed (and variant) where sittings run different seeds."""
+    number where the grid is fixed, the seed (and variant) where sittings run different seeds.
+    A run another live process holds (a second campaign process on the same seeds) is skipped by the
+    sweep, not failed: that process runs, archives and reports it."""
     out = sweep_dir(stage)
     if stage != "pretrain" and (n := restore(stage, smoke)):
         print(f"{stage}: {n} finished run(s) restored from {archive_dir(stage, smoke)}", flush=True)
@@ -163,7 +165,10 @@ def multirun(
     archive(stage, smoke)
     if sweep.returncode != 0:
         if not allow_failed:
-            raise subprocess.CalledProcessError(sweep.returncode, cmd)
+            raise SystemExit(
+                f"{stage}: the sweep exited {sweep.returncode}: its error line above says how many runs did not "
+                f"complete and where its report is (run again, the stage skips its complete runs)"
+            )
         print(f"{stage}: some points failed (exit {sweep.returncode}); they are not eligible", flush=True)
     return out
 
