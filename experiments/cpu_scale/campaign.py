@@ -583,8 +583,10 @@ def main(argv: list[str] | None = None) -> None:
                 table(base, ",".join(map(str, seeds)), args.smoke)
     if args.stage == "all":
         seed_blocks([b for b in bases if b not in failed], seeds, args.smoke)
-    if args.stage in ("report", "all"):
+    if args.stage == "report":
         report(bases, args.smoke)
+    if args.stage == "all":  # every base archived so far: an `all` of some bases never drops the others' tables
+        report(list(BASES), args.smoke)
     if args.stage == "trajectories":  # extra runs, so not part of `all`
         for base in bases:
             trajectories(base, args.smoke)
