@@ -390,16 +390,21 @@ def adopt_unfinished_run(cfg: DictConfig, run_dir: Path) -> None:
     )
 
 
-def git_sha() -> str | None:
-    """The commit checked out in dpm's source tree now (with `-dirty` when the tree has uncommitted
-    changes). Records use CODE_SHA, this taken when the process imported the code."""
-    here = Path(__file__).resolve().parent
+# What a run runs (the package, its configs, the experiment scripts, the pinned dependencies): only
+# an uncommitted change there makes a record `-dirty`; docs, tests and results do not.
+CODE_PATHS = ("dpm", "conf", "experiments", "pyproject.toml")
+
+
+def git_sha(source: Path = Path(__file__).resolve().parent) -> str | None:
+    """The commit checked out in the git tree that holds `source` (dpm's own package by default), with
+    `-dirty` when CODE_PATHS hold uncommitted changes there. Records use CODE_SHA, this taken when the
+    process imported the code."""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=10)
         if sha.returncode == 0:
             dirty = subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=here,
+                ["git", "status", "--porcelain", "--untracked-files=no", "--", *(f":(top){p}" for p in CODE_PATHS)],
+                cwd=source,
                 capture_output=True,
                 text=True,
                 timeout=10,

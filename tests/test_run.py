@@ -81,6 +81,33 @@ def test_git_sha_is_the_commit_the_process_loaded_not_the_one_checked_out_at_run
     assert loaded is None or len(loaded.removesuffix("-dirty")) == 40
 
 
+def test_git_sha_is_dirty_only_when_the_code_that_runs_changed(tmp_path):
+    """`-dirty` says the code a run ran differs from its commit: an edited README or a report the
+    campaign rewrote must not mark it (it did: every run made while a sitting edited docs was dirty)."""
+    import subprocess
+
+    from dpm.run import git_sha
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    for rel in ("dpm/run.py", "conf/config.yaml", "README.md", "results/report.md"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("one\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    (tmp_path / "README.md").write_text("two\n")
+    (tmp_path / "results" / "report.md").write_text("two\n")
+    (tmp_path / "results" / "new_record.json").write_text("{}\n")
+    assert git_sha(tmp_path / "dpm") == head
+    for code in ("dpm/run.py", "conf/config.yaml"):
+        (tmp_path / code).write_text("two\n")
+        assert git_sha(tmp_path / "dpm") == f"{head}-dirty", code
+        git("checkout", "-q", "--", code)
+
+
 @pytest.mark.slow
 def test_cli_smoke_run_writes_metrics_and_prints_summary(tmp_path):
     out = tmp_path / "cli"
