@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT, compose, run_cli
 from dpm.checkpoint import StageCache
 from dpm.errors import UserError
-from dpm.run import pretrain_key_fields, run
+from dpm.run import git_sha, pretrain_key_fields, run
 
 CONTRACT = [
     "model",
@@ -84,9 +84,6 @@ def test_git_sha_is_the_commit_the_process_loaded_not_the_one_checked_out_at_run
 def test_git_sha_is_dirty_only_when_the_code_that_runs_changed(tmp_path):
     """`-dirty` says the code a run ran differs from its commit: an edited README or a report the
     campaign rewrote must not mark it (it did: every run made while a sitting edited docs was dirty)."""
-    import subprocess
-
-    from dpm.run import git_sha
 
     def git(*args: str) -> None:
         subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
