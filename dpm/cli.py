@@ -144,14 +144,11 @@ def hydra_entry():
             SWEEP_RUN_DIRS.append(str(run_dir))
         try:
             metrics = run(cfg, run_dir)
-        except RunDirBusy as err:
-            if not sweep:
-                print(f"error: {err}", file=sys.stderr)
-                sys.exit(2)
-            print(f"skipped: {run_dir} is run by another process ({err.holder}), which reports it", file=sys.stderr)
-            SWEEP_BUSY.append(str(run_dir))
-            return
         except UserError as err:
+            if sweep and isinstance(err, RunDirBusy):  # the holder runs and reports it: no failure here
+                print(f"skipped: {run_dir} is run by another process ({err.holder}), which reports it", file=sys.stderr)
+                SWEEP_BUSY.append(str(run_dir))
+                return
             print(f"error: {err}", file=sys.stderr)
             if sweep:
                 # One line, no traceback: the sweep's other points still run, its report lists this
